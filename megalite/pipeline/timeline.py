@@ -1,0 +1,99 @@
+"""Write pipeline timelines as Chrome-trace JSON and as PNG plots.
+
+Both take a generic list of spans `(rank, name, kind, start, end)` so the same code draws a
+simulated schedule (`SimResult.spans()`) and a timeline measured by the executor. Times are
+in any unit; `unit_us` converts them to the microseconds Chrome traces use (1e6 for seconds).
+kind is "F", "B", "W" for compute, anything else (e.g. "send", "recv") for communication.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+
+class Span(NamedTuple):
+    rank: int
+    name: str
+    kind: str
+    start: float
+    end: float
+
+
+COMPUTE_KINDS = ("F", "B", "W")
+COLORS = {"F": "#4C72B0", "B": "#55A868", "W": "#8172B2", "send": "#DD8452", "recv": "#C44E52"}
+OTHER_COLOR = "#999999"
+
+
+def _spans(spans: Iterable) -> list[Span]:
+    return [Span(*s) for s in spans]
+
+
+def write_chrome_trace(spans: Iterable, path, unit_us: float = 1.0) -> None:
+    """Write spans as a Chrome-trace event list (open in https://ui.perfetto.dev).
+
+    One process per rank (pid = rank); compute on thread 0, communication on thread 1 so a
+    send or recv that overlaps compute stays visible.
+    """
+    events = [
+        {
+            "name": s.name,
+            "cat": s.kind,
+            "ph": "X",
+            "ts": s.start * unit_us,
+            "dur": (s.end - s.start) * unit_us,
+            "pid": int(s.rank),
+            "tid": 0 if s.kind in COMPUTE_KINDS else 1,
+        }
+        for s in _spans(spans)
+    ]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(events, indent=0))
+
+
+def _label(span: Span) -> str:
+    # Action names like "2F13" are labelled by their microbatch; the colour gives the kind.
+    match = re.fullmatch(r"\d+[FBW](\d+)", span.name)
+    return match.group(1) if match else span.name
+
+
+def plot_timeline(spans: Iterable, path, title: str = "") -> None:
+    """Draw one row per rank (rank 0 on top), one coloured box per span, labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    spans = _spans(spans)
+    ranks = sorted({s.rank for s in spans})
+    end = max((s.end for s in spans), default=1.0) or 1.0
+    fig, ax = plt.subplots(figsize=(max(6.0, min(20.0, 0.35 * len(spans) / max(1, len(ranks)) + 4)),
+                                    0.6 * len(ranks) + 1.4))
+    row = {r: i for i, r in enumerate(ranks)}
+    for s in spans:
+        comm = s.kind not in COMPUTE_KINDS
+        y = row[s.rank] + (0.3 if comm else 0.0)  # comm drawn as a thin strip below compute
+        h = 0.25 if comm else 0.8
+        ax.broken_barh([(s.start, s.end - s.start)], (y - 0.4, h),
+                       facecolors=COLORS.get(s.kind, OTHER_COLOR), edgecolor="white", linewidth=0.5)
+        if not comm and (s.end - s.start) > 0.012 * end:
+            ax.text((s.start + s.end) / 2, y, _label(s), ha="center", va="center",
+                    fontsize=7, color="white")
+    ax.set_yticks(range(len(ranks)))
+    ax.set_yticklabels([f"rank {r}" for r in ranks])
+    ax.invert_yaxis()
+    ax.set_xlim(0, end)
+    ax.set_xlabel("time")
+    kinds = [k for k in COLORS if any(s.kind == k for s in spans)]
+    ax.legend(handles=[Patch(color=COLORS[k], label=k) for k in kinds],
+              loc="upper center", bbox_to_anchor=(0.5, -0.25 if ranks else 0), ncol=len(kinds) or 1,
+              frameon=False, fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
