@@ -103,3 +103,41 @@ def peak_live_activations(actions: Sequence[Union[str, Action]]) -> int:
         live += {"F": 1, "B": -1}.get(kind, 0)
         peak = max(peak, live)
     return peak
+
+
+def main(argv=None) -> None:
+    """`python -m megalite.pipeline.simulate --schedule 1f1b -p 4 -m 8 --png out.png`"""
+    import argparse
+
+    from .schedules import SCHEDULE_NAMES, build_schedule, format_schedule
+    from .timeline import plot_timeline, write_chrome_trace
+
+    ap = argparse.ArgumentParser(description="Print, validate and simulate a pipeline schedule.")
+    ap.add_argument("--schedule", choices=SCHEDULE_NAMES, default="1f1b")
+    ap.add_argument("-p", "--stages", type=int, default=4)
+    ap.add_argument("-m", "--microbatches", type=int, default=8)
+    ap.add_argument("--f-cost", type=float, default=1.0)
+    ap.add_argument("--b-cost", type=float, default=2.0)
+    ap.add_argument("--comm-cost", type=float, default=0.0)
+    ap.add_argument("--png", help="write a timeline plot here")
+    ap.add_argument("--trace", help="write a Chrome-trace JSON here (open in ui.perfetto.dev)")
+    args = ap.parse_args(argv)
+
+    p, m = args.stages, args.microbatches
+    schedule = build_schedule(args.schedule, p, m)
+    print(format_schedule(schedule))
+    r = simulate_schedule(schedule, p, m, args.f_cost, args.b_cost, comm_cost=args.comm_cost)
+    print(f"\nmakespan {r.makespan:g}  bubble {r.bubble_total:.3f} "
+          f"((p-1)/(m+p-1) = {(p - 1) / (m + p - 1):.3f} with equal stage costs, no comm)")
+    for rank in sorted(r.timeline):
+        print(f"rank {rank}: bubble {r.bubble[rank]:.3f}  peak live activations {r.peak_live[rank]}")
+    title = f"{args.schedule} p={p} m={m} (F={args.f_cost:g}, B={args.b_cost:g}, " \
+            f"comm={args.comm_cost:g}): bubble {r.bubble_total:.1%}"
+    if args.png:
+        plot_timeline(r.spans(), args.png, title=title)
+    if args.trace:
+        write_chrome_trace(r.spans(), args.trace)
+
+
+if __name__ == "__main__":
+    main()

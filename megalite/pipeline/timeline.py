@@ -73,24 +73,27 @@ def plot_timeline(spans: Iterable, path, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, min(20.0, 0.35 * len(spans) / max(1, len(ranks)) + 4)),
                                     0.6 * len(ranks) + 1.4))
     row = {r: i for i, r in enumerate(ranks)}
+    # Compute fills the row; if there are comm spans they get a thin strip at its bottom,
+    # since a send or recv may overlap compute on the same rank.
+    has_comm = any(s.kind not in COMPUTE_KINDS for s in spans)
+    compute_box, comm_box = ((-0.4, 0.6), (0.22, 0.16)) if has_comm else ((-0.4, 0.8), None)
     for s in spans:
         comm = s.kind not in COMPUTE_KINDS
-        y = row[s.rank] + (0.3 if comm else 0.0)  # comm drawn as a thin strip below compute
-        h = 0.25 if comm else 0.8
-        ax.broken_barh([(s.start, s.end - s.start)], (y - 0.4, h),
+        y0, h = comm_box if comm else compute_box
+        ax.broken_barh([(s.start, s.end - s.start)], (row[s.rank] + y0, h),
                        facecolors=COLORS.get(s.kind, OTHER_COLOR), edgecolor="white", linewidth=0.5)
         if not comm and (s.end - s.start) > 0.012 * end:
-            ax.text((s.start + s.end) / 2, y, _label(s), ha="center", va="center",
-                    fontsize=7, color="white")
+            ax.text((s.start + s.end) / 2, row[s.rank] + y0 + h / 2, _label(s), ha="center",
+                    va="center", fontsize=7, color="white")
     ax.set_yticks(range(len(ranks)))
     ax.set_yticklabels([f"rank {r}" for r in ranks])
     ax.invert_yaxis()
     ax.set_xlim(0, end)
     ax.set_xlabel("time")
     kinds = [k for k in COLORS if any(s.kind == k for s in spans)]
-    ax.legend(handles=[Patch(color=COLORS[k], label=k) for k in kinds],
-              loc="upper center", bbox_to_anchor=(0.5, -0.25 if ranks else 0), ncol=len(kinds) or 1,
-              frameon=False, fontsize=8)
+    if kinds:  # outside the axes, right of rank 0, so it never hides a box
+        ax.legend(handles=[Patch(color=COLORS[k], label=k) for k in kinds],
+                  loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False, fontsize=8)
     if title:
         ax.set_title(title)
     fig.tight_layout()
