@@ -50,7 +50,8 @@ def write_chrome_trace(spans: Iterable, path, unit_us: float = 1.0) -> None:
         for s in _spans(spans)
     ]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(events, indent=0))
+    # One event per line: valid JSON that still diffs and greps well.
+    Path(path).write_text("[\n" + ",\n".join(json.dumps(e) for e in events) + "\n]\n")
 
 
 def _label(span: Span) -> str:

@@ -7,6 +7,7 @@ import pytest
 from megalite.pipeline.schedules import (
     Action, build_schedule, format_schedule, parse_action, validate_schedule,
 )
+from megalite.pipeline.simulate import main as simulate_main
 from megalite.pipeline.simulate import peak_live_activations, simulate_schedule
 from megalite.pipeline.timeline import plot_timeline, write_chrome_trace
 
@@ -275,3 +276,12 @@ def test_chrome_trace_and_png(tmp_path):
     assert events[-1]["tid"] == 1
     plot_timeline(spans, tmp_path / "t.png", title="1F1B p=3 m=4")
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_command_line(tmp_path, capsys):
+    simulate_main(["--schedule", "gpipe", "-p", "3", "-m", "2",
+                   "--png", str(tmp_path / "g.png"), "--trace", str(tmp_path / "g.json")])
+    out = capsys.readouterr().out
+    assert "rank 2    .   . 2F0 2F1 2B0 2B1" in out and "bubble 0.500" in out
+    assert len(json.loads((tmp_path / "g.json").read_text())) == 12
+    assert (tmp_path / "g.png").stat().st_size > 0
