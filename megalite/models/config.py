@@ -1,0 +1,126 @@
+"""GPTConfig: one dataclass describes both the llama-style and the gpt2-style model."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+_CHOICES = {
+    "norm": ("rmsnorm", "layernorm"),
+    "activation": ("swiglu", "gelu", "gelu_tanh"),
+    "position": ("rope", "learned"),
+    "kernels": ("auto", "torch", "triton"),
+}
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    n_layers: int
+    n_heads: int
+    d_model: int
+    n_kv_heads: int | None = None      # None: multi-head attention (= n_heads)
+    d_ff: int | None = None            # None: 4*d (gelu) or 8/3*d rounded up to 64 (swiglu)
+    max_seq_len: int = 1024
+    norm: str = "rmsnorm"
+    activation: str = "swiglu"         # "gelu" is exact (erf); GPT-2 uses "gelu_tanh"
+    position: str = "rope"
+    tie_embeddings: bool = False
+    dropout: float = 0.0               # on embeddings and residual branches
+    bias: bool = False
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    sequence_parallel: bool = False    # needs tp > 1 to matter; seq_len divisible by tp
+    kernels: str = "auto"              # "auto": Triton on CUDA, else the torch references
+    layers_per_stage: list[int] | None = None   # pipeline split; None: even (see partition)
+    master_init: bool = True           # False: init each shard locally (huge models)
+    pad_vocab_to: int = 1              # pad the vocab to a multiple of tp * this
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.d_ff is None:
+            if self.activation == "swiglu":
+                self.d_ff = (int(8 * self.d_model / 3) + 63) // 64 * 64
+            else:
+                self.d_ff = 4 * self.d_model
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r}; choose one of "
+                                 f"{allowed}")
+        for name in ("vocab_size", "n_layers", "n_heads", "d_model", "n_kv_heads", "d_ff",
+                     "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads="
+                             f"{self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads="
+                             f"{self.n_kv_heads} (grouped-query attention shares each kv head "
+                             f"among n_heads/n_kv_heads query heads)")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def replace(self, **changes) -> "GPTConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameter count of the whole (unsharded, unpadded) model."""
+        d, f, hd = self.d_model, self.d_ff, self.head_dim
+        attn = d * (self.n_heads + 2 * self.n_kv_heads) * hd + self.n_heads * hd * d
+        mlp = d * f * (3 if self.activation == "swiglu" else 2)
+        norms = 2 * d * (2 if self.norm == "layernorm" else 1)
+        biases = 0
+        if self.bias:
+            biases = (self.n_heads + 2 * self.n_kv_heads) * hd + d + \
+                (2 * f if self.activation == "swiglu" else f) + d
+        per_layer = attn + mlp + norms + biases
+        final_norm = d * (2 if self.norm == "layernorm" else 1)
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        if self.position == "learned":
+            emb += self.max_seq_len * d
+        return self.n_layers * per_layer + final_norm + (emb if include_embeddings else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward), PaLM's formula:
+        6 * non-embedding params + 6 * vocab * d (the head) + 12 * layers * d * seq (attention,
+        counted without causal savings)."""
+        n = self.num_params(include_embeddings=False)
+        return 6 * n + 6 * self.vocab_size * self.d_model + 12 * self.n_layers * self.d_model * seq_len
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+_GPT2 = dict(norm="layernorm", activation="gelu_tanh", position="learned", tie_embeddings=True,
+             bias=True, norm_eps=1e-5)
+_LLAMA = dict(norm="rmsnorm", activation="swiglu", position="rope", bias=False)
+
+PRESETS: dict[str, dict] = {
+    # Byte-level vocabulary (256): trains on the bundled corpus in minutes on a CPU.
+    "tiny": dict(vocab_size=256, n_layers=4, n_heads=4, n_kv_heads=2, d_model=128, d_ff=384,
+                 max_seq_len=256, norm_eps=1e-5, **_LLAMA),
+    "tiny-gpt2": dict(vocab_size=256, n_layers=4, n_heads=4, d_model=128, max_seq_len=256,
+                      **_GPT2),
+    "gpt2-124m": dict(vocab_size=50257, n_layers=12, n_heads=12, d_model=768, max_seq_len=1024,
+                      **_GPT2),
+    "gpt2-350m": dict(vocab_size=50257, n_layers=24, n_heads=16, d_model=1024,
+                      max_seq_len=1024, **_GPT2),
+    # Llama 3.2 1B shapes.
+    "llama-1b": dict(vocab_size=128256, n_layers=16, n_heads=32, n_kv_heads=8, d_model=2048,
+                     d_ff=8192, max_seq_len=2048, rope_theta=500000.0, tie_embeddings=True,
+                     norm_eps=1e-5, **_LLAMA),
+    # Llama 2 7B shapes.
+    "llama-7b": dict(vocab_size=32000, n_layers=32, n_heads=32, d_model=4096, d_ff=11008,
+                     max_seq_len=4096, norm_eps=1e-5, **_LLAMA),
+}

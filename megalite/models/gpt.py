@@ -1,0 +1,270 @@
+"""A GPT built only from megalite's parallel layers, read top to bottom.
+
+``GPT(cfg)`` builds *this rank's* pipeline stage, sharded over its TP group: the first stage
+owns the embeddings, the last the final norm and the output head. Activations are
+``[batch, seq, d_model]``; with sequence parallelism the residual stream outside attention
+and MLP is ``[batch, seq/tp, d_model]``.
+
+Initialization is layout invariant: every parameter is drawn from a generator seeded by one
+number taken from torch's global RNG plus the parameter's global name, then sharded. So the
+same ``torch.manual_seed`` gives the same full model at any (tp, pp), and a stage does not
+need the layers of earlier stages to initialize its own.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import zlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megalite import kernels
+from megalite.models.config import GPTConfig
+from megalite.parallel import comm
+from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                      VocabParallelEmbedding, mark_sequence_parallel,
+                                      padded_vocab_size)
+from megalite.parallel.random import get_rng_tracker
+from megalite.parallel.state import ParallelState, get_state
+from megalite.pipeline.partition import stage_layers
+
+
+class _Init:
+    """Per-parameter init from (base seed, global name): independent of layout and order."""
+
+    def __init__(self, cfg: GPTConfig, ps: ParallelState):
+        self.base = int(torch.randint(0, 2**31 - 1, (1,)))
+        # Local (unsharded) init draws a different stream per TP rank.
+        self.salt = 0 if cfg.master_init else 7919 * (ps.tp_rank + 1)
+
+    def normal(self, name: str, std: float):
+        seed = (self.base * 1_000_003 + zlib.crc32(name.encode()) + self.salt) % 2**63
+
+        def init(t):
+            return t.normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
+        return init
+
+
+def _tp_fork(active: bool):
+    """Dropout on a tensor that differs across TP ranks draws from the TP stream."""
+    tracker = get_rng_tracker()
+    if active and "tensor-parallel" in tracker.states:
+        return tracker.fork()
+    return contextlib.nullcontext()
+
+
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm over the last dim, through megalite.kernels.
+
+    Under sequence parallelism each TP rank normalizes different tokens, so the weight's
+    gradient is partial: ``copy_to_tp_region`` all-reduces it over the TP group.
+    """
+
+    def __init__(self, cfg: GPTConfig, ps: ParallelState):
+        super().__init__()
+        self.kind, self.eps, self.backend = cfg.norm, cfg.norm_eps, cfg.kernels
+        self.group = ps.tp_group if cfg.sequence_parallel else None
+        self.weight = nn.Parameter(torch.ones(cfg.d_model, device=ps.device))
+        self.bias = nn.Parameter(torch.zeros(cfg.d_model, device=ps.device)) \
+            if cfg.norm == "layernorm" else None
+        if self.group is not None:
+            for p in self.parameters():
+                mark_sequence_parallel(p)
+
+    def forward(self, x):
+        weight, bias = self.weight, self.bias
+        if self.group is not None:
+            weight = comm.copy_to_tp_region(weight, self.group)
+            bias = None if bias is None else comm.copy_to_tp_region(bias, self.group)
+        if self.kind == "rmsnorm":
+            return kernels.rms_norm(x, weight, self.eps, backend=self.backend)
+        return kernels.layer_norm(x, weight, bias, self.eps, backend=self.backend)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
+    """cos/sin tables [max_seq_len, head_dim] in the rotate-half (Llama) convention."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, ps: ParallelState, init: _Init, prefix: str):
+        super().__init__()
+        if cfg.n_heads % ps.tp or cfg.n_kv_heads % ps.tp:
+            raise ValueError(f"n_heads={cfg.n_heads} and n_kv_heads={cfg.n_kv_heads} must both "
+                             f"be divisible by tp={ps.tp}; lower --tp or change the model")
+        hd, sp = cfg.head_dim, cfg.sequence_parallel
+        self.cfg, self.head_dim = cfg, hd
+        self.local_heads, self.local_kv_heads = cfg.n_heads // ps.tp, cfg.n_kv_heads // ps.tp
+        q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+        self.qkv = ColumnParallelLinear(
+            cfg.d_model, q + 2 * kv, bias=cfg.bias, partition_sizes=[q, kv, kv],
+            sequence_parallel=sp, init_method=init.normal(prefix + "qkv.weight", cfg.init_std),
+            master_init=cfg.master_init, state=ps)
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.proj = RowParallelLinear(
+            q, cfg.d_model, bias=cfg.bias, sequence_parallel=sp,
+            init_method=init.normal(prefix + "proj.weight", out_std),
+            master_init=cfg.master_init, state=ps)
+
+    def forward(self, x, rope=None):
+        b = x.shape[0]
+        qkv = self.qkv(x)  # [b, s, local q + 2 local kv] (full sequence)
+        s = qkv.shape[1]
+        hd = self.head_dim
+        q, k, v = qkv.split([self.local_heads * hd, self.local_kv_heads * hd,
+                             self.local_kv_heads * hd], dim=-1)
+        q = q.view(b, s, self.local_heads, hd).transpose(1, 2)
+        k = k.view(b, s, self.local_kv_heads, hd).transpose(1, 2)
+        v = v.view(b, s, self.local_kv_heads, hd).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope[0][:s], rope[1][:s]
+            q = kernels.apply_rope(q, cos, sin, backend=self.cfg.kernels)
+            k = kernels.apply_rope(k, cos, sin, backend=self.cfg.kernels)
+        out = kernels.attention(q, k, v, causal=True, backend=self.cfg.kernels)
+        return self.proj(out.transpose(1, 2).reshape(b, s, self.local_heads * hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig, ps: ParallelState, init: _Init, prefix: str):
+        super().__init__()
+        self.activation, self.backend = cfg.activation, cfg.kernels
+        sp, f = cfg.sequence_parallel, cfg.d_ff
+        sizes = [f, f] if cfg.activation == "swiglu" else [f]
+        self.up = ColumnParallelLinear(
+            cfg.d_model, sum(sizes), bias=cfg.bias, partition_sizes=sizes, sequence_parallel=sp,
+            init_method=init.normal(prefix + "up.weight", cfg.init_std),
+            master_init=cfg.master_init, state=ps)
+        self.down = RowParallelLinear(
+            f, cfg.d_model, bias=cfg.bias, sequence_parallel=sp,
+            init_method=init.normal(prefix + "down.weight", cfg.init_std / math.sqrt(2 * cfg.n_layers)),
+            master_init=cfg.master_init, state=ps)
+
+    def forward(self, x):
+        h = self.up(x)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = kernels.swiglu(gate, up, backend=self.backend)
+        else:
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, ps: ParallelState, init: _Init, index: int):
+        super().__init__()
+        prefix = f"layers.{index}."
+        self.attn_norm = Norm(cfg, ps)
+        self.attn = Attention(cfg, ps, init, prefix + "attn.")
+        self.mlp_norm = Norm(cfg, ps)
+        self.mlp = MLP(cfg, ps, init, prefix + "mlp.")
+        self.dropout, self.sequence_parallel = cfg.dropout, cfg.sequence_parallel
+
+    def _drop(self, x):
+        if not self.training or self.dropout == 0.0:
+            return x
+        with _tp_fork(self.sequence_parallel):
+            return F.dropout(x, self.dropout, training=True)
+
+    def forward(self, x, rope=None):
+        x = x + self._drop(self.attn(self.attn_norm(x), rope))
+        return x + self._drop(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    """This rank's pipeline stage of a GPT, TP-sharded.
+
+    ``forward(x)``: on the first stage ``x`` is tokens ``[batch, seq]``, else the previous
+    stage's hidden states; the last stage returns logits ``[batch, seq, V_padded/tp]`` (this
+    rank's vocabulary shard), the others hidden states. ``loss(logits, targets)`` is the mean
+    cross-entropy over the real vocabulary. Works in one process without torch.distributed.
+    """
+
+    def __init__(self, cfg: GPTConfig, state: ParallelState | None = None):
+        super().__init__()
+        ps = state or get_state()
+        self.cfg, self.ps = cfg, ps
+        if cfg.sequence_parallel and cfg.dropout > 0 and "tensor-parallel" not in \
+                get_rng_tracker().states and ps.tp > 1:
+            raise ValueError("dropout with sequence_parallel needs the TP RNG stream: call "
+                             "megalite.parallel.model_parallel_seed(seed) before building GPT")
+        init = _Init(cfg, ps)
+        self.is_first, self.is_last = ps.is_first_stage, ps.is_last_stage
+        self.layer_range = stage_layers(cfg.n_layers, ps.pp, ps.pp_rank, cfg.layers_per_stage)
+        sp = cfg.sequence_parallel and ps.tp > 1
+        self.sequence_parallel = sp
+
+        if self.is_first or (self.is_last and cfg.tie_embeddings):
+            # With tied embeddings at pp > 1 the last stage keeps its own copy, initialized
+            # from the same name (so identical), and kept identical by summing the two
+            # gradients over the embedding group every step.
+            self.embed = VocabParallelEmbedding(
+                cfg.vocab_size, cfg.d_model, sequence_parallel=sp, pad_to_multiple=cfg.pad_vocab_to,
+                init_method=init.normal("embed.weight", cfg.init_std),
+                master_init=cfg.master_init, state=ps)
+        if self.is_first and cfg.position == "learned":
+            table = init.normal("pos_embed", cfg.init_std)(torch.empty(cfg.max_seq_len, cfg.d_model))
+            self.pos_embed = nn.Parameter(table.to(ps.device))
+        self.layers = nn.ModuleDict({str(i): Block(cfg, ps, init, i) for i in self.layer_range})
+        if cfg.position == "rope" and len(self.layer_range):
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, ps.device)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        if self.is_last:
+            self.final_norm = Norm(cfg, ps)
+            # Tied: same sharding as the embedding table, whose weight forward passes in.
+            self.head = ColumnParallelLinear(
+                cfg.d_model, padded_vocab_size(cfg.vocab_size, ps.tp, cfg.pad_vocab_to),
+                bias=False, sequence_parallel=sp, create_weight=not cfg.tie_embeddings,
+                init_method=init.normal("head.weight", cfg.init_std),
+                master_init=cfg.master_init, state=ps)
+
+    # ------------------------------------------------------------------ forward
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        s = tokens.shape[1]
+        if s > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {s} exceeds max_seq_len={self.cfg.max_seq_len}")
+        if self.sequence_parallel and s % self.ps.tp:
+            raise ValueError(f"sequence parallelism needs seq_len ({s}) divisible by "
+                             f"tp={self.ps.tp}")
+        x = self.embed(tokens)
+        if self.cfg.position == "learned":
+            pos = self.pos_embed[:s].unsqueeze(0)
+            if self.sequence_parallel:
+                pos = comm.scatter_to_sequence_parallel_region(pos, self.ps.tp_group)
+            x = x + pos
+        if self.training and self.cfg.dropout > 0:
+            with _tp_fork(self.sequence_parallel):
+                x = F.dropout(x, self.cfg.dropout, training=True)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_first:
+            x = self.embed_tokens(x)
+        rope = (self.rope_cos, self.rope_sin) if hasattr(self, "rope_cos") else None
+        for layer in self.layers.values():
+            x = layer(x, rope)
+        if not self.is_last:
+            return x
+        x = self.final_norm(x)
+        weight = self.embed.weight if self.cfg.tie_embeddings else None
+        return self.head(x, weight)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor,
+             ignore_index: int = -100) -> torch.Tensor:
+        """Mean cross-entropy over the non-ignored targets (vocabulary padding masked)."""
+        per_token = vocab_parallel_cross_entropy(logits, targets, self.cfg.vocab_size,
+                                                 ignore_index, group=self.ps.tp_group)
+        count = (targets != ignore_index).sum().clamp(min=1)
+        return per_token.sum() / count
+
+    def shared_embedding_params(self) -> list[nn.Parameter]:
+        """Parameters duplicated on the first and last stage (tied embeddings at pp > 1)."""
+        if self.cfg.tie_embeddings and self.ps.pp > 1 and hasattr(self, "embed"):
+            return [self.embed.weight]
+        return []

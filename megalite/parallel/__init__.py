@@ -1,0 +1,23 @@
+"""Process groups, communication ops with autograd, and tensor-parallel layers."""
+from megalite.parallel.state import (ParallelState, initialize, get_state, destroy,
+                                     group_ranks, global_rank)
+from megalite.parallel.comm import (copy_to_tp_region, reduce_from_tp_region,
+                                    scatter_to_tp_region, gather_from_tp_region,
+                                    scatter_to_sequence_parallel_region,
+                                    gather_from_sequence_parallel_region,
+                                    reduce_scatter_to_sequence_parallel_region, count_comm)
+from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                      VocabParallelEmbedding, padded_vocab_size,
+                                      mark_sequence_parallel)
+from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megalite.parallel.random import RNGTracker, get_rng_tracker, model_parallel_seed
+
+__all__ = [
+    "ParallelState", "initialize", "get_state", "destroy", "group_ranks", "global_rank",
+    "copy_to_tp_region", "reduce_from_tp_region", "scatter_to_tp_region",
+    "gather_from_tp_region", "scatter_to_sequence_parallel_region",
+    "gather_from_sequence_parallel_region", "reduce_scatter_to_sequence_parallel_region",
+    "count_comm", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
+    "padded_vocab_size", "mark_sequence_parallel", "vocab_parallel_cross_entropy",
+    "RNGTracker", "get_rng_tracker", "model_parallel_seed",
+]

@@ -1,0 +1,226 @@
+"""Communication ops with autograd, as in Megatron-LM's paper.
+
+Tensor parallelism needs two conjugate operators around each column->row pair:
+
+* ``f`` = :func:`copy_to_tp_region`: identity forward, all-reduce backward (enters a TP region);
+* ``g`` = :func:`reduce_from_tp_region`: all-reduce forward, identity backward (leaves it).
+
+Sequence parallelism replaces ``g`` by a reduce-scatter along the sequence and ``f`` by an
+all-gather, which moves the same bytes but keeps activations outside TP regions sharded:
+
+* :func:`gather_from_sequence_parallel_region`: all-gather forward, reduce-scatter backward;
+* :func:`reduce_scatter_to_sequence_parallel_region`: reduce-scatter forward, all-gather backward.
+
+Every op is the identity when the group has one rank (or there is no torch.distributed),
+so a model written with them runs in a single plain process.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+SEQUENCE_DIM = 1  # activations are [batch, seq, hidden]
+
+
+# --------------------------------------------------------------------------- raw collectives
+
+class CommStats:
+    """Bytes and calls per collective, recorded while :func:`count_comm` is active."""
+
+    def __init__(self):
+        self.bytes = Counter()
+        self.calls = Counter()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    def __repr__(self) -> str:
+        return f"CommStats(bytes={dict(self.bytes)}, calls={dict(self.calls)})"
+
+
+_ACTIVE_STATS: list[CommStats] = []
+
+
+@contextlib.contextmanager
+def count_comm():
+    """Count the bytes each collective sends on this rank (its input tensor's size)."""
+    stats = CommStats()
+    _ACTIVE_STATS.append(stats)
+    try:
+        yield stats
+    finally:
+        _ACTIVE_STATS.remove(stats)
+
+
+def group_size(group) -> int:
+    if group is None or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    if group is None or not dist.is_initialized():
+        return 0
+    return dist.get_rank(group)
+
+
+def _run(op: str, tensor: torch.Tensor, group, fn):
+    for stats in _ACTIVE_STATS:
+        stats.bytes[op] += tensor.numel() * tensor.element_size()
+        stats.calls[op] += 1
+    try:
+        return fn()
+    except RuntimeError as e:  # gloo/NCCL timeouts: say who waited on what
+        raise RuntimeError(f"rank {dist.get_rank()}: {op} of {tuple(tensor.shape)} "
+                           f"{tensor.dtype} over ranks {dist.get_process_group_ranks(group)} "
+                           f"failed: {e}") from e
+
+
+def all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce of a contiguous tensor (returns it)."""
+    if group_size(group) == 1:
+        return x
+    _run("all_reduce", x, group, lambda: dist.all_reduce(x, op=op, group=group))
+    return x
+
+
+def all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim``, in group-rank order."""
+    world = group_size(group)
+    if world == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    _run("all_gather", x, group, lambda: dist.all_gather(parts, x, group=group))
+    return torch.cat(parts, dim=dim)
+
+
+def reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Sum over ranks, then keep this rank's chunk of ``dim``."""
+    world = group_size(group)
+    if world == 1:
+        return x
+    if x.shape[dim] % world:
+        raise ValueError(f"reduce_scatter: dim {dim} of size {x.shape[dim]} is not divisible "
+                         f"by the group size {world}")
+    parts = [c.contiguous() for c in x.chunk(world, dim=dim)]
+    out = torch.empty_like(parts[0])
+    _run("reduce_scatter", x, group, lambda: dist.reduce_scatter(out, parts, group=group))
+    return out
+
+
+def split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """This rank's chunk of ``dim`` (no communication)."""
+    world = group_size(group)
+    if world == 1:
+        return x
+    if x.shape[dim] % world:
+        raise ValueError(f"cannot split dim {dim} of size {x.shape[dim]} over {world} ranks; "
+                         f"make it a multiple of {world}")
+    return x.chunk(world, dim=dim)[group_rank(group)].contiguous()
+
+
+# --------------------------------------------------------------------------- autograd pairs
+
+class _CopyToRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad.contiguous().clone(), ctx.group), None
+
+
+class _ReduceFromRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x.contiguous().clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return split(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather(grad, ctx.group, ctx.dim), None, None
+
+
+class _GatherFromRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return split(grad, ctx.group, ctx.dim), None, None
+
+
+class _GatherReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter(grad, ctx.group, ctx.dim), None, None
+
+
+class _ReduceScatterGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return reduce_scatter(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather(grad, ctx.group, ctx.dim), None, None
+
+
+def copy_to_tp_region(x, group):
+    """Megatron's *f*: identity forward, all-reduce of the gradient backward."""
+    return x if group_size(group) == 1 else _CopyToRegion.apply(x, group)
+
+
+def reduce_from_tp_region(x, group):
+    """Megatron's *g*: all-reduce forward, identity backward."""
+    return x if group_size(group) == 1 else _ReduceFromRegion.apply(x, group)
+
+
+def scatter_to_tp_region(x, group, dim=-1):
+    """Keep this rank's slice of the last dim forward; all-gather the gradient backward."""
+    return x if group_size(group) == 1 else _ScatterToRegion.apply(x, group, dim)
+
+
+def gather_from_tp_region(x, group, dim=-1):
+    """All-gather along the last dim forward; keep this rank's gradient slice backward."""
+    return x if group_size(group) == 1 else _GatherFromRegion.apply(x, group, dim)
+
+
+def scatter_to_sequence_parallel_region(x, group, dim=SEQUENCE_DIM):
+    """Keep this rank's sequence chunk forward; all-gather the gradient backward."""
+    return x if group_size(group) == 1 else _ScatterToRegion.apply(x, group, dim)
+
+
+def gather_from_sequence_parallel_region(x, group, dim=SEQUENCE_DIM):
+    """Sequence parallel *f*: all-gather the sequence forward, reduce-scatter backward."""
+    return x if group_size(group) == 1 else _GatherReduceScatter.apply(x, group, dim)
+
+
+def reduce_scatter_to_sequence_parallel_region(x, group, dim=SEQUENCE_DIM):
+    """Sequence parallel *g*: reduce-scatter along the sequence forward, all-gather backward."""
+    return x if group_size(group) == 1 else _ReduceScatterGather.apply(x, group, dim)

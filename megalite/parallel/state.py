@@ -1,0 +1,174 @@
+"""One explicit parallel state: the (tp, pp, dp) process groups of this rank.
+
+Rank layout (DESIGN.md): ``global_rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank``.
+TP is innermost (a TP group is consecutive ranks, i.e. one node), PP outermost.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+_STATE: "ParallelState | None" = None
+_WE_STARTED_DIST = False
+
+
+@dataclass
+class ParallelState:
+    """Sizes, ranks and groups of one process. Groups are ``None`` in a single process."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+    tp_group: object = None
+    pp_group: object = None
+    dp_group: object = None
+    # Ranks (global) of this rank's groups, in group-rank order.
+    tp_ranks: list = field(default_factory=lambda: [0])
+    pp_ranks: list = field(default_factory=lambda: [0])
+    dp_ranks: list = field(default_factory=lambda: [0])
+    # First and last pipeline stage of this rank's pipeline: they share tied embeddings.
+    embedding_group: object = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def rank(self) -> int:
+        return global_rank(self.tp_rank, self.dp_rank, self.pp_rank, self.tp, self.dp)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def __repr__(self) -> str:
+        return (f"ParallelState(rank={self.rank}, tp={self.tp_rank}/{self.tp}, "
+                f"pp={self.pp_rank}/{self.pp}, dp={self.dp_rank}/{self.dp}, device={self.device})")
+
+
+def global_rank(tp_rank: int, dp_rank: int, pp_rank: int, tp: int, dp: int) -> int:
+    return pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+
+
+def group_ranks(tp: int, pp: int, dp: int) -> dict[str, list[list[int]]]:
+    """All TP, DP and PP groups of a layout, as lists of global ranks.
+
+    >>> group_ranks(2, 2, 2)["dp"]
+    [[0, 2], [1, 3], [4, 6], [5, 7]]
+    """
+    g = lambda t, d, p: global_rank(t, d, p, tp, dp)  # noqa: E731
+    return {
+        "tp": [[g(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
+        "dp": [[g(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
+        "pp": [[g(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)],
+    }
+
+
+def check_layout(tp: int, pp: int, dp: int | None, world_size: int) -> int:
+    """Validate sizes before any collective; returns dp."""
+    for name, value in (("tp", tp), ("pp", pp)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if world_size % (tp * pp) != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}; "
+            f"launch a multiple of {tp * pp} processes or change --tp/--pp")
+    if dp is None:
+        return world_size // (tp * pp)
+    if not isinstance(dp, int) or dp < 1:
+        raise ValueError(f"dp must be an integer >= 1 or None, got {dp!r}")
+    if tp * pp * dp != world_size:
+        raise ValueError(
+            f"tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp} does not equal the world size "
+            f"{world_size}; pass dp=None to use world // (tp*pp) = {world_size // (tp * pp)}")
+    return dp
+
+
+def _start_process_group(timeout: datetime.timedelta) -> None:
+    """Start the default group from torchrun's environment: NCCL on CUDA, gloo on CPU."""
+    global _WE_STARTED_DIST
+    use_cuda = torch.cuda.is_available() and os.environ.get("MEGALITE_DEVICE", "") != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
+    _WE_STARTED_DIST = True
+
+
+def _default_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if not dist.is_initialized() and torch.cuda.is_available() \
+            and os.environ.get("MEGALITE_DEVICE", "") != "cpu":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def initialize(tp: int = 1, pp: int = 1, dp: int | None = None,
+               timeout_s: float = 600.0) -> ParallelState:
+    """Create the process groups of a (tp, pp, dp) layout and make them current.
+
+    Uses the default process group when one exists (torchrun scripts, tests); else starts one
+    from torchrun's environment variables (``WORLD_SIZE`` > 1); else runs as a single process
+    without torch.distributed, where every collective is the identity. Bad sizes raise a
+    ``ValueError`` before any collective. Set ``MEGALITE_DEVICE=cpu`` to force gloo on a
+    machine with GPUs.
+    """
+    global _STATE
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        check_layout(tp, pp, dp, int(os.environ["WORLD_SIZE"]))
+        _start_process_group(timeout)
+    if not dist.is_initialized():
+        dp = check_layout(tp, pp, dp, 1)
+        _STATE = ParallelState(device=_default_device())
+        return _STATE
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dp = check_layout(tp, pp, dp, world)
+    pp_rank, rest = divmod(rank, dp * tp)
+    dp_rank, tp_rank = divmod(rest, tp)
+    state = ParallelState(tp=tp, pp=pp, dp=dp, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
+                          device=_default_device())
+    # Every rank must create every group, in the same order (new_group is collective).
+    for kind, all_groups in group_ranks(tp, pp, dp).items():
+        for ranks in all_groups:
+            group = dist.new_group(ranks, timeout=timeout)
+            if rank in ranks:
+                setattr(state, f"{kind}_group", group)
+                setattr(state, f"{kind}_ranks", ranks)
+    for ranks in group_ranks(tp, pp, dp)["pp"]:
+        emb_ranks = sorted({ranks[0], ranks[-1]})
+        group = dist.new_group(emb_ranks, timeout=timeout)
+        if rank in emb_ranks:
+            state.embedding_group = group
+    _STATE = state
+    return state
+
+
+def get_state() -> ParallelState:
+    """The current ParallelState; a single-process one if ``initialize`` was never called."""
+    global _STATE
+    if _STATE is None:
+        _STATE = ParallelState(device=_default_device())
+    return _STATE
+
+
+def destroy() -> None:
+    """Forget the current state; tear down torch.distributed if ``initialize`` started it."""
+    global _STATE, _WE_STARTED_DIST
+    _STATE = None
+    if _WE_STARTED_DIST and dist.is_initialized():
+        dist.destroy_process_group()
+    _WE_STARTED_DIST = False
