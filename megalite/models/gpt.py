@@ -25,8 +25,8 @@ from megalite.models.config import GPTConfig
 from megalite.parallel import comm
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
-                                      VocabParallelEmbedding, mark_sequence_parallel,
-                                      padded_vocab_size)
+                                      VocabParallelEmbedding, init_rows,
+                                      mark_sequence_parallel, padded_vocab_size)
 from megalite.parallel.random import get_rng_tracker
 from megalite.parallel.state import ParallelState, get_state
 from megalite.pipeline.partition import stage_layers
@@ -221,8 +221,10 @@ class GPT(nn.Module):
             self.head = ColumnParallelLinear(
                 cfg.d_model, padded_vocab_size(cfg.vocab_size, ps.tp, cfg.pad_vocab_to),
                 bias=False, sequence_parallel=sp, create_weight=not cfg.tie_embeddings,
-                init_method=init.normal("head.weight", cfg.init_std),
+                init_method=init_rows(init.normal("head.weight", cfg.init_std), cfg.vocab_size),
                 master_init=cfg.master_init, state=ps)
+            if self.head.weight is not None:
+                self.head.weight.tp_real_size = cfg.vocab_size
 
     # ------------------------------------------------------------------ forward
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -259,7 +261,7 @@ class GPT(nn.Module):
              ignore_index: int = -100) -> torch.Tensor:
         """Mean cross-entropy over the non-ignored targets (vocabulary padding masked)."""
         per_token = vocab_parallel_cross_entropy(logits, targets, self.cfg.vocab_size,
-                                                 ignore_index, group=self.ps.tp_group)
+                                                 ignore_index, state=self.ps)
         count = (targets != ignore_index).sum().clamp(min=1)
         return per_token.sum() / count
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from megalite.parallel import comm
-from megalite.parallel.state import get_state
+from megalite.parallel.state import ParallelState, get_state
 
 
 def _shard_stats(x: torch.Tensor, target: torch.Tensor, col_start: int, valid_cols: int,
@@ -77,16 +77,16 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
                                  vocab_size: int | None = None, ignore_index: int = -100,
-                                 label_smoothing: float = 0.0, group=None) -> torch.Tensor:
+                                 label_smoothing: float = 0.0, *,
+                                 state: ParallelState | None = None) -> torch.Tensor:
     """Per-token fp32 loss from this rank's vocab shard of the logits.
 
     logits: ``[..., V_padded / tp]``; target: ``[...]`` global token ids. Returns a loss
     shaped like ``target`` (0 where ``target == ignore_index``). ``vocab_size`` (default: all
-    columns) masks the padding columns out of the softmax. ``group`` defaults to the current
-    state's TP group.
+    columns) masks the padding columns out of the softmax. The vocabulary is split over the
+    TP group of ``state`` (default: the current state).
     """
-    if group is None:
-        group = get_state().tp_group
+    group = (state or get_state()).tp_group
     tp = comm.group_size(group)
     full = logits.shape[-1] * tp
     vocab_size = full if vocab_size is None else vocab_size

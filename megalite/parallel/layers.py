@@ -197,6 +197,14 @@ class RowParallelLinear(nn.Module):
         return (f"in={self.in_features} (local {self.weight.shape[1]}), out={self.out_features}, sequence_parallel={self.sequence_parallel}")
 
 
+def init_rows(init: InitMethod, rows: int) -> InitMethod:
+    """Initialize the first ``rows`` rows with ``init`` and zero the rest (vocab padding)."""
+    def fill(table):
+        init(table[:rows])
+        table[rows:].zero_()
+    return fill
+
+
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 1) -> int:
     """Smallest size >= vocab_size divisible by ``tp * multiple``."""
     unit = tp * multiple
@@ -225,14 +233,9 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = ps.tp_rank * self.rows_per_rank
         self.sequence_parallel, self.group = sequence_parallel, ps.tp_group
         init = init_method or nn.init.normal_
-
-        def init_real_rows(table):
-            init(table[:num_embeddings])
-            table[num_embeddings:].zero_()
-
         self.weight = _make_param((self.padded_size, embedding_dim), [self.padded_size], 0, ps,
-                                  init_real_rows if master_init else init, master_init,
-                                  device, dtype)
+                                  init_rows(init, num_embeddings) if master_init else init,
+                                  master_init, device, dtype)
         self.weight.tp_real_size = num_embeddings
         if not master_init:  # the local shard may hold padding rows: keep them zero
             with torch.no_grad():
