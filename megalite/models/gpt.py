@@ -207,6 +207,8 @@ class GPT(nn.Module):
                 cfg.vocab_size, cfg.d_model, sequence_parallel=sp, pad_to_multiple=cfg.pad_vocab_to,
                 init_method=init.normal("embed.weight", cfg.init_std),
                 master_init=cfg.master_init, state=ps)
+            if not self.is_first:  # the last stage's copy: counted once in the grad norm
+                self.embed.weight.pipeline_duplicate = True
         if self.is_first and cfg.position == "learned":
             table = init.normal("pos_embed", cfg.init_std)(torch.empty(cfg.max_seq_len, cfg.d_model))
             self.pos_embed = nn.Parameter(table.to(ps.device))

@@ -1,0 +1,1 @@
+"""Training: the step, optimizer, mixed precision, data, checkpoints, metrics."""

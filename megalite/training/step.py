@@ -1,0 +1,88 @@
+"""One optimizer step of a (tp, pp, dp) model: the pipeline schedule, then gradient sync.
+
+The same function trains every layout: a single process is pp = 1 with a schedule of
+``0F0 0B0 0F1 0B1 ...`` (plain gradient accumulation), so there is one code path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from megalite.parallel import comm
+from megalite.parallel.grads import allreduce_data_parallel, allreduce_shared, clip_grad_norm_
+from megalite.pipeline import build_schedule, run_schedule
+
+
+@dataclass
+class StepResult:
+    loss: float             # mean loss of the global batch (every rank)
+    grad_norm: float        # before clipping
+    peak_live: int          # most in-flight microbatches on this stage
+    spans: list = field(default_factory=list)
+    skipped: bool = False   # fp16 overflow: the optimizer step was skipped
+
+
+def split_microbatches(tokens: torch.Tensor, micro_batch_size: int) -> list[torch.Tensor]:
+    if tokens.shape[0] % micro_batch_size:
+        raise ValueError(f"this rank's batch of {tokens.shape[0]} samples is not a multiple of "
+                         f"--micro-batch-size {micro_batch_size}")
+    return list(tokens.split(micro_batch_size))
+
+
+def activation_shape(model, micro_batch_size: int, seq_len: int) -> tuple[int, int, int]:
+    """Shape of the hidden states passed between stages."""
+    seq = seq_len // model.ps.tp if model.sequence_parallel else seq_len
+    return (micro_batch_size, seq, model.cfg.d_model)
+
+
+def forward_backward(model, tokens, targets, *, micro_batch_size: int, schedule: str = "1f1b",
+                     activation_dtype=torch.float32, loss_fn=None, verbose=False, trace=False):
+    """Run the pipeline schedule over this rank's batch; gradients accumulate in ``model``.
+    ``loss_fn(logits, targets)`` defaults to ``model.loss``."""
+    ps = model.ps
+    inputs = split_microbatches(tokens, micro_batch_size)
+    labels = split_microbatches(targets, micro_batch_size)
+    m = len(inputs)
+    actions = build_schedule(schedule, ps.pp, m)[ps.pp_rank]
+    return run_schedule(actions, model, ps, num_microbatches=m,
+                        activation_shape=activation_shape(model, micro_batch_size,
+                                                          tokens.shape[1]),
+                        activation_dtype=activation_dtype, inputs=inputs, targets=labels,
+                        loss_fn=loss_fn or model.loss, verbose=verbose, trace=trace)
+
+
+def finalize_grads(model) -> None:
+    """Once per step: sum tied-embedding copies across stages, average over dp."""
+    allreduce_shared(model.shared_embedding_params(), model.ps)
+    allreduce_data_parallel(model.parameters(), model.ps)
+
+
+def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
+               schedule: str = "1f1b", max_grad_norm: float = 1.0, grad_scaler=None,
+               activation_dtype=torch.float32, verbose=False, trace=False) -> StepResult:
+    """Forward and backward over this dp rank's ``tokens``/``targets`` ``[batch, seq]``,
+    gradient sync, clipping and the optimizer step. Gradients are left in the parameters
+    (zeroed at the start of the next step) for inspection."""
+    ps = model.ps
+    optimizer.zero_grad(set_to_none=True)
+    loss_fn = model.loss
+    if grad_scaler is not None:  # fp16: scale the loss so small gradients stay representable
+        loss_fn = lambda out, tgt: grad_scaler.scale(model.loss(out, tgt))  # noqa: E731
+    result = forward_backward(model, tokens, targets, micro_batch_size=micro_batch_size,
+                              schedule=schedule, activation_dtype=activation_dtype,
+                              loss_fn=loss_fn, verbose=verbose, trace=trace)
+    finalize_grads(model)
+    loss = result.loss
+    skipped = False
+    if grad_scaler is not None:
+        loss = loss / grad_scaler.scale_value
+        skipped = not grad_scaler.unscale_(model.parameters(), ps)
+    norm = clip_grad_norm_(model.parameters(), 0.0 if skipped else max_grad_norm, ps)
+    if not skipped:
+        optimizer.step()
+    if grad_scaler is not None:
+        grad_scaler.update(found_inf=skipped)
+    loss = comm.all_reduce(loss.reshape(1).clone(), ps.dp_group)[0] / ps.dp
+    return StepResult(loss=loss.item(), grad_norm=norm.item(), peak_live=result.peak_live,
+                      spans=result.spans, skipped=skipped)
