@@ -15,7 +15,9 @@ Other test folders may import megalite.kernels before tests/kernels sets the var
 GPU test run mixes CPU (interpreted) and CUDA (compiled) tensors in one process. So the
 choice is made per launch from the tensors' device instead.
 """
+import contextlib
 import os
+import sys
 
 import torch
 
@@ -84,12 +86,10 @@ class jit:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             interpret = not any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
-            if interpret:
-                kernel = self._interpreter()
-                kwargs = {**self.interpret_meta, **kwargs}
-            else:
-                kernel = self._compiler()
-            return kernel[grid](*args, **kwargs)
+            if not interpret:
+                return self._compiler()[grid](*args, **kwargs)
+            with _interpretable_stdlib():
+                return self._interpreter()[grid](*args, **{**self.interpret_meta, **kwargs})
         return launch
 
     def _interpreter(self):
@@ -106,6 +106,36 @@ class jit:
                 kernel = triton.autotune(configs=self.configs, key=self.key)(kernel)
             self._compiled = kernel
         return self._compiled
+
+
+_STDLIB_TWINS = None
+
+
+@contextlib.contextmanager
+def _interpretable_stdlib():
+    """Let an interpreted kernel call triton's own jit functions (tl.sum, tl.max, ...).
+
+    Those are decorated when triton is imported; if TRITON_INTERPRET was unset then, they
+    are compiled-mode JITFunctions that the interpreter refuses to call. For the duration of
+    an interpreted launch, swap each for an interpreted twin (restored afterwards, so
+    compiled launches in the same process are unaffected).
+    """
+    global _STDLIB_TWINS
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    if _STDLIB_TWINS is None:
+        owners = [m for name, m in list(sys.modules.items())
+                  if name.startswith("triton.language") and m is not None] + [tl.tensor]
+        _STDLIB_TWINS = [(owner, name, fn, InterpretedFunction(fn.fn))
+                         for owner in owners for name, fn in list(vars(owner).items())
+                         if isinstance(fn, JITFunction)]
+    for owner, name, _, twin in _STDLIB_TWINS:
+        setattr(owner, name, twin)
+    try:
+        yield
+    finally:
+        for owner, name, fn, _ in _STDLIB_TWINS:
+            setattr(owner, name, fn)
 
 
 def next_pow2(n):
@@ -129,3 +159,9 @@ def num_sms(t):
     if t.is_cuda:
         return torch.cuda.get_device_properties(t.device).multi_processor_count
     return 4
+
+
+def upcast(t):
+    """The compute dtype of the references: fp32 for 16/32-bit inputs, fp64 kept (so the
+    references can be gradchecked in double precision)."""
+    return t if t.dtype == torch.float64 else t.float()

@@ -25,7 +25,7 @@ they contribute nothing to lse or sum and get gradient 0.
 import torch
 import torch.nn.functional as F
 
-from ._backend import jit, next_pow2, tl, use_triton
+from ._backend import jit, next_pow2, tl, upcast, use_triton
 
 
 # ----------------------------------------------------------------------------- reference
@@ -41,7 +41,7 @@ def _in_shard(target, vocab_start, limit, ignore_index):
 
 def shard_stats_reference(logits, target, vocab_start=0, vocab_size=None, ignore_index=-100,
                           with_sum=False):
-    x = logits.float()
+    x = upcast(logits)
     V = x.shape[-1]
     limit = _limit(V, vocab_start, vocab_size)
     valid = torch.arange(V, device=x.device) < limit
@@ -56,21 +56,21 @@ def shard_stats_reference(logits, target, vocab_start=0, vocab_size=None, ignore
 
 def shard_grad_reference(logits, target, lse, grad_output, vocab_start=0, vocab_size=None,
                          ignore_index=-100, label_smoothing=0.0):
-    x = logits.float()
+    x = upcast(logits)
     V = x.shape[-1]
     limit = _limit(V, vocab_start, vocab_size)
     n_classes = vocab_size if vocab_size is not None else vocab_start + V
-    grad = torch.exp(x - lse.float().unsqueeze(-1)) - label_smoothing / n_classes
+    grad = torch.exp(x - lse.to(x.dtype).unsqueeze(-1)) - label_smoothing / n_classes
     local, hit = _in_shard(target, vocab_start, limit, ignore_index)
     rows = torch.arange(x.shape[0], device=x.device)
     grad[rows[hit], local[hit]] -= 1.0 - label_smoothing
-    grad = grad * torch.where(target == ignore_index, 0.0, grad_output.float()).unsqueeze(-1)
+    grad = grad * torch.where(target == ignore_index, 0.0, grad_output.to(x.dtype)).unsqueeze(-1)
     grad[:, limit:] = 0.0
     return grad.to(logits.dtype)
 
 
 def cross_entropy_reference(logits, target, ignore_index=-100, label_smoothing=0.0):
-    return F.cross_entropy(logits.float(), target, ignore_index=ignore_index,
+    return F.cross_entropy(upcast(logits), target, ignore_index=ignore_index,
                            reduction="none", label_smoothing=label_smoothing)
 
 

@@ -8,14 +8,15 @@ keeps the result deterministic. ``weight`` and ``bias`` may each be None.
 import torch
 import torch.nn.functional as F
 
-from ._backend import cdiv, jit, num_sms, tl, use_triton
+from ._backend import cdiv, jit, num_sms, tl, upcast, use_triton
 from .rms_norm import MAX_COLS, check_norm_args, row_config
 
 
 def layer_norm_reference(x, weight, bias, eps=1e-5):
-    w = weight.float() if weight is not None else None
-    b = bias.float() if bias is not None else None
-    return F.layer_norm(x.float(), x.shape[-1:], w, b, eps).to(x.dtype)
+    xf = upcast(x)
+    w = weight.to(xf.dtype) if weight is not None else None
+    b = bias.to(xf.dtype) if bias is not None else None
+    return F.layer_norm(xf, x.shape[-1:], w, b, eps).to(x.dtype)
 
 
 @jit

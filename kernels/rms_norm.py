@@ -8,15 +8,15 @@ atomics, so it is deterministic.
 """
 import torch
 
-from ._backend import cdiv, jit, next_pow2, num_sms, tl, use_triton
+from ._backend import cdiv, jit, next_pow2, num_sms, tl, upcast, use_triton
 
 MAX_COLS = 65536  # rows wider than this exceed a program's registers: reference path
 
 
 def rms_norm_reference(x, weight, eps=1e-6):
-    xf = x.float()
+    xf = upcast(x)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    return (y * weight.to(xf.dtype)).to(x.dtype)
 
 
 @jit

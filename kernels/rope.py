@@ -12,7 +12,7 @@ The backward is the transpose of the rotation, the same kernel with signs swappe
 """
 import torch
 
-from ._backend import cdiv, jit, next_pow2, tl, use_triton
+from ._backend import cdiv, jit, next_pow2, tl, upcast, use_triton
 
 
 def rotate_half(x):
@@ -21,8 +21,8 @@ def rotate_half(x):
 
 
 def apply_rope_reference(x, cos, sin):
-    xf = x.float()
-    return (xf * cos.float() + rotate_half(xf) * sin.float()).to(x.dtype)
+    xf = upcast(x)
+    return (xf * cos.to(xf.dtype) + rotate_half(xf) * sin.to(xf.dtype)).to(x.dtype)
 
 
 @jit

@@ -13,7 +13,7 @@ write of dx; it needs only the saved output, never x.
 """
 import torch
 
-from ._backend import cdiv, jit, next_pow2, tl, use_triton
+from ._backend import cdiv, jit, next_pow2, tl, upcast, use_triton
 
 # Rows longer than this do not fit one program's registers; they use the reference.
 MAX_COLS = 32768
@@ -26,7 +26,7 @@ def causal_mask(sq, sk, device=None):
 
 
 def masked_softmax_reference(x, mask, scale):
-    y = (x.float() * scale)
+    y = upcast(x) * scale
     if mask is not None:
         y = y.masked_fill(mask, float("-inf"))
     # A fully masked row is all -inf: softmax gives NaN there, which we define as zeros.
@@ -59,8 +59,9 @@ def _softmax_fwd_kernel(x_ptr, y_ptr, m_ptr, R, H, SQ, SK, smb, smh, smq, smk, s
         keep = keep & (m == 0)
     x = tl.where(keep, x, float("-inf"))
     mx = tl.max(x, axis=1)
-    # In a fully masked row mx = -inf and x - mx is NaN; the where turns those into 0.
-    e = tl.where(keep, tl.exp(x - mx[:, None]), 0.0)
+    # A fully masked row has mx = -inf; use 0 instead so exp(-inf - 0) = 0, not NaN.
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    e = tl.exp(x - mx[:, None])
     den = tl.sum(e, axis=1)
     y = e / tl.where(den > 0, den, 1.0)[:, None]
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inb)

@@ -9,11 +9,11 @@ traffic), and writes both input gradients in one pass:
 import torch
 import torch.nn.functional as F
 
-from ._backend import cdiv, jit, tl, use_triton
+from ._backend import cdiv, jit, tl, upcast, use_triton
 
 
 def swiglu_reference(gate, up):
-    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+    return (F.silu(upcast(gate)) * upcast(up)).to(gate.dtype)
 
 
 @jit
