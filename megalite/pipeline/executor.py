@@ -76,7 +76,7 @@ def run_schedule(actions: Sequence[str], stage: torch.nn.Module, ps, *,
                              f"runs one stage per rank, F and full B, microbatches < {m}")
 
     spans: list = []
-    clock = time.perf_counter
+    clock = time.time  # comparable across processes (and, roughly, nodes) for traces
     p2p = StageP2P(ps, verbose=verbose, spans=spans if trace else None, clock=clock)
     device = ps.device
     stage_inputs, stage_outputs, losses = {}, {}, []

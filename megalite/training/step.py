@@ -12,6 +12,7 @@ import torch
 from megalite.parallel import comm
 from megalite.parallel.grads import allreduce_data_parallel, allreduce_shared, clip_grad_norm_
 from megalite.pipeline import build_schedule, run_schedule
+from megalite.training.precision import autocast
 
 
 @dataclass
@@ -60,18 +61,23 @@ def finalize_grads(model) -> None:
 
 def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
                schedule: str = "1f1b", max_grad_norm: float = 1.0, grad_scaler=None,
-               activation_dtype=torch.float32, verbose=False, trace=False) -> StepResult:
+               dtype: str = "fp32", verbose=False, trace=False) -> StepResult:
     """Forward and backward over this dp rank's ``tokens``/``targets`` ``[batch, seq]``,
     gradient sync, clipping and the optimizer step. Gradients are left in the parameters
-    (zeroed at the start of the next step) for inspection."""
+    (zeroed at the start of the next step) for inspection. ``dtype`` "bf16"/"fp16" runs the
+    forward under autocast with fp32 weights; fp16 needs a ``grad_scaler``."""
     ps = model.ps
+    if dtype == "fp16" and grad_scaler is None:
+        raise ValueError("fp16 training needs a DynamicLossScaler (grad_scaler=...)")
     optimizer.zero_grad(set_to_none=True)
     loss_fn = model.loss
     if grad_scaler is not None:  # fp16: scale the loss so small gradients stay representable
         loss_fn = lambda out, tgt: grad_scaler.scale(model.loss(out, tgt))  # noqa: E731
-    result = forward_backward(model, tokens, targets, micro_batch_size=micro_batch_size,
-                              schedule=schedule, activation_dtype=activation_dtype,
-                              loss_fn=loss_fn, verbose=verbose, trace=trace)
+    with autocast(dtype, ps.device):
+        # The residual stream stays fp32 under autocast (fp32 embeddings + 16-bit branches).
+        result = forward_backward(model, tokens, targets, micro_batch_size=micro_batch_size,
+                                  schedule=schedule, activation_dtype=torch.float32,
+                                  loss_fn=loss_fn, verbose=verbose, trace=trace)
     finalize_grads(model)
     loss = result.loss
     skipped = False
