@@ -11,6 +11,8 @@ from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                       mark_sequence_parallel)
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.parallel.random import RNGTracker, get_rng_tracker, model_parallel_seed
+from megalite.parallel import grads, sharding
+from megalite.parallel.grads import allreduce_data_parallel, clip_grad_norm_
 
 __all__ = [
     "ParallelState", "initialize", "get_state", "destroy", "group_ranks", "global_rank",
@@ -19,5 +21,6 @@ __all__ = [
     "gather_from_sequence_parallel_region", "reduce_scatter_to_sequence_parallel_region",
     "count_comm", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
     "padded_vocab_size", "mark_sequence_parallel", "vocab_parallel_cross_entropy",
-    "RNGTracker", "get_rng_tracker", "model_parallel_seed",
+    "RNGTracker", "get_rng_tracker", "model_parallel_seed", "grads", "sharding",
+    "allreduce_data_parallel", "clip_grad_norm_",
 ]

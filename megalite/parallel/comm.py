@@ -47,7 +47,9 @@ _ACTIVE_STATS: list[CommStats] = []
 
 @contextlib.contextmanager
 def count_comm():
-    """Count the bytes each collective sends on this rank (its input tensor's size)."""
+    """Count each collective's calls and payload bytes on this rank: the size of the full
+    tensor it all-reduces, all-gathers (output) or reduce-scatters (input). A ring algorithm
+    sends 2(n-1)/n of the payload for an all-reduce and (n-1)/n for the other two."""
     stats = CommStats()
     _ACTIVE_STATS.append(stats)
     try:
@@ -68,9 +70,10 @@ def group_rank(group) -> int:
     return dist.get_rank(group)
 
 
-def _run(op: str, tensor: torch.Tensor, group, fn):
+def _run(op: str, tensor: torch.Tensor, group, fn, payload_elems: int | None = None):
+    """Run a collective; count its payload: the full (unsharded) tensor it reduces or builds."""
     for stats in _ACTIVE_STATS:
-        stats.bytes[op] += tensor.numel() * tensor.element_size()
+        stats.bytes[op] += (payload_elems or tensor.numel()) * tensor.element_size()
         stats.calls[op] += 1
     try:
         return fn()
@@ -95,7 +98,8 @@ def all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
         return x
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(world)]
-    _run("all_gather", x, group, lambda: dist.all_gather(parts, x, group=group))
+    _run("all_gather", x, group, lambda: dist.all_gather(parts, x, group=group),
+         payload_elems=x.numel() * world)
     return torch.cat(parts, dim=dim)
 
 
