@@ -1,0 +1,38 @@
+"""The benchmark script's plumbing, on the CPU (GPU timings need a CUDA machine)."""
+import json
+
+import pytest
+import torch
+
+from megalite.kernels import bench
+from megalite.kernels._bench_cases import OPS, cases
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_bench_providers_run_and_agree(op):
+    # The interpreter runs the "triton" provider, so every case's lambdas are exercised.
+    def run(fn, grads_to_none):  # call once: this checks plumbing, not speed
+        fn()
+        return 1.0
+    case = cases(op, "cpu", torch.float32, quick=True)[0]
+    assert set(case.work) == set(bench.MODES)
+    outs = {}
+    for name in ("triton", "torch"):
+        for mode in bench.MODES:
+            ms, _ = bench.measure(case, name, case.providers[name], mode, run, "cpu")
+            assert ms > 0
+        torch.manual_seed(0)
+        outs[name] = case.providers[name](*case.make_inputs()).detach()
+    torch.testing.assert_close(outs["triton"], outs["torch"], atol=1e-3, rtol=1e-3)
+
+
+def test_bench_main_without_cuda_exits_zero(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CPU path only")
+    assert bench.main(["rms_norm", "cross_entropy", "--out", str(tmp_path)]) == 0
+    assert "No CUDA device" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert {r["op"] for r in rows} == {"rms_norm", "cross_entropy"}
+    assert all({"op", "provider", "shape", "dtype", "ms", "device", "torch"} <= set(r)
+               for r in rows)
+    assert (tmp_path / "rms_norm.png").exists()
