@@ -205,7 +205,7 @@ def main(argv=None):
     p.add_argument("ops", nargs="*", help=f"ops to run (default: all of {', '.join(OPS)})")
     p.add_argument("--out", help="directory for bench.json, table.md and <op>.png")
     p.add_argument("--quick", action="store_true", help="one size per op")
-    p.add_argument("--compile-budget-s", type=float, default=300.0,
+    p.add_argument("--compile-budget-s", type=float, default=240.0,
                    help="skip torch.compile providers once the sweep has run this long")
     args = p.parse_args(argv)
     ops = args.ops or list(OPS)

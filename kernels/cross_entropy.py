@@ -96,7 +96,9 @@ def _stats_kernel(x_ptr, stride, t_ptr, lse_ptr, xt_ptr, sum_ptr, V, limit, voca
         if WITH_SUM:
             tot += tl.where(c < limit, x, 0.0)
     mx = tl.max(m, axis=0)
-    lse = mx + tl.log(tl.sum(s * tl.exp(m - mx), axis=0))  # log(0) = -inf: all padding
+    total_s = tl.sum(s * tl.exp(m - mx), axis=0)
+    # A shard made only of padding has total_s = 0: its logsumexp is -inf.
+    lse = tl.where(total_s > 0, mx + tl.log(tl.maximum(total_s, 1e-30)), float("-inf"))
     t = tl.load(t_ptr + row)
     local = t - vocab_start
     hit = (t != ignore_index) & (local >= 0) & (local < limit)
