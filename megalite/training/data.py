@@ -98,8 +98,20 @@ class TokenDataset:
                              "or more text")
         # A read-only memmap: the OS pages in only what is read, and many processes on one
         # node share the page cache instead of each holding a copy of the corpus.
+        self._open()
+
+    def _open(self):
         self.tokens = np.memmap(self.prefix + ".bin", dtype=self.meta["dtype"], mode="r",
-                                shape=(num_tokens,))
+                                shape=(int(self.meta["num_tokens"]),))
+
+    # Pickling a memmap copies the whole array; send worker processes (e.g. DataLoader with
+    # num_workers > 0 under spawn) the path instead and let them map the file themselves.
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "tokens"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
 
     def __len__(self):
         return self.num_samples

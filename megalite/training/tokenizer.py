@@ -70,7 +70,10 @@ class TiktokenTokenizer:
             tiktoken.load.read_file = real_read
         self.spec = f"tiktoken:{name}"
         self.vocab_size = self._enc.n_vocab
-        self.eos_id = self._enc.eot_token
+        try:
+            self.eos_id = self._enc.eot_token
+        except KeyError:  # an encoding without <|endoftext|>
+            self.eos_id = None
 
     def encode(self, text):
         # Special-token text inside a document is treated as ordinary text, never as eos.
@@ -80,7 +83,8 @@ class TiktokenTokenizer:
         return self._enc.decode([int(i) for i in ids])
 
 
-# Names a raw tokenizer.json (no tokenizer_config.json) commonly gives its end token.
+# Names a bare tokenizer.json (no tokenizer_config.json to say which token is eos)
+# commonly gives its end token; the first one present is used.
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
 
 
@@ -106,6 +110,8 @@ class HFTokenizer:
             self._decode = tok.decode
             self.vocab_size = len(tok)  # includes added tokens, unlike tok.vocab_size
             self.eos_id = tok.eos_token_id
+            if self.eos_id is None:  # a bare tokenizer.json without tokenizer_config.json
+                self.eos_id = _guess_eos(tok.get_vocab())
             return
         file = p / "tokenizer.json" if p.is_dir() else p
         if not file.is_file():
@@ -120,14 +126,17 @@ class HFTokenizer:
         self._encode = lambda text: tok.encode(text, add_special_tokens=False).ids
         self._decode = tok.decode
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        self.eos_id = next((tok.token_to_id(t) for t in _EOS_NAMES
-                            if tok.token_to_id(t) is not None), None)
+        self.eos_id = _guess_eos(tok.get_vocab(with_added_tokens=True))
 
     def encode(self, text):
         return list(self._encode(text))
 
     def decode(self, ids):
         return self._decode([int(i) for i in ids])
+
+
+def _guess_eos(vocab):
+    return next((vocab[name] for name in _EOS_NAMES if name in vocab), None)
 
 
 def _has_transformers():

@@ -1,7 +1,9 @@
 """Tokenizers, preprocessing, TokenDataset and ShardedSampler (all in-process, no downloads)."""
 import json
+import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,8 +71,8 @@ def test_hf_tokenizer_adapter(tmp_path):
         ids = tok.encode(text)
         assert ids == raw.encode(text).ids and len(ids) < len(text)  # merges were used
         assert tok.decode(ids) == text
-    # From tokenizer.json alone, eos is found by its usual name.
-    assert get_tokenizer(f"hf:{path / 'tokenizer.json'}").eos_id == raw.token_to_id("</s>")
+        # No tokenizer_config.json says which token is eos: it is found by its usual name.
+        assert tok.eos_id == raw.token_to_id("</s>")
 
 
 def test_hf_tokenizer_from_transformers_dir(tmp_path):
@@ -156,6 +158,8 @@ def test_dataset_windows_and_shift(tmp_path):
         ds[4]
     x, y = get_batch(ds, [3, 0])
     assert x.shape == (2, 5) and x[0, 0] == 15 and y[1, -1] == 5
+    clone = pickle.loads(pickle.dumps(ds))  # what DataLoader workers receive
+    assert isinstance(clone.tokens, np.memmap) and clone[2][1].tolist() == ds[2][1].tolist()
     assert len(TokenDataset(_token_file(tmp_path, 21), seq_len=5)) == 4  # exact fit
 
 
@@ -178,7 +182,7 @@ def test_bundled_corpus():
     ds = TokenDataset(default_corpus_path(), seq_len=256)
     assert ds.meta["tokenizer"] == "byte" and ds.vocab_size == 256
     assert len(ds) > 3000  # ~1 MB of text
-    raw = open(default_corpus_path() + ".txt", "rb").read()
+    raw = Path(default_corpus_path() + ".txt").read_bytes()
     assert bytes(ds.tokens.astype(np.uint8)) == raw  # the .bin is exactly the .txt's bytes
     assert "Zen of Python" in get_tokenizer("byte").decode(ds[0][0].tolist())
 
