@@ -70,7 +70,7 @@ def _rope_launch(x, cos, sin, backward):
 class _Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
-        cos2, sin2 = cos.reshape(cos.shape[-2:]).contiguous(), sin.reshape(sin.shape[-2:]).contiguous()
+        cos2, sin2 = (t.reshape(t.shape[-2:]).contiguous() for t in (cos, sin))
         ctx.save_for_backward(x if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else None,
                               cos2, sin2)
         ctx.table_shape = cos.shape
