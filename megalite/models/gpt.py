@@ -259,11 +259,15 @@ class GPT(nn.Module):
         weight = self.embed.weight if self.cfg.tie_embeddings else None
         return self.head(x, weight)
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor,
-             ignore_index: int = -100) -> torch.Tensor:
-        """Mean cross-entropy over the non-ignored targets (vocabulary padding masked)."""
-        per_token = vocab_parallel_cross_entropy(logits, targets, self.cfg.vocab_size,
-                                                 ignore_index, state=self.ps)
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+             inplace_backward: bool = True) -> torch.Tensor:
+        """Mean cross-entropy over the non-ignored targets (vocabulary padding masked).
+
+        By default the backward pass writes the logits' gradient into the logits buffer
+        (no second [tokens, vocab/tp] buffer): keep a copy if you need logits afterwards."""
+        per_token = vocab_parallel_cross_entropy(
+            logits, targets, self.cfg.vocab_size, ignore_index, state=self.ps,
+            inplace_backward=inplace_backward, backend=self.cfg.kernels)
         count = (targets != ignore_index).sum().clamp(min=1)
         return per_token.sum() / count
 
