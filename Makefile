@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 # Main job: pretrain the tiny GPT at tp=2, pp=2 on 4 CPU processes on the bundled corpus.
 run: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 4 examples/pretrain_gpt.py \
-		--tp 2 --pp 2 --model tiny --steps 60 --save runs/tiny --metrics-out runs/tiny/metrics.jsonl
+		--tp 2 --pp 2 --model tiny --steps 300 --save-every 100 --save runs/tiny \
+		--metrics-out runs/tiny/metrics.jsonl --log-interval 25
 
 test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests

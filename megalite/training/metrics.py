@@ -32,7 +32,8 @@ def peak_flops(device: torch.device, dtype: str) -> float | None:
 
 class MetricsLogger:
     def __init__(self, rank: int, total_steps: int, metrics_out: str | None = None,
-                 log_interval: int = 10, tensorboard_dir: str | None = None):
+                 log_interval: int = 10, tensorboard_dir: str | None = None,
+                 append: bool = False):
         self.active = rank == 0
         self.total_steps, self.log_interval = total_steps, log_interval
         self.file = None
@@ -43,7 +44,7 @@ class MetricsLogger:
             return
         if metrics_out:
             Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(metrics_out, "a")
+            self.file = open(metrics_out, "a" if append else "w")  # append when resuming
         if tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter

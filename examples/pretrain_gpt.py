@@ -1,0 +1,183 @@
+"""Pretrain a GPT with tensor, pipeline and data parallelism.
+
+    # 4 CPU processes: tp=2, pp=2 on the bundled corpus
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 4 examples/pretrain_gpt.py --tp 2 --pp 2
+    # one GPU node, 8 GPUs, bf16
+    torchrun --nproc-per-node 8 examples/pretrain_gpt.py --model gpt2-124m --tp 2 --pp 2 \
+        --dtype bf16 --data data/mycorpus --seq-len 1024 --global-batch-size 64
+    # one plain process
+    python examples/pretrain_gpt.py --steps 20
+
+dp is what is left: world // (tp * pp). Microbatches per step:
+global_batch_size / (micro_batch_size * dp).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from megalite import parallel
+from megalite.models import GPT, GPTConfig
+from megalite.pipeline import plot_timeline, write_chrome_trace
+from megalite.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megalite.training.data import ShardedSampler, TokenDataset, default_corpus_path, get_batch
+from megalite.training.metrics import MetricsLogger, peak_flops
+from megalite.training.optim import build_optimizer, build_scheduler
+from megalite.training.precision import DynamicLossScaler
+from megalite.training.step import train_step
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    layout = p.add_argument_group("layout")
+    layout.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    layout.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    layout.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
+    layout.add_argument("--sequence-parallel", action="store_true")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="tiny", help="GPTConfig preset")
+    model.add_argument("--kernels", choices=["auto", "torch", "triton"], default="auto")
+    model.add_argument("--dropout", type=float, default=0.0)
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default=None,
+                      help="token file prefix (python -m megalite.training.preprocess); "
+                           "default: the bundled corpus")
+    data.add_argument("--seq-len", type=int, default=128)
+    data.add_argument("--micro-batch-size", type=int, default=2)
+    data.add_argument("--global-batch-size", type=int, default=16)
+    opt = p.add_argument_group("optimization")
+    opt.add_argument("--steps", type=int, default=100, help="train until this optimizer step")
+    opt.add_argument("--lr", type=float, default=3e-3)
+    opt.add_argument("--min-lr-ratio", type=float, default=0.1)
+    opt.add_argument("--warmup", type=int, default=None, help="default: 5%% of --steps")
+    opt.add_argument("--decay", choices=["cosine", "linear", "constant"], default="cosine")
+    opt.add_argument("--weight-decay", type=float, default=0.1)
+    opt.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+    opt.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    opt.add_argument("--seed", type=int, default=1234)
+    out = p.add_argument_group("output")
+    out.add_argument("--metrics-out", default=None, help="JSONL file, one object per step")
+    out.add_argument("--log-interval", type=int, default=10)
+    out.add_argument("--tensorboard", default=None, help="TensorBoard log directory")
+    out.add_argument("--save", default=None, help="checkpoint directory")
+    out.add_argument("--save-every", type=int, default=0, help="0: only at the end")
+    out.add_argument("--load", default=None, help="resume from this checkpoint directory")
+    out.add_argument("--trace", default=None,
+                     help="directory for a Chrome trace + PNG timeline of the last step")
+    out.add_argument("--verbose-p2p", action="store_true", help="log every pipeline send/recv")
+    return p.parse_args(argv)
+
+
+def check_batch_sizes(args, dp: int) -> int:
+    per_step = args.micro_batch_size * dp
+    if args.global_batch_size % per_step:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} must be a multiple of "
+                         f"--micro-batch-size x dp = {args.micro_batch_size} x {dp}")
+    return args.global_batch_size // per_step
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ps = parallel.initialize(tp=args.tp, pp=args.pp)
+    num_microbatches = check_batch_sizes(args, ps.dp)
+    cfg = GPTConfig.preset(args.model, sequence_parallel=args.sequence_parallel,
+                           kernels=args.kernels, dropout=args.dropout)
+    if args.seq_len > cfg.max_seq_len:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the {args.model} preset's "
+                         f"max_seq_len {cfg.max_seq_len}")
+    parallel.model_parallel_seed(args.seed)
+    model = GPT(cfg)
+    dataset = TokenDataset(args.data or default_corpus_path(), args.seq_len)
+    if dataset.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the data's tokenizer has {dataset.vocab_size} tokens but the model "
+                         f"only {cfg.vocab_size}: pick a matching --model or --data")
+    sampler = ShardedSampler(len(dataset), args.global_batch_size, ps.dp_rank, ps.dp, args.seed)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    scheduler = build_scheduler(optimizer, warmup, args.steps, args.decay, args.min_lr_ratio)
+    scaler = DynamicLossScaler() if args.dtype == "fp16" else None
+
+    start_step = 0
+    resume_from = latest_checkpoint(args.load) if args.load else None
+    if args.load and resume_from is None:
+        raise ValueError(f"--load {args.load}: no checkpoint found there")
+    if resume_from:
+        start_step = load_checkpoint(resume_from, model, optimizer, scheduler, sampler, scaler)
+
+    tokens_per_step = args.global_batch_size * args.seq_len
+    flops_per_token = cfg.flops_per_token(args.seq_len)
+    peak = peak_flops(ps.device, args.dtype)
+    logger = MetricsLogger(ps.rank, args.steps, args.metrics_out, args.log_interval,
+                           args.tensorboard, append=resume_from is not None)
+    if ps.rank == 0:
+        print(f"megalite: {args.model} ({cfg.num_params() / 1e6:.2f}M params) on {ps.world_size} "
+              f"{ps.device.type} processes: tp={ps.tp} pp={ps.pp} dp={ps.dp}, "
+              f"{num_microbatches} microbatches of {args.micro_batch_size} x {args.seq_len}, "
+              f"{args.schedule}, {args.dtype}; steps {start_step + 1}..{args.steps}"
+              + (f" (resumed from {resume_from})" if resume_from else ""), flush=True)
+
+    result = None
+    for step in range(start_step + 1, args.steps + 1):
+        tokens, targets = get_batch(dataset, sampler.next_batch_indices())
+        tokens, targets = tokens.to(ps.device), targets.to(ps.device)
+        if ps.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        result = train_step(model, optimizer, tokens, targets,
+                            micro_batch_size=args.micro_batch_size, schedule=args.schedule,
+                            max_grad_norm=args.clip_grad, grad_scaler=scaler, dtype=args.dtype,
+                            verbose=args.verbose_p2p,
+                            trace=bool(args.trace) and step == args.steps)
+        scheduler.step()
+        if ps.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        row = {"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+               "tokens_per_sec": tokens_per_step / dt, "step_time_s": dt}
+        if peak:
+            row["mfu"] = flops_per_token * tokens_per_step / dt / (peak * ps.world_size)
+            row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if result.skipped:
+            row["skipped"] = True
+        logger.log(row)
+        if args.save and args.save_every and step % args.save_every == 0 and step < args.steps:
+            save_checkpoint(args.save, step, model, optimizer, scheduler, sampler, scaler,
+                            extra={"args": vars(args)})
+    if args.save and result is not None:
+        save_checkpoint(args.save, args.steps, model, optimizer, scheduler, sampler, scaler,
+                        extra={"args": vars(args)})
+    if args.trace and result is not None:
+        write_timeline(args.trace, result.spans, ps, args.schedule)
+    if ps.rank == 0:
+        print(logger.summary() + (f"; checkpoint in {args.save}" if args.save else ""),
+              flush=True)
+    logger.close()
+    parallel.destroy()
+
+
+def write_timeline(directory: str, spans: list, ps, schedule: str) -> None:
+    """Gather every pipeline rank's spans of the last step; rank 0 writes trace and PNG."""
+    os.makedirs(directory, exist_ok=True)
+    gathered = [spans]
+    if ps.pp > 1:
+        gathered = [None] * ps.pp
+        dist.all_gather_object(gathered, spans, group=ps.pp_group)
+    if ps.rank == 0:
+        all_spans = [s for rank_spans in gathered for s in rank_spans]
+        t0 = min(s[3] for s in all_spans)
+        all_spans = [(r, n, k, a - t0, b - t0) for r, n, k, a, b in all_spans]
+        write_chrome_trace(all_spans, os.path.join(directory, "timeline.json"), unit_us=1e6)
+        plot_timeline(all_spans, os.path.join(directory, "timeline.png"),
+                      f"{schedule}, pp={ps.pp}: measured step (seconds)")
+        print(f"timeline written to {directory}/timeline.json and timeline.png", flush=True)
+
+
+if __name__ == "__main__":
+    main()
