@@ -1,0 +1,109 @@
+"""Optimizer groups, learning-rate schedule, mixed precision and the fp16 loss scaler."""
+import math
+
+import pytest
+import torch
+
+from megalite import parallel
+from megalite.models import GPT, GPTConfig
+from megalite.training.optim import build_optimizer, build_scheduler, lr_lambda
+from megalite.training.precision import DynamicLossScaler
+from megalite.training.step import train_step
+
+CFG = GPTConfig(vocab_size=64, n_layers=2, n_heads=2, d_model=16, d_ff=32, max_seq_len=8,
+                kernels="torch")
+
+
+def _model_and_batch(cfg=CFG):
+    parallel.destroy()
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    data = torch.randint(0, cfg.vocab_size, (4, 9), generator=torch.Generator().manual_seed(1))
+    return model, data[:, :-1], data[:, 1:]
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    model, _, _ = _model_and_batch(CFG.replace(bias=True, position="learned",
+                                               norm="layernorm"))
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
+    plain = {names[id(p)] for p in opt.param_groups[1]["params"]}
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0
+    assert all(".weight" in n and "norm" not in n and "embed" not in n for n in decayed)
+    assert {"embed.weight", "pos_embed", "final_norm.weight", "final_norm.bias",
+            "layers.0.attn.qkv.bias"} <= plain
+    assert decayed | plain == set(names.values())
+    with_emb = build_optimizer(model, lr=1e-3, decay_embeddings=True)
+    assert any(p is model.embed.weight for p in with_emb.param_groups[0]["params"])
+
+
+def test_warmup_then_cosine_and_linear():
+    f = lr_lambda(warmup_steps=10, total_steps=110, decay="cosine", min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    g = lr_lambda(10, 110, "linear", 0.0)
+    assert g(60) == pytest.approx(0.5) and g(110) == pytest.approx(0.0)
+    model, _, _ = _model_and_batch()
+    opt = build_optimizer(model, lr=2.0)
+    sched = build_scheduler(opt, 10, 110)
+    for _ in range(10):
+        opt.step(); sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * f(10))
+    with pytest.raises(ValueError, match="cosine, linear or constant"):
+        lr_lambda(1, 2, "exp")
+
+
+def test_fp16_scaler_skips_an_overflowing_step_and_recovers():
+    model, tokens, targets = _model_and_batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = DynamicLossScaler(init_scale=2.0**200, growth_interval=2)  # inf in fp32 too
+    result = train_step(model, opt, tokens, targets, micro_batch_size=2, grad_scaler=scaler)
+    assert result.skipped
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())), "step not skipped"
+    assert scaler.scale_value == 2.0**199
+    scaler.scale_value = 2.0**8
+    result = train_step(model, opt, tokens, targets, micro_batch_size=2, grad_scaler=scaler)
+    assert not result.skipped and math.isfinite(result.loss)
+    assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    # The unscaled loss and gradients are those of an unscaled step.
+    ref, _, _ = _model_and_batch()
+    ref.load_state_dict(model.state_dict())
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.0)
+    plain = train_step(ref, ref_opt, tokens, targets, micro_batch_size=2, max_grad_norm=0)
+    scaled = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), tokens, targets,
+                        micro_batch_size=2, grad_scaler=scaler, max_grad_norm=0)
+    assert scaled.loss == pytest.approx(plain.loss, rel=1e-6)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    scaler.update(found_inf=False)
+    assert scaler.scale_value == 2.0**9  # grew after growth_interval clean steps
+    with pytest.raises(ValueError, match="DynamicLossScaler"):
+        train_step(model, opt, tokens, targets, micro_batch_size=2, dtype="fp16")
+
+
+def test_bf16_autocast_keeps_fp32_master_weights_and_tracks_fp32():
+    model, tokens, targets = _model_and_batch()
+    ref, _, _ = _model_and_batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    for _ in range(3):
+        low = train_step(model, opt, tokens, targets, micro_batch_size=2, dtype="bf16")
+        full = train_step(ref, ref_opt, tokens, targets, micro_batch_size=2)
+        assert abs(low.loss - full.loss) < 0.05 * full.loss
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32
+               for p in model.parameters())
+    assert low.loss != full.loss  # autocast really ran in bf16
+    with pytest.raises(ValueError, match="--dtype"):
+        train_step(model, opt, tokens, targets, micro_batch_size=2, dtype="int8")
+
+
+def test_fp16_autocast_with_scaler_trains():
+    model, tokens, targets = _model_and_batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = DynamicLossScaler()
+    losses = [train_step(model, opt, tokens, targets, micro_batch_size=2, dtype="fp16",
+                         grad_scaler=scaler).loss for _ in range(5)]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
