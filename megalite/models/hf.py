@@ -220,10 +220,6 @@ class _Tensors:
     def __init__(self, keys, read):
         self.keys, self._read = set(keys), read
 
-    @classmethod
-    def from_state_dict(cls, sd):
-        return cls(sd, sd.__getitem__)
-
     def get(self, key: str) -> torch.Tensor:
         if key not in self.keys:
             # Bare LlamaModel / GPT2Model state dicts lack the "model." / "transformer." prefix.
@@ -234,25 +230,33 @@ class _Tensors:
         return self._read(key)
 
 
+class _BinFile:
+    """A pytorch_model.bin with safe_open's interface (memory-mapped, tensors only)."""
+
+    def __init__(self, path: str):
+        self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+    def keys(self):
+        return self._sd.keys()
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self._sd[key]
+
+
 def _open_directory(path: str, stack: contextlib.ExitStack) -> tuple[dict, _Tensors]:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise ValueError(f"{path} has no config.json: pass a save_pretrained directory, or a "
-                         f"state dict with config=...")
-    files = {}   # key -> file name
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if os.path.isfile(os.path.join(path, index)):
-            with open(os.path.join(path, index)) as f:
-                files = json.load(f)["weight_map"]
-            break
-    else:
-        for single in ("model.safetensors", "pytorch_model.bin"):
-            if os.path.isfile(os.path.join(path, single)):
-                files = {None: single}
-                break
-    if not files:
+        raise ValueError(f"{path} has no config.json: pass a local save_pretrained directory "
+                         f"(hub ids are not downloaded), or a state dict with config=...")
+    present = set(os.listdir(path))
+    index = next((n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                  if n in present), None)
+    single = next((n for n in ("model.safetensors", "pytorch_model.bin") if n in present), None)
+    if index is None and single is None:
         raise ValueError(f"{path} holds no model.safetensors or pytorch_model.bin weights")
-
+    if index is not None:   # sharded checkpoint: key -> file name
+        with open(os.path.join(path, index)) as f:
+            files = json.load(f)["weight_map"]
     opened = {}
 
     def open_file(name):
@@ -266,13 +270,11 @@ def _open_directory(path: str, stack: contextlib.ExitStack) -> tuple[dict, _Tens
                                       "pip install 'megalite[hf]'") from None
                 opened[name] = stack.enter_context(safe_open(full, framework="pt"))
             else:
-                sd = torch.load(full, map_location="cpu", weights_only=True, mmap=True)
-                opened[name] = type("_SD", (), {"keys": sd.keys, "get_tensor": sd.__getitem__})
+                opened[name] = _BinFile(full)
         return opened[name]
 
-    if None in files:  # one file: its keys are the model's
-        handle = open_file(files[None])
-        files = {k: files[None] for k in handle.keys()}
+    if index is None:
+        files = dict.fromkeys(open_file(single).keys(), single)
     return _as_dict(config_path), _Tensors(files, lambda k: open_file(files[k]).get_tensor(k))
 
 
@@ -293,10 +295,11 @@ def from_hf(source, state: ParallelState | None = None, config=None, **cfg_overr
             if config is None:
                 raise ValueError("a state dict needs its Hugging Face config: "
                                  "from_hf(state_dict, config=hf_model.config)")
-            hf_config, tensors = _as_dict(config), _Tensors.from_state_dict(source)
+            hf_config, tensors = _as_dict(config), _Tensors(source, source.__getitem__)
         elif hasattr(source, "state_dict") and hasattr(source, "config"):
             hf_config = _as_dict(config if config is not None else source.config)
-            tensors = _Tensors.from_state_dict(source.state_dict())
+            sd = source.state_dict()
+            tensors = _Tensors(sd, sd.__getitem__)
         else:
             raise ValueError(f"from_hf expects an HF model, a directory or a state dict, "
                              f"got {type(source).__name__}")

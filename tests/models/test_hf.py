@@ -121,6 +121,17 @@ def test_native_model_exports_to_hf(preset, tmp_path):
         assert n == m and torch.equal(p, q), n
 
 
+def test_bin_and_sharded_directories(tmp_path):
+    hf = hf_gpt2()
+    hf.config.save_pretrained(tmp_path / "bin")
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    for kind in ("bin", "sharded"):
+        with torch.no_grad():
+            assert_close(from_hf(tmp_path / kind)(tokens()), hf_logits(hf), kind)
+
+
 def test_bare_base_model_state_dict():
     """LlamaModel / GPT2Model state dicts lack the "model." / "transformer." prefix."""
     for hf in (hf_llama(tie=True, bias=True), hf_gpt2()):
