@@ -312,11 +312,6 @@ def from_hf(source, state: ParallelState | None = None, config=None, **cfg_overr
         with torch.no_grad():
             for name, param in model.named_parameters():
                 full = _full_tensor(family, name, tensors)
-                if name == "head.weight" and getattr(param, "tp_real_size", None) is None:
-                    # The head covers the padded vocabulary but, unlike the embedding, its
-                    # layout does not record the real size: add zero rows (masked logits).
-                    rows = param.shape[0] * ps.tp - full.shape[0]
-                    full = torch.nn.functional.pad(full, (0, 0, 0, max(rows, 0)))
                 try:
                     local = shard_full(full.to(param.dtype), param, ps)
                 except ValueError as e:
@@ -359,8 +354,6 @@ def save_hf(model: GPT, directory: str, dtype: torch.dtype | None = None) -> Non
     stage = {}
     for name, param in params.items():
         full = gather_full(param, ps)      # collective over the TP group, same order everywhere
-        if name == "head.weight":
-            full = full[:cfg.vocab_size]   # drop vocabulary padding rows
         stage[name] = full.detach().to("cpu", dtype)
 
     distributed = dist.is_initialized() and ps.world_size > 1
