@@ -1,0 +1,396 @@
+"""Checkpoints that resume exactly and load into any (tp, pp, dp) layout.
+
+A checkpoint is one directory ``ROOT/step_XXXXXXXX`` holding
+
+    meta.json                    step, layout, GPTConfig, which tensor is in which file,
+                                 optimizer hyperparameters, scheduler, sampler, loss scaler,
+                                 ``extra`` (the script's args); written last: it marks the
+                                 checkpoint complete
+    model_stage{k}.safetensors   parameters of pipeline stage k as full (tp=1, unpadded)
+                                 tensors, keyed by their global names (``layers.3.mlp.up.weight``)
+    optim_stage{k}.safetensors   optimizer state of those parameters, ``{name}.exp_avg``,
+                                 ``{name}.exp_avg_sq``, ``{name}.step``, gathered the same way
+    rng_rank{r:05d}.safetensors  RNG states of global rank r (CPU, CUDA, TP tracker streams)
+
+and ``ROOT/latest`` names the newest one. No tensor depends on the saving layout: a loading
+rank reads the names its stage holds from whichever files hold them and keeps its TP shard.
+Optimizer state is keyed by parameter name, as optimizer indices differ from stage to stage.
+
+Atomicity: every rank writes under ``ROOT/step_XXXXXXXX.tmp-<id>``; once all ranks report
+success, global rank 0 writes meta.json, renames the directory to its final name and
+replaces ``latest`` (write + ``os.replace``). A crash before the rename leaves only a
+``*.tmp-*`` directory, which :func:`latest_checkpoint` ignores and the next successful save
+deletes, so the previous checkpoint stays the one that loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megalite.parallel.random import get_rng_tracker
+from megalite.parallel.sharding import gather_full, shard_full
+from megalite.parallel.state import global_rank
+
+FORMAT, VERSION = "megalite-checkpoint", 1
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_LEFTOVER = re.compile(r"^(step_\d{8}\.(tmp|old)|latest\.tmp)-[0-9a-f]+$")
+# GPTConfig fields that change no saved tensor (layout, kernels, regularization, init):
+# a checkpoint loads across them. Every other field must match.
+_FREE_FIELDS = {"dropout", "kernels", "sequence_parallel", "layers_per_stage", "master_init",
+                "pad_vocab_to", "init_std"}
+
+
+# ----------------------------------------------------------------------------- collectives
+# Single processes run without torch.distributed; then every helper is the identity.
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_gather(obj) -> list:
+    if not _dist_on():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _agree(error: BaseException | None, what: str, payload=None) -> list:
+    """Share every rank's ``payload``, and raise on every rank if any rank failed instead of
+    leaving the others to hang in the next collective (the failing rank re-raises its own
+    exception)."""
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    gathered = _all_gather((message, payload))
+    if error is not None:
+        raise error
+    failed = {r: m for r, (m, _) in enumerate(gathered) if m}
+    if failed:
+        raise RuntimeError(f"{what} failed on rank(s) {sorted(failed)}: {failed}")
+    return [p for _, p in gathered]
+
+
+# ----------------------------------------------------------------------------- files
+
+def _fsync(path: str) -> None:
+    """Flush a file or directory to disk, so a rename never publishes unwritten data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_tensors(tensors: dict, path: str) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path,
+              metadata={"format": FORMAT})
+    _fsync(path)
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The newest complete checkpoint under ``root`` (or ``root`` itself if it is one);
+    None when there is none. Directories without meta.json (interrupted saves) never count."""
+    if not os.path.isdir(root):
+        return None
+    if os.path.isfile(os.path.join(root, "meta.json")):
+        return root
+    pointer = os.path.join(root, "latest")
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            name = f.read().strip()
+        if _STEP_DIR.match(name) and os.path.isfile(os.path.join(root, name, "meta.json")):
+            return os.path.join(root, name)
+    # No (valid) pointer, e.g. a crash between the rename and the pointer update.
+    steps = [(int(m.group(1)), d) for d in os.listdir(root) if (m := _STEP_DIR.match(d))
+             and os.path.isfile(os.path.join(root, d, "meta.json"))]
+    return os.path.join(root, max(steps)[1]) if steps else None
+
+
+def read_checkpoint_meta(path: str) -> dict:
+    """meta.json of a checkpoint (or of the newest one under a root): step, layout, config
+    (``GPTConfig(**meta["config"])`` rebuilds the model), extra, ..."""
+    if not os.path.exists(path):
+        raise ValueError(f"checkpoint {path!r} does not exist; pass the directory given to "
+                         f"--save (or one of its step_XXXXXXXX subdirectories)")
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise ValueError(f"{path!r} holds no complete checkpoint (no meta.json, and no "
+                         f"step_XXXXXXXX/meta.json below it); interrupted saves leave only "
+                         f"*.tmp-* directories, which are never loaded")
+    meta_path = os.path.join(ckpt, "meta.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format is {meta.get('format')!r}, not {FORMAT!r}")
+        if meta.get("version") != VERSION:
+            raise ValueError(f"version {meta.get('version')!r}; this megalite reads {VERSION}")
+        for key in ("step", "layout", "config", "files", "optimizer", "scheduler"):
+            if key not in meta:
+                raise ValueError(f"no {key!r} entry")
+    except (ValueError, OSError, AttributeError) as e:
+        raise ValueError(f"corrupt checkpoint metadata {meta_path!r}: {e}") from None
+    meta["path"] = ckpt
+    return meta
+
+
+# ----------------------------------------------------------------------------- save
+
+def save_checkpoint(root: str, step: int, model, optimizer, scheduler, sampler, scaler=None,
+                    extra=None) -> str:
+    """Write a checkpoint of ``step`` to ``root/step_XXXXXXXX``; returns its path.
+
+    Collective over all ranks; no rank returns before the checkpoint is complete and
+    ``root/latest`` names it. ``extra`` must be JSON-serializable (non-JSON values are stored
+    as strings)."""
+    ps, rank = model.ps, (dist.get_rank() if _dist_on() else 0)
+    name = f"step_{int(step):08d}"
+    tmp = None
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        tmp = os.path.join(root, f"{name}.tmp-{uuid.uuid4().hex[:8]}")
+        os.makedirs(tmp)
+    tmp = _all_gather(tmp)[0]  # rank 0's name, on every rank
+
+    files, error = {}, None
+    try:
+        files = _write_stage(tmp, model, optimizer, ps)
+        _save_tensors(_rng_states(ps), os.path.join(tmp, _rng_file(rank)))
+    except Exception as e:  # noqa: BLE001 - every rank must learn of it, see _agree
+        error = e
+    all_files = {}
+    for rank_files in _agree(error, f"saving checkpoint {tmp}", files):
+        all_files.update(rank_files)
+
+    error, final = None, os.path.join(root, name)
+    if rank == 0:
+        try:
+            meta = _meta(step, model, optimizer, scheduler, sampler, scaler, extra, all_files)
+            _commit(root, tmp, final, meta)
+        except Exception as e:  # noqa: BLE001
+            error = e
+    _agree(error, f"committing checkpoint {final}")  # also the final barrier
+    return final
+
+
+def _write_stage(tmp: str, model, optimizer, ps) -> dict[str, list[str]]:
+    """Gather this stage's full parameters and optimizer state (collective over TP); the
+    stage's (tp_rank 0, dp_rank 0) rank writes them. Returns {file: names} of what it wrote."""
+    if ps.dp_rank != 0:  # dp replicas hold identical values: replica 0 writes
+        return {}
+    params, states = {}, {}
+    for name, p in model.named_parameters():
+        if getattr(p, "pipeline_duplicate", False):
+            continue  # tied embedding copy on the last stage: the first stage saves it
+        params[name] = gather_full(p, ps)
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value) and value.shape == p.shape:  # exp_avg, exp_avg_sq
+                states[f"{name}.{key}"] = gather_full(p, ps, value)
+            else:  # per-parameter scalars: AdamW's step
+                states[f"{name}.{key}"] = torch.as_tensor(value).detach().clone()
+    if ps.tp_rank != 0:
+        return {}
+    written = {}
+    for kind, tensors in (("model", params), ("optim", states)):
+        fname = f"{kind}_stage{ps.pp_rank}.safetensors"
+        _save_tensors(tensors, os.path.join(tmp, fname))
+        written[fname] = sorted(tensors)
+    return written
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng_rank{rank:05d}.safetensors"
+
+
+def _rng_states(ps) -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if ps.device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(ps.device)
+    for stream, state in get_rng_tracker().states.items():
+        states[f"tracker.{stream}"] = state.clone()
+    return states
+
+
+def _meta(step, model, optimizer, scheduler, sampler, scaler, extra, files) -> dict:
+    ps = model.ps
+    groups = [{k: v for k, v in g.items() if k != "params"}
+              for g in optimizer.state_dict()["param_groups"]]
+    return {
+        "format": FORMAT, "version": VERSION, "step": int(step),
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
+        "layout": {"tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "world_size": ps.world_size},
+        "config": dataclasses.asdict(model.cfg),
+        "files": dict(sorted(files.items())),
+        "rng_files": [_rng_file(r) for r in range(ps.world_size)],
+        "optimizer": {"param_groups": groups},
+        "scheduler": scheduler.state_dict(),
+        "sampler": sampler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "extra": extra,
+    }
+
+
+def _commit(root: str, tmp: str, final: str, meta: dict) -> None:
+    """Rank 0, after every rank wrote its files: publish the checkpoint in one rename."""
+    _write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, default=str))
+    _fsync(tmp)
+    if os.path.exists(final):  # saving a step again (a rerun): move the old one aside
+        os.rename(final, f"{final}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(tmp, final)
+    _write_atomic(os.path.join(root, "latest"), os.path.basename(final) + "\n")
+    _fsync(root)
+    for leftover in os.listdir(root):  # interrupted saves and replaced steps
+        if _LEFTOVER.match(leftover):
+            shutil.rmtree(os.path.join(root, leftover), ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- load
+
+def load_checkpoint(path: str, model, optimizer, scheduler, sampler, scaler=None) -> int:
+    """Restore a checkpoint (a step directory, or a root: its newest one) into this rank's
+    model, optimizer, scheduler, sampler and scaler, for any (tp, pp, dp) layout of the same
+    model. Returns the checkpoint's step. Collective: every rank raises if one fails."""
+    error, step = None, 0
+    try:
+        meta = read_checkpoint_meta(path)
+        _check_config(meta["config"], model.cfg, meta["path"])
+        files = _TensorFiles(meta)
+        _load_model(files, model)
+        _load_optimizer(files, meta, model, optimizer)
+        scheduler.load_state_dict(meta["scheduler"])
+        sampler.load_state_dict(meta["sampler"])
+        if scaler is not None and meta.get("scaler") is not None:
+            scaler.load_state_dict(meta["scaler"])
+        _load_rng(meta, model.ps)
+        step = int(meta["step"])
+    except Exception as e:  # noqa: BLE001 - see _agree
+        error = e
+    _agree(error, f"loading checkpoint {path}")
+    return step
+
+
+def _check_config(saved: dict, cfg, ckpt: str) -> None:
+    free = set(_FREE_FIELDS)
+    if cfg.position == "rope":  # no table depends on it: a longer context may be loaded
+        free.add("max_seq_len")
+    current = dataclasses.asdict(cfg)
+    diffs = [f"{k}={saved[k]!r} (model: {v!r})" for k, v in current.items()
+             if k not in free and k in saved and saved[k] != v]
+    if diffs:
+        raise ValueError(f"checkpoint {ckpt!r} is of another model: {', '.join(diffs)}; build "
+                         f"the model with the checkpoint's config (meta.json 'config')")
+
+
+class _TensorFiles:
+    """Reads single tensors by global name from whichever file meta.json says holds them."""
+
+    def __init__(self, meta: dict):
+        self.dir = meta["path"]
+        self.where = {n: f for f, names in meta["files"].items() for n in names}
+        self.handles = {}
+        # Optimizer-state keys per parameter: "layers.0.attn.qkv.weight.exp_avg" -> exp_avg.
+        self.state_keys: dict[str, list[str]] = {}
+        for key, fname in self.where.items():
+            if fname.startswith("optim_"):
+                param, state_key = key.rsplit(".", 1)
+                self.state_keys.setdefault(param, []).append(state_key)
+
+    def get(self, name: str) -> torch.Tensor:
+        fname = self.where.get(name)
+        if fname is None:
+            raise ValueError(f"checkpoint {self.dir!r} holds no tensor {name!r} (meta.json "
+                             f"lists none); it is incomplete or from another model")
+        path = os.path.join(self.dir, fname)
+        try:
+            if fname not in self.handles:  # lazy: reads only the tensors asked for
+                self.handles[fname] = safe_open(path, framework="pt")
+            return self.handles[fname].get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"corrupt checkpoint file {path!r} (reading {name!r}: {e}); "
+                             f"load an earlier checkpoint or save again") from None
+
+
+def _shard(files: _TensorFiles, key: str, full: torch.Tensor, param, ps) -> torch.Tensor:
+    try:
+        shard = shard_full(full, param, ps)
+    except ValueError as e:
+        raise ValueError(f"{key} in {files.dir!r}: {e}") from None
+    if shard.shape != param.shape:
+        raise ValueError(f"{key} in {files.dir!r} has full shape {tuple(full.shape)}, which "
+                         f"does not give this rank's shard shape {tuple(param.shape)}")
+    return shard
+
+
+def _load_model(files: _TensorFiles, model) -> None:
+    with torch.no_grad():
+        # A tied embedding's copy on the last stage has the same name: it loads the same tensor.
+        for name, p in model.named_parameters():
+            p.copy_(_shard(files, name, files.get(name), p, model.ps))
+
+
+def _load_optimizer(files: _TensorFiles, meta: dict, model, optimizer) -> None:
+    """Rebuild a torch optimizer state_dict for this rank's parameters and load it (torch
+    then casts the states to each parameter's device and dtype)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    current = optimizer.state_dict()["param_groups"]
+    saved = meta["optimizer"]["param_groups"]
+    if len(saved) != len(current):
+        raise ValueError(f"checkpoint {files.dir!r} has {len(saved)} optimizer param groups, "
+                         f"this optimizer {len(current)}; build it with build_optimizer")
+    state, groups = {}, []
+    for group, indices, hyper in zip(optimizer.param_groups, current, saved):
+        for p, index in zip(group["params"], indices["params"]):
+            name = names[id(p)]  # build_optimizer's groups hold only model parameters
+            saved_state = {k: files.get(f"{name}.{k}") for k in files.state_keys.get(name, [])}
+            if saved_state:  # none: saved before the first step
+                state[index] = {k: v if v.dim() == 0 else
+                                _shard(files, f"{name}.{k}", v, p, model.ps)
+                                for k, v in saved_state.items()}
+        hyper = {k: tuple(v) if isinstance(indices.get(k), tuple) else v
+                 for k, v in hyper.items()}  # JSON turned AdamW's betas into a list
+        groups.append({**hyper, "params": indices["params"]})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _load_rng(meta: dict, ps) -> None:
+    """Same tp and pp: each rank restores its own streams (dp replicas share them), so a
+    resume draws the same dropout masks. Another tp or pp: the per-TP-rank tracker streams
+    do not map onto other shards; keep the freshly seeded ones and restore only the default
+    stream, which model_parallel_seed starts identically on every rank (from rank 0)."""
+    layout = meta["layout"]
+    same = layout["tp"] == ps.tp and layout["pp"] == ps.pp
+    src = global_rank(ps.tp_rank, ps.dp_rank if ps.dp_rank < layout["dp"] else 0,
+                      ps.pp_rank, ps.tp, layout["dp"]) if same else 0
+    path = os.path.join(meta["path"], _rng_file(src))
+    try:
+        with safe_open(path, framework="pt") as f:
+            states = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"corrupt checkpoint file {path!r} ({e}); load an earlier "
+                         f"checkpoint or save again") from None
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and ps.device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], ps.device)
+    if same:
+        tracker = get_rng_tracker()
+        for key, value in states.items():
+            if key.startswith("tracker."):
+                tracker.states[key[len("tracker."):]] = value

@@ -1,0 +1,233 @@
+"""Checkpoints: exact resume, resharding across layouts, atomic saves, clear errors.
+
+One gloo world of 4 trains the uninterrupted (tp=2, pp=2, dp=1) run, saving at step 3, then
+resumes from that checkpoint in the same layout and at (tp=1, pp=2, dp=2); the test process
+itself then resumes it as a single process. Every resumed run must continue with the
+uninterrupted run's losses.
+"""
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megalite import parallel
+from megalite.models import GPT, GPTConfig
+from megalite.training import checkpoint
+from megalite.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megalite.training.data import ShardedSampler, TokenDataset, get_batch
+from megalite.training.optim import build_optimizer, build_scheduler
+from megalite.training.step import train_step
+from world import run_world
+
+# Tied embeddings: at pp=2 the last stage's duplicate must load from `embed.weight`.
+CFG = GPTConfig(vocab_size=97, n_layers=4, n_heads=4, n_kv_heads=2, d_model=32, d_ff=64,
+                max_seq_len=16, kernels="torch", tie_embeddings=True)
+GLOBAL_BATCH, MICRO_BATCH, SEQ, STEPS, SAVE_AT = 8, 2, 8, 6, 3
+DATA_SEED = 5
+
+
+def _token_file(directory) -> str:
+    """A small megalite token file of random ids (64 samples of SEQ tokens)."""
+    prefix = os.path.join(directory, "tokens")
+    n = 64 * SEQ + 1
+    ids = np.random.default_rng(0).integers(0, CFG.vocab_size, n).astype(np.uint16)
+    ids.tofile(prefix + ".bin")
+    with open(prefix + ".json", "w") as f:
+        json.dump({"format": "megalite-tokens", "version": 1, "dtype": "uint16",
+                   "num_tokens": n, "vocab_size": CFG.vocab_size}, f)
+    return prefix
+
+
+def _build(data, ps, model_seed=0, cfg=CFG):
+    """Everything a training run holds; a different ``model_seed`` gives other weights, so a
+    resume that failed to load them would show."""
+    parallel.model_parallel_seed(model_seed, ps)
+    model = GPT(cfg, state=ps)
+    dataset = TokenDataset(data, SEQ)
+    sampler = ShardedSampler(len(dataset), GLOBAL_BATCH, ps.dp_rank, ps.dp, seed=DATA_SEED)
+    opt = build_optimizer(model, lr=3e-3, weight_decay=0.1)
+    sched = build_scheduler(opt, warmup_steps=2, total_steps=STEPS)
+    return SimpleNamespace(model=model, opt=opt, sched=sched, sampler=sampler, dataset=dataset)
+
+
+def _train(run, steps) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        tokens, targets = get_batch(run.dataset, run.sampler.next_batch_indices())
+        device = run.model.ps.device
+        result = train_step(run.model, run.opt, tokens.to(device), targets.to(device),
+                            micro_batch_size=MICRO_BATCH, max_grad_norm=1.0)
+        run.sched.step()
+        losses.append(result.loss)
+    return losses
+
+
+def _save(root, step, run, **kw):
+    return save_checkpoint(root, step, run.model, run.opt, run.sched, run.sampler, **kw)
+
+
+def _load(path, run):
+    return load_checkpoint(path, run.model, run.opt, run.sched, run.sampler)
+
+
+def _world_resume_and_reshard(rank, world, data, root):
+    ps = parallel.initialize(tp=2, pp=2, dp=1)
+    run = _build(data, ps)
+    losses = _train(run, SAVE_AT)
+    path = _save(root, SAVE_AT, run, extra={"args": {"tp": 2, "pp": 2}})
+    rng_at_save = torch.get_rng_state()
+    losses += _train(run, STEPS - SAVE_AT)  # the uninterrupted run
+
+    fresh = _build(data, ps, model_seed=1)
+    assert _load(latest_checkpoint(root), fresh) == SAVE_AT
+    assert torch.equal(torch.get_rng_state(), rng_at_save), "CPU RNG not restored"
+    resumed = _train(fresh, STEPS - SAVE_AT)
+
+    ps = parallel.initialize(tp=1, pp=2, dp=2)
+    other = _build(data, ps, model_seed=2)
+    assert _load(path, other) == SAVE_AT
+    resharded = _train(other, STEPS - SAVE_AT)
+    return losses, resumed, resharded, path
+
+
+def test_resume_and_reshard(tmp_path):
+    data, root = _token_file(tmp_path), str(tmp_path / "ckpt")
+    results = run_world(4, _world_resume_and_reshard, data, root, timeout=240)
+    losses, resumed, resharded, path = results[0]
+    expected = losses[SAVE_AT:]
+    # Same layout: the same arithmetic on the same state, so the very same numbers.
+    assert resumed == expected, f"resumed {resumed} != uninterrupted {expected}"
+    assert np.allclose(resharded, expected, rtol=0, atol=1e-5), \
+        f"(1,2,2) after loading a (2,2,1) checkpoint: {resharded} vs {expected}"
+
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    assert meta["layout"] == {"tp": 2, "pp": 2, "dp": 1, "world_size": 4}
+    assert meta["extra"] == {"args": {"tp": 2, "pp": 2}}
+    assert sorted(meta["files"]) == ["model_stage0.safetensors", "model_stage1.safetensors",
+                                     "optim_stage0.safetensors", "optim_stage1.safetensors"]
+    # The tied embedding is saved once (by stage 0), whole: vocab_size rows, no padding.
+    assert "embed.weight" not in meta["files"]["model_stage1.safetensors"]
+    assert load_file(os.path.join(path, "model_stage0.safetensors"))["embed.weight"].shape \
+        == (CFG.vocab_size, CFG.d_model)
+
+    ps = parallel.initialize()  # this process alone: (1, 1, 1)
+    try:
+        single = _build(data, ps, model_seed=3)
+        assert _load(root, single) == SAVE_AT
+        continued = _train(single, STEPS - SAVE_AT)
+    finally:
+        parallel.destroy()
+    assert np.allclose(continued, expected, rtol=0, atol=1e-5), \
+        f"(1,1,1) after loading a (2,2,1) checkpoint: {continued} vs {expected}"
+
+
+# --------------------------------------------------------------------- single process
+
+@pytest.fixture
+def single(tmp_path):
+    """A single-process untied run, trained one step and saved at step 1."""
+    ps = parallel.initialize()
+    data = _token_file(tmp_path)
+    run = _build(data, ps, cfg=CFG.replace(tie_embeddings=False))
+    _train(run, 1)
+    root = str(tmp_path / "ckpt")
+    run.saved = _save(root, 1, run)
+    run.root, run.data, run.ps = root, data, ps
+    yield run
+    parallel.destroy()
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_killed_save_leaves_previous_checkpoint(single, monkeypatch):
+    weights_at_1 = _params(single.model)
+    _train(single, 1)
+    calls = []
+
+    def dies_after_first_file(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError("simulated crash: disk full")
+        save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", dies_after_first_file)
+    with pytest.raises(OSError, match="simulated crash"):
+        _save(single.root, 2, single)
+    monkeypatch.undo()
+
+    entries = sorted(os.listdir(single.root))
+    leftovers = [e for e in entries if e.startswith("step_00000002")]
+    assert len(leftovers) == 1 and ".tmp-" in leftovers[0], entries
+    assert open(os.path.join(single.root, "latest")).read().strip() == "step_00000001"
+    # A directory that looks finished but has no meta.json does not count either.
+    os.makedirs(os.path.join(single.root, "step_00000009"))
+    assert latest_checkpoint(single.root) == single.saved
+
+    fresh = _build(single.data, single.ps, model_seed=7, cfg=single.model.cfg)
+    assert _load(single.root, fresh) == 1
+    for name, value in _params(fresh.model).items():
+        assert torch.equal(value, weights_at_1[name]), name
+    assert fresh.sampler.consumed_samples == GLOBAL_BATCH
+
+    # The next good save publishes step 2 and deletes the interrupted one's leftovers.
+    path = _save(single.root, 2, single)
+    assert latest_checkpoint(single.root) == path
+    assert not [e for e in os.listdir(single.root) if ".tmp-" in e]
+    assert latest_checkpoint(path) == path  # a checkpoint directory is its own latest
+
+
+def test_clear_errors(single, tmp_path):
+    def load_into(path, cfg=single.model.cfg):
+        return _load(path, _build(single.data, single.ps, cfg=cfg))
+
+    with pytest.raises(ValueError, match="does not exist"):
+        load_into(str(tmp_path / "nowhere"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        load_into(str(tmp_path / "empty"))
+    assert latest_checkpoint(str(tmp_path / "empty")) is None
+    assert latest_checkpoint(str(tmp_path / "nowhere")) is None
+
+    with pytest.raises(ValueError, match=r"another model: d_model=32 \(model: 64\)"):
+        load_into(single.root, cfg=single.model.cfg.replace(d_model=64))
+    with pytest.raises(ValueError, match="n_layers=4 .*tie_embeddings=False"):
+        load_into(single.root, cfg=single.model.cfg.replace(n_layers=2, tie_embeddings=True))
+
+    def broken(name, damage):
+        path = str(tmp_path / name)
+        shutil.copytree(single.saved, path)
+        damage(path)
+        return path
+
+    model_file = "model_stage0.safetensors"
+
+    def truncate(path):
+        with open(os.path.join(path, model_file), "r+b") as f:
+            f.truncate(os.path.getsize(f.name) // 2)
+
+    def garbage(path):
+        with open(os.path.join(path, model_file), "wb") as f:
+            f.write(os.urandom(1000))
+
+    def drop_tensor(path):
+        tensors = load_file(os.path.join(path, model_file))
+        del tensors["final_norm.weight"]
+        save_file(tensors, os.path.join(path, model_file))
+
+    for name, damage, message in [
+            ("truncated", truncate, "corrupt checkpoint file .*truncated.*model_stage0"),
+            ("garbage", garbage, "corrupt checkpoint file .*garbage.*model_stage0"),
+            ("no_tensor", drop_tensor, "no_tensor.*final_norm.weight"),
+            ("no_meta", lambda p: os.remove(os.path.join(p, "meta.json")),
+             "no_meta.*no complete checkpoint"),
+            ("bad_meta", lambda p: open(os.path.join(p, "meta.json"), "w").write("{oops"),
+             "corrupt checkpoint metadata .*bad_meta")]:
+        with pytest.raises(ValueError, match=message):
+            load_into(broken(name, damage))
