@@ -25,7 +25,7 @@ from megalite.models import GPT, GPTConfig
 from megalite.pipeline import plot_timeline, write_chrome_trace
 from megalite.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megalite.training.data import ShardedSampler, TokenDataset, default_corpus_path, get_batch
-from megalite.training.metrics import MetricsLogger, peak_flops
+from megalite.training.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from megalite.training.optim import build_optimizer, build_scheduler
 from megalite.training.precision import DynamicLossScaler
 from megalite.training.step import train_step
@@ -143,7 +143,7 @@ def main(argv=None):
                "tokens_per_sec": tokens_per_step / dt, "step_time_s": dt}
         if peak:
             row["mfu"] = flops_per_token * tokens_per_step / dt / (peak * ps.world_size)
-            row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        row["peak_mem_gb"] = peak_memory_gb(ps.device)
         if result.skipped:
             row["skipped"] = True
         logger.log(row)

@@ -30,6 +30,15 @@ def peak_flops(device: torch.device, dtype: str) -> float | None:
     return None
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """GPU: the allocator's peak since the last reset; CPU: the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # Unix only; ru_maxrss is KiB on Linux, bytes on macOS
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
 class MetricsLogger:
     def __init__(self, rank: int, total_steps: int, metrics_out: str | None = None,
                  log_interval: int = 10, tensorboard_dir: str | None = None,
