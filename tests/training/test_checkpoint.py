@@ -92,7 +92,19 @@ def _world_resume_and_reshard(rank, world, data, root):
     other = _build(data, ps, model_seed=2)
     assert _load(path, other) == SAVE_AT
     resharded = _train(other, STEPS - SAVE_AT)
+
+    # One rank (stage 1's writer at (1,2,2)) fails mid-save: every rank raises instead of
+    # hanging, and `latest` still names the good checkpoint.
+    if rank == 2:
+        checkpoint.save_file = _disk_full
+    with pytest.raises((OSError, RuntimeError), match="simulated crash|failed on rank"):
+        _save(root, STEPS, other)
+    assert latest_checkpoint(root) == path
     return losses, resumed, resharded, path
+
+
+def _disk_full(tensors, path, metadata=None):
+    raise OSError("simulated crash: disk full")
 
 
 def test_resume_and_reshard(tmp_path):
