@@ -16,11 +16,9 @@ and ``ROOT/latest`` names the newest one. No tensor depends on the saving layout
 rank reads the names its stage holds from whichever files hold them and keeps its TP shard.
 Optimizer state is keyed by parameter name, as optimizer indices differ from stage to stage.
 
-Atomicity: every rank writes under ``ROOT/step_XXXXXXXX.tmp-<id>``; once all ranks report
-success, global rank 0 writes meta.json, renames the directory to its final name and
-replaces ``latest`` (write + ``os.replace``). A crash before the rename leaves only a
-``*.tmp-*`` directory, which :func:`latest_checkpoint` ignores and the next successful save
-deletes, so the previous checkpoint stays the one that loads.
+Atomic: ranks write under ``ROOT/step_XXXXXXXX.tmp-<id>``; once all succeeded, rank 0 adds
+meta.json, publishes the directory with one rename and then replaces ``latest``. A killed
+save leaves only a ``*.tmp-*`` directory: never loaded, deleted by the next good save.
 """
 from __future__ import annotations
 
@@ -31,6 +29,7 @@ import re
 import shutil
 import time
 import uuid
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -50,8 +49,7 @@ _FREE_FIELDS = {"dropout", "kernels", "sequence_parallel", "layers_per_stage", "
                 "pad_vocab_to", "init_std"}
 
 
-# ----------------------------------------------------------------------------- collectives
-# Single processes run without torch.distributed; then every helper is the identity.
+# ------------------------------------------- collectives (identities without torch.distributed)
 
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -66,9 +64,8 @@ def _all_gather(obj) -> list:
 
 
 def _agree(error: BaseException | None, what: str, payload=None) -> list:
-    """Share every rank's ``payload``, and raise on every rank if any rank failed instead of
-    leaving the others to hang in the next collective (the failing rank re-raises its own
-    exception)."""
+    """Share every rank's ``payload``; if any rank failed, raise on every rank (the failing
+    one re-raises its own exception) instead of leaving the others hanging in a collective."""
     message = None if error is None else f"{type(error).__name__}: {error}"
     gathered = _all_gather((message, payload))
     if error is not None:
@@ -94,8 +91,7 @@ def _write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with open(tmp, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    _fsync(tmp)
     os.replace(tmp, path)
 
 
@@ -112,12 +108,10 @@ def latest_checkpoint(root: str) -> str | None:
         return None
     if os.path.isfile(os.path.join(root, "meta.json")):
         return root
-    pointer = os.path.join(root, "latest")
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            name = f.read().strip()
-        if _STEP_DIR.match(name) and os.path.isfile(os.path.join(root, name, "meta.json")):
-            return os.path.join(root, name)
+    pointer = Path(root, "latest")
+    name = pointer.read_text().strip() if pointer.is_file() else ""
+    if _STEP_DIR.match(name) and os.path.isfile(os.path.join(root, name, "meta.json")):
+        return os.path.join(root, name)
     # No (valid) pointer, e.g. a crash between the rename and the pointer update.
     steps = [(int(m.group(1)), d) for d in os.listdir(root) if (m := _STEP_DIR.match(d))
              and os.path.isfile(os.path.join(root, d, "meta.json"))]
@@ -132,20 +126,18 @@ def read_checkpoint_meta(path: str) -> dict:
                          f"--save (or one of its step_XXXXXXXX subdirectories)")
     ckpt = latest_checkpoint(path)
     if ckpt is None:
-        raise ValueError(f"{path!r} holds no complete checkpoint (no meta.json, and no "
-                         f"step_XXXXXXXX/meta.json below it); interrupted saves leave only "
-                         f"*.tmp-* directories, which are never loaded")
+        raise ValueError(f"{path!r} holds no complete checkpoint (no meta.json in it or in a "
+                         f"step_XXXXXXXX below it; killed saves leave only *.tmp-* dirs)")
     meta_path = os.path.join(ckpt, "meta.json")
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format is {meta.get('format')!r}, not {FORMAT!r}")
-        if meta.get("version") != VERSION:
-            raise ValueError(f"version {meta.get('version')!r}; this megalite reads {VERSION}")
-        for key in ("step", "layout", "config", "files", "optimizer", "scheduler"):
-            if key not in meta:
-                raise ValueError(f"no {key!r} entry")
+        if (meta.get("format"), meta.get("version")) != (FORMAT, VERSION):
+            raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')!r}; "
+                             f"this megalite reads {FORMAT!r} version {VERSION}")
+        missing = {"step", "layout", "config", "files", "optimizer", "scheduler"} - set(meta)
+        if missing:
+            raise ValueError(f"no {sorted(missing)} entries")
     except (ValueError, OSError, AttributeError) as e:
         raise ValueError(f"corrupt checkpoint metadata {meta_path!r}: {e}") from None
     meta["path"] = ckpt
@@ -159,8 +151,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, sampler, 
     """Write a checkpoint of ``step`` to ``root/step_XXXXXXXX``; returns its path.
 
     Collective over all ranks; no rank returns before the checkpoint is complete and
-    ``root/latest`` names it. ``extra`` must be JSON-serializable (non-JSON values are stored
-    as strings)."""
+    ``root/latest`` names it. ``extra`` is stored as JSON (other values as strings)."""
     ps, rank = model.ps, (dist.get_rank() if _dist_on() else 0)
     name = f"step_{int(step):08d}"
     tmp = None
@@ -276,6 +267,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, sampler, scaler=None
         _load_model(files, model)
         _load_optimizer(files, meta, model, optimizer)
         scheduler.load_state_dict(meta["scheduler"])
+        _continue_schedule(scheduler, optimizer)
         sampler.load_state_dict(meta["sampler"])
         if scaler is not None and meta.get("scaler") is not None:
             scaler.load_state_dict(meta["scaler"])
@@ -331,11 +323,11 @@ class _TensorFiles:
 def _shard(files: _TensorFiles, key: str, full: torch.Tensor, param, ps) -> torch.Tensor:
     try:
         shard = shard_full(full, param, ps)
+        if shard.shape != param.shape:
+            raise ValueError(f"full shape {tuple(full.shape)} does not give this rank's "
+                             f"shard shape {tuple(param.shape)}")
     except ValueError as e:
         raise ValueError(f"{key} in {files.dir!r}: {e}") from None
-    if shard.shape != param.shape:
-        raise ValueError(f"{key} in {files.dir!r} has full shape {tuple(full.shape)}, which "
-                         f"does not give this rank's shard shape {tuple(param.shape)}")
     return shard
 
 
@@ -370,6 +362,18 @@ def _load_optimizer(files: _TensorFiles, meta: dict, model, optimizer) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def _continue_schedule(scheduler, optimizer) -> None:
+    """The next step's lr is *this* run's schedule at the restored step, not the saved lr: a
+    run resumed with a larger --steps follows its own warmup/decay from there on."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)  # LambdaLR (build_scheduler)
+    if lambdas is None:
+        return
+    lrs = [base * f(scheduler.last_epoch) for f, base in zip(lambdas, scheduler.base_lrs)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 def _load_rng(meta: dict, ps) -> None:
     """Same tp and pp: each rank restores its own streams (dp replicas share them), so a
     resume draws the same dropout masks. Another tp or pp: the per-TP-rank tracker streams
@@ -390,7 +394,5 @@ def _load_rng(meta: dict, ps) -> None:
     if "cuda" in states and ps.device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"], ps.device)
     if same:
-        tracker = get_rng_tracker()
-        for key, value in states.items():
-            if key.startswith("tracker."):
-                tracker.states[key[len("tracker."):]] = value
+        get_rng_tracker().states.update({k[len("tracker."):]: v for k, v in states.items()
+                                         if k.startswith("tracker.")})

@@ -43,7 +43,7 @@ def _token_file(directory) -> str:
     return prefix
 
 
-def _build(data, ps, model_seed=0, cfg=CFG):
+def _build(data, ps, model_seed=0, cfg=CFG, warmup=2, total_steps=STEPS):
     """Everything a training run holds; a different ``model_seed`` gives other weights, so a
     resume that failed to load them would show."""
     parallel.model_parallel_seed(model_seed, ps)
@@ -51,7 +51,7 @@ def _build(data, ps, model_seed=0, cfg=CFG):
     dataset = TokenDataset(data, SEQ)
     sampler = ShardedSampler(len(dataset), GLOBAL_BATCH, ps.dp_rank, ps.dp, seed=DATA_SEED)
     opt = build_optimizer(model, lr=3e-3, weight_decay=0.1)
-    sched = build_scheduler(opt, warmup_steps=2, total_steps=STEPS)
+    sched = build_scheduler(opt, warmup_steps=warmup, total_steps=total_steps)
     return SimpleNamespace(model=model, opt=opt, sched=sched, sampler=sampler, dataset=dataset)
 
 
@@ -187,6 +187,11 @@ def test_killed_save_leaves_previous_checkpoint(single, monkeypatch):
     for name, value in _params(fresh.model).items():
         assert torch.equal(value, weights_at_1[name]), name
     assert fresh.sampler.consumed_samples == GLOBAL_BATCH
+    # Resumed under another schedule (--steps 20 --warmup 4): the next lr is the new
+    # schedule's at step 1 (warmup 2/4 of the peak), not the saved one (the full peak).
+    longer = _build(single.data, single.ps, cfg=single.model.cfg, warmup=4, total_steps=20)
+    _load(single.root, longer)
+    assert [g["lr"] for g in longer.opt.param_groups] == [0.5 * 3e-3] * 2
 
     # The next good save publishes step 2 and deletes the interrupted one's leftovers.
     path = _save(single.root, 2, single)
