@@ -41,6 +41,7 @@ from megalite.parallel.sharding import gather_full, shard_full
 from megalite.parallel.state import global_rank
 
 FORMAT, VERSION = "megalite-checkpoint", 1
+_RNG_FILE = "rng_rank{:05d}.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _LEFTOVER = re.compile(r"^(step_\d{8}\.(tmp|old)|latest\.tmp)-[0-9a-f]+$")
 # GPTConfig fields that change no saved tensor (layout, kernels, regularization, init):
@@ -154,17 +155,19 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, sampler, 
     ``root/latest`` names it. ``extra`` is stored as JSON (other values as strings)."""
     ps, rank = model.ps, (dist.get_rank() if _dist_on() else 0)
     name = f"step_{int(step):08d}"
-    tmp = None
+    error, tmp = None, None
     if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        tmp = os.path.join(root, f"{name}.tmp-{uuid.uuid4().hex[:8]}")
-        os.makedirs(tmp)
-    tmp = _all_gather(tmp)[0]  # rank 0's name, on every rank
+        try:
+            tmp = os.path.join(root, f"{name}.tmp-{uuid.uuid4().hex[:8]}")
+            os.makedirs(tmp)  # and root
+        except OSError as e:
+            error = e
+    tmp = _agree(error, f"creating {root}", tmp)[0]  # rank 0's name, on every rank
 
     files, error = {}, None
     try:
         files = _write_stage(tmp, model, optimizer, ps)
-        _save_tensors(_rng_states(ps), os.path.join(tmp, _rng_file(rank)))
+        _save_tensors(_rng_states(ps), os.path.join(tmp, _RNG_FILE.format(rank)))
     except Exception as e:  # noqa: BLE001 - every rank must learn of it, see _agree
         error = e
     all_files = {}
@@ -207,10 +210,6 @@ def _write_stage(tmp: str, model, optimizer, ps) -> dict[str, list[str]]:
     return written
 
 
-def _rng_file(rank: int) -> str:
-    return f"rng_rank{rank:05d}.safetensors"
-
-
 def _rng_states(ps) -> dict[str, torch.Tensor]:
     states = {"cpu": torch.get_rng_state()}
     if ps.device.type == "cuda":
@@ -230,7 +229,7 @@ def _meta(step, model, optimizer, scheduler, sampler, scaler, extra, files) -> d
         "layout": {"tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "world_size": ps.world_size},
         "config": dataclasses.asdict(model.cfg),
         "files": dict(sorted(files.items())),
-        "rng_files": [_rng_file(r) for r in range(ps.world_size)],
+        "rng_files": [_RNG_FILE.format(r) for r in range(ps.world_size)],
         "optimizer": {"param_groups": groups},
         "scheduler": scheduler.state_dict(),
         "sampler": sampler.state_dict(),
@@ -383,7 +382,7 @@ def _load_rng(meta: dict, ps) -> None:
     same = layout["tp"] == ps.tp and layout["pp"] == ps.pp
     src = global_rank(ps.tp_rank, ps.dp_rank if ps.dp_rank < layout["dp"] else 0,
                       ps.pp_rank, ps.tp, layout["dp"]) if same else 0
-    path = os.path.join(meta["path"], _rng_file(src))
+    path = os.path.join(meta["path"], _RNG_FILE.format(src))
     try:
         with safe_open(path, framework="pt") as f:
             states = {k: f.get_tensor(k) for k in f.keys()}
