@@ -121,6 +121,8 @@ def main(argv=None):
               f"{args.schedule}, {args.dtype}; steps {start_step + 1}..{args.steps}"
               + (f" (resumed from {resume_from})" if resume_from else ""), flush=True)
 
+    # Saved with every checkpoint: generate.py finds the tokenizer here.
+    extra = {"args": vars(args), "tokenizer": dataset.meta.get("tokenizer")}
     result = None
     for step in range(start_step + 1, args.steps + 1):
         tokens, targets = get_batch(dataset, sampler.next_batch_indices())
@@ -149,10 +151,10 @@ def main(argv=None):
         logger.log(row)
         if args.save and args.save_every and step % args.save_every == 0 and step < args.steps:
             save_checkpoint(args.save, step, model, optimizer, scheduler, sampler, scaler,
-                            extra={"args": vars(args)})
+                            extra=extra)
     if args.save and result is not None:
         save_checkpoint(args.save, args.steps, model, optimizer, scheduler, sampler, scaler,
-                        extra={"args": vars(args)})
+                        extra=extra)
     if args.trace and result is not None:
         write_timeline(args.trace, result.spans, ps, args.schedule)
     if ps.rank == 0:

@@ -254,23 +254,31 @@ def _commit(root: str, tmp: str, final: str, meta: dict) -> None:
 
 # ----------------------------------------------------------------------------- load
 
-def load_checkpoint(path: str, model, optimizer, scheduler, sampler, scaler=None) -> int:
+def load_checkpoint(path: str, model, optimizer=None, scheduler=None, sampler=None,
+                    scaler=None) -> int:
     """Restore a checkpoint (a step directory, or a root: its newest one) into this rank's
-    model, optimizer, scheduler, sampler and scaler, for any (tp, pp, dp) layout of the same
-    model. Returns the checkpoint's step. Collective: every rank raises if one fails."""
+    model and whichever of optimizer, scheduler, sampler and scaler are given, for any
+    (tp, pp, dp) layout of the same model. Returns the checkpoint's step. RNG states are
+    restored only when resuming training (an optimizer is given). Collective: every rank
+    raises if one fails."""
     error, step = None, 0
     try:
         meta = read_checkpoint_meta(path)
         _check_config(meta["config"], model.cfg, meta["path"])
         files = _TensorFiles(meta)
         _load_model(files, model)
-        _load_optimizer(files, meta, model, optimizer)
-        scheduler.load_state_dict(meta["scheduler"])
-        _continue_schedule(scheduler, optimizer)
-        sampler.load_state_dict(meta["sampler"])
+        if optimizer is not None:
+            _load_optimizer(files, meta, model, optimizer)
+        if scheduler is not None:
+            scheduler.load_state_dict(meta["scheduler"])
+            if optimizer is not None:
+                _continue_schedule(scheduler, optimizer)
+        if sampler is not None:
+            sampler.load_state_dict(meta["sampler"])
         if scaler is not None and meta.get("scaler") is not None:
             scaler.load_state_dict(meta["scaler"])
-        _load_rng(meta, model.ps)
+        if optimizer is not None:
+            _load_rng(meta, model.ps)
         step = int(meta["step"])
     except Exception as e:  # noqa: BLE001 - see _agree
         error = e

@@ -54,6 +54,19 @@ def test_layouts_resume_and_reshard_through_the_command_line(tmp_path):
     for row in resumed:
         assert abs(row["loss"] - losses(single)[row["step"]]) < 1e-4
 
+    # Sampling from that checkpoint gives the same text at tp=1 and tp=2 (greedy).
+    gen = [sys.executable, str(ROOT / "examples" / "generate.py"), "--load", "ckpt",
+           "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0"]
+    texts = []
+    for prefix in ([], [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(29600 + os.getpid() % 1000)]):
+        cmd = prefix + gen[1:] + ["--tp", "2"] if prefix else gen
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        texts.append(proc.stdout.split("\n", 1)[1])
+    assert texts[0] == texts[1] and texts[0].startswith("def ") and len(texts[0]) > 10
+
     # Exact resume in one process.
     run(tmp_path, "first_half", "--steps", "2", "--save", "half")
     second, _ = run(tmp_path, "second_half", "--steps", "4", "--load", "half")
