@@ -144,7 +144,12 @@ class _CopyToRegion(torch.autograd.Function):
 class _ReduceFromRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return all_reduce(x.contiguous().clone(), group)
+        if x.is_leaf or not x.is_contiguous() or x._base is not None:
+            return all_reduce(x.contiguous().clone(), group)
+        # In place on an intermediate (no copy of the activation); autograd raises if
+        # another node saved x for backward, so this cannot silently corrupt a gradient.
+        ctx.mark_dirty(x)
+        return all_reduce(x, group)
 
     @staticmethod
     def backward(ctx, grad):
