@@ -84,6 +84,24 @@ def time_step(fn, x, dy):
     return time.perf_counter() - t0
 
 
+def plot(path, med_times, sent, minimum, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(med_times)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3))
+    ax1.barh(names, [1e3 * med_times[n] for n in names], color="#4C72B0")
+    ax1.set_xlabel("ms per step (median)")
+    ax2.barh(names, [sent[n] / 2**20 for n in names], color="#DD8452")
+    ax2.axvline(minimum / 2**20, color="k", ls="--", label="Megatron minimum")
+    ax2.set_xlabel("MiB sent per rank per step")
+    ax2.legend(loc="lower right", fontsize=8)
+    ax2.set_yticks([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=4)
@@ -91,6 +109,7 @@ def main():
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--plot", default=None, help="write a PNG of time and bytes per provider")
     args = p.parse_args()
     ps = parallel.initialize(tp=int(os.environ.get("WORLD_SIZE", 1)))
     tp, b, s, d = ps.tp, args.batch, args.seq, args.d_model
@@ -146,6 +165,10 @@ def main():
                                if v >= 2**10)
             print(f"{name:<15} {1e3 * med:>9.1f} {med / base:>10.2f}x {sent / 2**20:>9.2f}"
                   f"  {detail}")
+        if args.plot:
+            plot(args.plot, {n: statistics.median(t) for n, t in times.items()},
+                 {n: ring_bytes_sent(b, tp) for n, b in bytes_per_step.items()}, minimum,
+                 f"TP block fwd+bwd, tp={tp}, b={b} s={s} d={d}")
     parallel.destroy()
 
 
