@@ -156,48 +156,24 @@ class _ReduceFromRegion(torch.autograd.Function):
         return grad, None
 
 
-class _ScatterToRegion(torch.autograd.Function):
-    @staticmethod
+def _conjugate_pair(name: str, forward_op, backward_op):
+    """An autograd Function running ``forward_op(x, group, dim)`` forward and
+    ``backward_op(grad, group, dim)`` backward."""
     def forward(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
-        return split(x, group, dim)
+        return forward_op(x, group, dim)
 
-    @staticmethod
     def backward(ctx, grad):
-        return all_gather(grad, ctx.group, ctx.dim), None, None
+        return backward_op(grad, ctx.group, ctx.dim), None, None
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
-class _GatherFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return all_gather(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return split(grad, ctx.group, ctx.dim), None, None
-
-
-class _GatherReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return all_gather(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return reduce_scatter(grad, ctx.group, ctx.dim), None, None
-
-
-class _ReduceScatterGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return reduce_scatter(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather(grad, ctx.group, ctx.dim), None, None
+_ScatterToRegion = _conjugate_pair("_ScatterToRegion", split, all_gather)
+_GatherFromRegion = _conjugate_pair("_GatherFromRegion", all_gather, split)
+_GatherReduceScatter = _conjugate_pair("_GatherReduceScatter", all_gather, reduce_scatter)
+_ReduceScatterGather = _conjugate_pair("_ReduceScatterGather", reduce_scatter, all_gather)
 
 
 def copy_to_tp_region(x, group):
