@@ -128,6 +128,29 @@ def split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return x.chunk(world, dim=dim)[group_rank(group)].contiguous()
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's picklable ``obj``, in global rank order (``[obj]`` in one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def agree(error: BaseException | None, what: str, payload=None) -> list:
+    """Collective error check: share every rank's ``payload``; if any rank failed, raise on
+    every rank (the failing one re-raises its own exception) instead of leaving the others
+    hanging in the next collective. Doubles as a barrier."""
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    gathered = all_gather_object((message, payload))
+    if error is not None:
+        raise error
+    failed = {r: m for r, (m, _) in enumerate(gathered) if m}
+    if failed:
+        raise RuntimeError(f"{what} failed on rank(s) {sorted(failed)}: {failed}")
+    return [p for _, p in gathered]
+
+
 # --------------------------------------------------------------------------- autograd pairs
 
 class _CopyToRegion(torch.autograd.Function):
@@ -143,17 +166,17 @@ class _CopyToRegion(torch.autograd.Function):
 
 class _ReduceFromRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        if x.is_leaf or not x.is_contiguous() or x._base is not None:
+    def forward(ctx, x, group, inplace):
+        if not inplace or x.is_leaf or not x.is_contiguous() or x._base is not None:
             return all_reduce(x.contiguous().clone(), group)
-        # In place on an intermediate (no copy of the activation); autograd raises if
-        # another node saved x for backward, so this cannot silently corrupt a gradient.
+        # No copy of the activation; autograd raises if another node saved x for
+        # backward, so this cannot silently corrupt a gradient.
         ctx.mark_dirty(x)
         return all_reduce(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad, None, None
 
 
 def _conjugate_pair(name: str, forward_op, backward_op):
@@ -181,9 +204,10 @@ def copy_to_tp_region(x, group):
     return x if group_size(group) == 1 else _CopyToRegion.apply(x, group)
 
 
-def reduce_from_tp_region(x, group):
-    """Megatron's *g*: all-reduce forward, identity backward."""
-    return x if group_size(group) == 1 else _ReduceFromRegion.apply(x, group)
+def reduce_from_tp_region(x, group, inplace: bool = False):
+    """Megatron's *g*: all-reduce forward, identity backward. ``inplace=True`` reduces an
+    intermediate activation in its own storage (the caller must not read ``x`` again)."""
+    return x if group_size(group) == 1 else _ReduceFromRegion.apply(x, group, inplace)
 
 
 def scatter_to_tp_region(x, group, dim=-1):

@@ -14,6 +14,7 @@ import torch
 
 from megalite import kernels
 from megalite.parallel import comm
+from megalite.parallel.layers import check_ids_in_range
 from megalite.parallel.state import ParallelState, get_state
 
 
@@ -82,9 +83,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
                          f"disagree: logits must be target.shape + [vocab shard]")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    real = target[target != ignore_index]
-    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab_size):
-        raise ValueError(f"targets must lie in [0, {vocab_size}) or equal ignore_index="
-                         f"{ignore_index}; got range [{int(real.min())}, {int(real.max())}]")
+    check_ids_in_range(target.masked_fill(target == ignore_index, 0), vocab_size, "targets",
+                       f"use ids of the real vocabulary, or ignore_index={ignore_index}")
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_size, ignore_index,
                                             label_smoothing, group, inplace_backward, backend)

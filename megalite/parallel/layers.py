@@ -2,8 +2,8 @@
 
 Initialization is layout invariant by default: each layer fills the *full* master weight
 (on CPU, in fp32, from the caller's RNG) and keeps this rank's slice, so the gathered weights
-are the tp=1 weights. ``master_init=False`` fills only the local shard (from the tensor
-parallel RNG stream when one is set), for models too large for a full master tensor.
+are the tp=1 weights. ``master_init=False`` fills only the local shard (a different one on each TP rank), for
+models too large for a full master tensor.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalite.parallel import comm
-from megalite.parallel.random import get_rng_tracker
 from megalite.parallel.state import ParallelState, get_state
 
 InitMethod = Callable[[torch.Tensor], object]
@@ -48,6 +47,21 @@ def mark_sequence_parallel(param: nn.Parameter) -> nn.Parameter:
     return param
 
 
+def check_ids_in_range(ids: torch.Tensor, high: int, what: str, fix: str) -> None:
+    """Out-of-range ids would be masked to zero by the vocab-parallel ops, a silent wrong
+    answer. On CPU raise a ValueError; on GPU assert on the device, so the check costs no
+    host synchronization (a bad id aborts the kernel stream with a device-side assert)."""
+    if not ids.numel():
+        return
+    if ids.device.type == "cpu":
+        low, top = int(ids.min()), int(ids.max())
+        if low < 0 or top >= high:
+            raise ValueError(f"{what} must lie in [0, {high}); got range [{low}, {top}]: {fix}")
+    else:
+        torch._assert_async(((ids >= 0) & (ids < high)).all(),
+                            f"{what} must lie in [0, {high}): {fix}")
+
+
 def _make_param(shape_full, sizes, split_dim, ps: ParallelState, init_method: InitMethod,
                 master_init: bool, device, dtype) -> nn.Parameter:
     """Build this rank's shard of a ``shape_full`` weight split along ``split_dim``."""
@@ -62,11 +76,11 @@ def _make_param(shape_full, sizes, split_dim, ps: ParallelState, init_method: In
         local_shape = list(shape_full)
         local_shape[split_dim] //= ps.tp
         local = torch.empty(local_shape, dtype=torch.float32)
-        tracker = get_rng_tracker()
-        if "tensor-parallel" in tracker.states and tracker.device.type == "cpu":
-            with tracker.fork():
-                init_method(local)
-        else:
+        # A per-layer seed from the shared stream, offset by TP rank: every rank fills a
+        # different shard, reproducibly, on CPU whatever the device.
+        seed = int(torch.randint(0, 2**62, ()))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + ps.tp_rank)
             init_method(local)
     param = nn.Parameter(local.to(device=device, dtype=dtype).contiguous())
     set_tp_layout(param, split_dim, sizes)
@@ -184,7 +198,7 @@ class RowParallelLinear(nn.Module):
         if self.sequence_parallel:
             y = comm.reduce_scatter_to_sequence_parallel_region(y, self.group)
         else:
-            y = comm.reduce_from_tp_region(y, self.group)
+            y = comm.reduce_from_tp_region(y, self.group, inplace=True)
         bias = self.bias
         if bias is not None and self.sequence_parallel:
             # Each rank saw only its tokens: sum the bias gradient over the TP group.
@@ -242,17 +256,15 @@ class VocabParallelEmbedding(nn.Module):
                 self.weight[max(0, num_embeddings - self.vocab_start):].zero_()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.num_embeddings):
-            raise ValueError(f"token ids must lie in [0, {self.num_embeddings}); got range "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]: check the tokenizer "
-                             f"against the model's vocab_size")
+        check_ids_in_range(tokens, self.num_embeddings, "token ids",
+                           "check the tokenizer against the model's vocab_size")
         local = tokens - self.vocab_start
         outside = (local < 0) | (local >= self.rows_per_rank)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         if self.sequence_parallel:
             return comm.reduce_scatter_to_sequence_parallel_region(out, self.group)
-        return comm.reduce_from_tp_region(out, self.group)
+        return comm.reduce_from_tp_region(out, self.group, inplace=True)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings} (padded {self.padded_size}, local rows "

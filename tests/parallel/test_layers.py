@@ -44,6 +44,9 @@ def check_comm_ops(ps):
     y = parallel.reduce_from_tp_region(x, g)
     y.backward(dy)
     close(y, everyone.sum(0), "g forward"); close(x.grad, dy, "g backward")
+    h = x * 1                                             # an intermediate, not a leaf
+    parallel.reduce_from_tp_region(h, g)
+    assert torch.equal(h, mine), "the public g must not overwrite its input"
 
     x = full.clone().requires_grad_()
     y = parallel.scatter_to_tp_region(x, g)
@@ -252,6 +255,17 @@ def _layers_world(rank, world):
     with parallel.count_comm() as stats:
         row(col(x)).sum().backward()
     assert stats.bytes == {"all_reduce": 2 * x.numel() * 4}, stats
+    # Shard-local init: each rank draws its own shard, reproducibly, with the right spread.
+    for layer_cls in (parallel.ColumnParallelLinear, parallel.RowParallelLinear):
+        weights = []
+        for _ in range(2):
+            torch.manual_seed(5)
+            weights.append(layer_cls(64, 64, bias=False, master_init=False).weight.detach())
+        assert torch.equal(*weights), "local init must be reproducible from the seed"
+        shards = comm.all_gather(weights[0].unsqueeze(0), ps.tp_group, 0)
+        assert all(not torch.equal(shards[i], shards[0]) for i in range(1, ps.tp)), \
+            f"{layer_cls.__name__}: local init must differ per TP rank"
+        assert abs(weights[0].std().item() - 1 / (3 * 64) ** 0.5) < 0.02
     return True
 
 
