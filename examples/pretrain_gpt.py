@@ -113,7 +113,7 @@ def main(argv=None):
     flops_per_token = cfg.flops_per_token(args.seq_len)
     peak = peak_flops(ps.device, args.dtype)
     logger = MetricsLogger(ps.rank, args.steps, args.metrics_out, args.log_interval,
-                           args.tensorboard, append=resume_from is not None)
+                           args.tensorboard, resumed_at=start_step if resume_from else None)
     if ps.rank == 0:
         print(f"megalite: {args.model} ({cfg.num_params() / 1e6:.2f}M params) on {ps.world_size} "
               f"{ps.device.type} processes: tp={ps.tp} pp={ps.pp} dp={ps.dp}, "

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from megalite.models.config import GPTConfig
 from megalite.models.gpt import GPT
+from megalite.parallel import comm
 from megalite.parallel.sharding import gather_full, shard_full
 from megalite.parallel.state import ParallelState, get_state
 
@@ -343,7 +344,7 @@ def save_hf(model: GPT, directory: str, dtype: torch.dtype | None = None) -> Non
 
     Collective: every rank of the world calls it. Each TP group gathers its stage's full
     tensors; the stages of the first data-parallel replica are sent to global rank 0, which
-    writes; everyone returns after a barrier. ``dtype`` casts the written weights (default:
+    writes; everyone returns once it has written (or raises if it failed). ``dtype`` casts the written weights (default:
     the parameters' own dtype)."""
     ps, cfg = model.ps, model.cfg
     family = _family_of(cfg)    # before any collective: an unrepresentable model fails fast
@@ -368,10 +369,13 @@ def save_hf(model: GPT, directory: str, dtype: torch.dtype | None = None) -> Non
                 for name, tensor in part.items():
                     merged.setdefault(name, tensor)
             stage = merged
+    error = None
     if writer:
-        _write(family, cfg, stage, hf_config, directory)
-    if distributed:
-        dist.barrier()
+        try:
+            _write(family, cfg, stage, hf_config, directory)
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it
+            error = e
+    comm.agree(error, f"save_hf to {directory}")
 
 
 def _write(family: str, cfg: GPTConfig, full: dict, hf_config: dict, directory: str) -> None:

@@ -74,6 +74,15 @@ def run_schedule(actions: Sequence[str], stage: torch.nn.Module, ps, *,
         if a.stage != ps.pp_rank or a.kind == "W" or a.microbatch >= m:
             raise ValueError(f"rank {ps.rank} (stage {ps.pp_rank}) cannot run {a}: this executor "
                              f"runs one stage per rank, F and full B, microbatches < {m}")
+    done = set()
+    for a in parsed:
+        if (a.kind, a.microbatch) in done or (a.kind == "B" and ("F", a.microbatch) not in done):
+            raise ValueError(f"rank {ps.rank}: {a} repeats or comes before its forward; check "
+                             f"the whole schedule with pipeline.validate_schedule")
+        done.add((a.kind, a.microbatch))
+    if len(done) != 2 * m:
+        raise ValueError(f"rank {ps.rank}: the actions must run F and B of each of the {m} "
+                         f"microbatches exactly once; got {list(actions)}")
 
     spans: list = []
     clock = time.time  # comparable across processes (and, roughly, nodes) for traces

@@ -14,9 +14,9 @@ def layers_per_stage(num_layers: int, num_stages: int,
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
     if split is not None:
         split = list(split)
-        if len(split) != num_stages or any(n < 0 for n in split) or sum(split) != num_layers:
-            raise ValueError(f"layers_per_stage={split} must list {num_stages} non-negative "
-                             f"counts summing to n_layers={num_layers}")
+        if len(split) != num_stages or any(n < 1 for n in split) or sum(split) != num_layers:
+            raise ValueError(f"layers_per_stage={split} must list {num_stages} counts >= 1 "
+                             f"summing to n_layers={num_layers}")
         return split
     if num_layers < num_stages:
         raise ValueError(f"n_layers={num_layers} < pp={num_stages}: every stage needs a layer; "

@@ -32,10 +32,10 @@ import uuid
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megalite.parallel.comm import agree
 from megalite.parallel.random import get_rng_tracker
 from megalite.parallel.sharding import gather_full, shard_full
 from megalite.parallel.state import global_rank
@@ -48,33 +48,6 @@ _LEFTOVER = re.compile(r"^(step_\d{8}\.(tmp|old)|latest\.tmp)-[0-9a-f]+$")
 # a checkpoint loads across them. Every other field must match.
 _FREE_FIELDS = {"dropout", "kernels", "sequence_parallel", "layers_per_stage", "master_init",
                 "pad_vocab_to", "init_std"}
-
-
-# ------------------------------------------- collectives (identities without torch.distributed)
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_gather(obj) -> list:
-    if not _dist_on():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _agree(error: BaseException | None, what: str, payload=None) -> list:
-    """Share every rank's ``payload``; if any rank failed, raise on every rank (the failing
-    one re-raises its own exception) instead of leaving the others hanging in a collective."""
-    message = None if error is None else f"{type(error).__name__}: {error}"
-    gathered = _all_gather((message, payload))
-    if error is not None:
-        raise error
-    failed = {r: m for r, (m, _) in enumerate(gathered) if m}
-    if failed:
-        raise RuntimeError(f"{what} failed on rank(s) {sorted(failed)}: {failed}")
-    return [p for _, p in gathered]
 
 
 # ----------------------------------------------------------------------------- files
@@ -153,7 +126,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, sampler, 
 
     Collective over all ranks; no rank returns before the checkpoint is complete and
     ``root/latest`` names it. ``extra`` is stored as JSON (other values as strings)."""
-    ps, rank = model.ps, (dist.get_rank() if _dist_on() else 0)
+    ps, rank = model.ps, model.ps.rank
     name = f"step_{int(step):08d}"
     error, tmp = None, None
     if rank == 0:
@@ -162,16 +135,16 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, sampler, 
             os.makedirs(tmp)  # and root
         except OSError as e:
             error = e
-    tmp = _agree(error, f"creating {root}", tmp)[0]  # rank 0's name, on every rank
+    tmp = agree(error, f"creating {root}", tmp)[0]  # rank 0's name, on every rank
 
     files, error = {}, None
     try:
         files = _write_stage(tmp, model, optimizer, ps)
         _save_tensors(_rng_states(ps), os.path.join(tmp, _RNG_FILE.format(rank)))
-    except Exception as e:  # noqa: BLE001 - every rank must learn of it, see _agree
+    except Exception as e:  # noqa: BLE001 - every rank must learn of it, see agree
         error = e
     all_files = {}
-    for rank_files in _agree(error, f"saving checkpoint {tmp}", files):
+    for rank_files in agree(error, f"saving checkpoint {tmp}", files):
         all_files.update(rank_files)
 
     error, final = None, os.path.join(root, name)
@@ -181,7 +154,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, sampler, 
             _commit(root, tmp, final, meta)
         except Exception as e:  # noqa: BLE001
             error = e
-    _agree(error, f"committing checkpoint {final}")  # also the final barrier
+    agree(error, f"committing checkpoint {final}")  # also the final barrier
     return final
 
 
@@ -280,9 +253,9 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None, sampler=No
         if optimizer is not None:
             _load_rng(meta, model.ps)
         step = int(meta["step"])
-    except Exception as e:  # noqa: BLE001 - see _agree
+    except Exception as e:  # noqa: BLE001 - see agree
         error = e
-    _agree(error, f"loading checkpoint {path}")
+    agree(error, f"loading checkpoint {path}")
     return step
 
 

@@ -40,9 +40,13 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class MetricsLogger:
+    """Rank 0's training log: a console line every ``log_interval`` steps, one JSON row per
+    step in ``metrics_out``, optional TensorBoard scalars. ``resumed_at=step`` keeps the
+    file's rows up to that step (a resumed run redoes the later ones)."""
+
     def __init__(self, rank: int, total_steps: int, metrics_out: str | None = None,
                  log_interval: int = 10, tensorboard_dir: str | None = None,
-                 append: bool = False):
+                 resumed_at: int | None = None):
         self.active = rank == 0
         self.total_steps, self.log_interval = total_steps, log_interval
         self.file = None
@@ -53,7 +57,13 @@ class MetricsLogger:
             return
         if metrics_out:
             Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(metrics_out, "a" if append else "w")  # append when resuming
+            kept = []
+            if resumed_at is not None and Path(metrics_out).exists():
+                # Rows past the checkpoint were logged by the run that died: they are redone.
+                kept = [line for line in Path(metrics_out).read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= resumed_at]
+            self.file = open(metrics_out, "w")
+            self.file.writelines(line + "\n" for line in kept)
         if tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -12,6 +12,8 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from megalite.parallel import comm
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -41,8 +43,7 @@ class DynamicLossScaler:
         for g in grads:
             g.mul_(1.0 / self.scale_value)
             found += (~torch.isfinite(g)).any().float()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(found, op=dist.ReduceOp.MAX)  # every stage and shard agrees
+        comm.all_reduce(found, dist.group.WORLD, op=dist.ReduceOp.MAX)  # every rank agrees
         return found.item() == 0
 
     def update(self, found_inf: bool) -> None:

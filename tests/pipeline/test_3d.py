@@ -83,3 +83,28 @@ def _world(rank, world, layouts):
 ])
 def test_layouts_train_like_one_process(world, layouts):
     assert run_world(world, _world, layouts, timeout=400) == [True] * world
+
+
+def test_executor_rejects_incomplete_or_misordered_actions():
+    from megalite.pipeline import run_schedule
+    parallel.destroy()
+    ps = parallel.initialize()
+    stage = torch.nn.Linear(4, 4)
+    xs, ys = [torch.randn(2, 4) for _ in range(2)], [torch.randn(2, 4) for _ in range(2)]
+    kwargs = dict(num_microbatches=2, activation_shape=(2, 4), inputs=xs, targets=ys,
+                  loss_fn=torch.nn.functional.mse_loss)
+    for actions, match in ((["0F0", "0B0", "0F1"], "exactly once"),
+                           (["0F0", "0B1", "0F1", "0B0"], "before its forward"),
+                           (["0F0", "0F0", "0B0", "0B1"], "repeats"),
+                           (["0F0", "0F2", "0B0", "0B2"], "microbatches < 2")):
+        with pytest.raises(ValueError, match=match):
+            run_schedule(actions, stage, ps, **kwargs)
+    # A valid list runs and matches the dense mean loss and its gradient.
+    result = run_schedule(["0F0", "0F1", "0B0", "0B1"], stage, ps, **kwargs)
+    dense = torch.nn.Linear(4, 4)
+    dense.load_state_dict(stage.state_dict())
+    loss = sum(torch.nn.functional.mse_loss(dense(x), y) for x, y in zip(xs, ys)) / 2
+    loss.backward()
+    assert torch.allclose(torch.as_tensor(result.loss), loss.detach())
+    assert torch.allclose(stage.weight.grad, dense.weight.grad)
+    parallel.destroy()

@@ -45,12 +45,15 @@ def test_layouts_resume_and_reshard_through_the_command_line(tmp_path):
     for step, loss in losses(single).items():
         assert abs(losses(tp2pp2)[step] - loss) < 1e-4, (step, loss, losses(tp2pp2)[step])
 
-    # Interrupted at step 2 and resumed in another layout (pp=2, dp=2): same curve.
+    # Interrupted after step 4 but last saved at 2, resumed in another layout (pp=2, dp=2):
+    # same curve, and the metrics file holds each step once.
     (tmp_path / "ckpt" / "latest").write_text("step_00000002")
+    (tmp_path / "resumed.jsonl").write_text((tmp_path / "tp2pp2.jsonl").read_text())
     resumed, out = run(tmp_path, "resumed", "--pp", "2", "--steps", "4", "--load", "ckpt",
                        nproc=4)
     assert "resumed from" in out
-    assert [r["step"] for r in resumed] == [3, 4]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    resumed = resumed[2:]
     for row in resumed:
         assert abs(row["loss"] - losses(single)[row["step"]]) < 1e-4
 
