@@ -31,12 +31,25 @@ from megalite.training.precision import DynamicLossScaler
 from megalite.training.step import train_step
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     layout = p.add_argument_group("layout")
-    layout.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    layout.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    layout.add_argument("--tp", type=POSITIVE, default=1, help="tensor-parallel size")
+    layout.add_argument("--pp", type=POSITIVE, default=1, help="pipeline-parallel size")
     layout.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
     layout.add_argument("--sequence-parallel", action="store_true")
     model = p.add_argument_group("model")
@@ -47,14 +60,14 @@ def parse_args(argv=None):
     data.add_argument("--data", default=None,
                       help="token file prefix (python -m megalite.training.preprocess); "
                            "default: the bundled corpus")
-    data.add_argument("--seq-len", type=int, default=128)
-    data.add_argument("--micro-batch-size", type=int, default=2)
-    data.add_argument("--global-batch-size", type=int, default=16)
+    data.add_argument("--seq-len", type=POSITIVE, default=128)
+    data.add_argument("--micro-batch-size", type=POSITIVE, default=2)
+    data.add_argument("--global-batch-size", type=POSITIVE, default=16)
     opt = p.add_argument_group("optimization")
-    opt.add_argument("--steps", type=int, default=100, help="train until this optimizer step")
+    opt.add_argument("--steps", type=POSITIVE, default=100, help="train until this optimizer step")
     opt.add_argument("--lr", type=float, default=3e-3)
     opt.add_argument("--min-lr-ratio", type=float, default=0.1)
-    opt.add_argument("--warmup", type=int, default=None, help="default: 5%% of --steps")
+    opt.add_argument("--warmup", type=NON_NEGATIVE, default=None, help="default: 5%% of --steps")
     opt.add_argument("--decay", choices=["cosine", "linear", "constant"], default="cosine")
     opt.add_argument("--weight-decay", type=float, default=0.1)
     opt.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
@@ -62,10 +75,10 @@ def parse_args(argv=None):
     opt.add_argument("--seed", type=int, default=1234)
     out = p.add_argument_group("output")
     out.add_argument("--metrics-out", default=None, help="JSONL file, one object per step")
-    out.add_argument("--log-interval", type=int, default=10)
+    out.add_argument("--log-interval", type=POSITIVE, default=10)
     out.add_argument("--tensorboard", default=None, help="TensorBoard log directory")
     out.add_argument("--save", default=None, help="checkpoint directory")
-    out.add_argument("--save-every", type=int, default=0, help="0: only at the end")
+    out.add_argument("--save-every", type=NON_NEGATIVE, default=0, help="0: only at the end")
     out.add_argument("--load", default=None, help="resume from this checkpoint directory")
     out.add_argument("--trace", default=None,
                      help="directory for a Chrome trace + PNG timeline of the last step")

@@ -263,6 +263,9 @@ class GPT(nn.Module):
              inplace_backward: bool = True) -> torch.Tensor:
         """Mean cross-entropy over the non-ignored targets (vocabulary padding masked).
 
+        Training steps average this per microbatch, so with ``ignore_index`` targets a step's
+        loss is a mean of microbatch means (as in Megatron), not a mean over all its tokens.
+
         By default the backward pass writes the logits' gradient into the logits buffer
         (no second [tokens, vocab/tp] buffer): keep a copy if you need logits afterwards."""
         per_token = vocab_parallel_cross_entropy(

@@ -1,6 +1,9 @@
 """Training: the 3D step, optimizer, mixed precision, data, checkpoints, metrics."""
+from megalite.training.checkpoint import (latest_checkpoint, load_checkpoint,
+                                          read_checkpoint_meta, save_checkpoint)
 from megalite.training.data import (ShardedSampler, TokenDataset, default_corpus_path, get_batch,
                                     read_metadata)
+from megalite.training.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from megalite.training.optim import build_optimizer, build_scheduler, param_groups
 from megalite.training.precision import DynamicLossScaler, autocast
 from megalite.training.step import StepResult, forward_backward, train_step
@@ -9,4 +12,5 @@ from megalite.training.tokenizer import get_tokenizer
 __all__ = ["ShardedSampler", "TokenDataset", "default_corpus_path", "get_batch",
            "read_metadata", "build_optimizer", "build_scheduler", "param_groups",
            "DynamicLossScaler", "autocast", "StepResult", "forward_backward", "train_step",
-           "get_tokenizer"]
+           "get_tokenizer", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+           "read_checkpoint_meta", "MetricsLogger", "peak_flops", "peak_memory_gb"]

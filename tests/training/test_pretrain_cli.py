@@ -1,5 +1,6 @@
 """examples/pretrain_gpt.py end to end: layouts agree through --metrics-out, resume is exact,
 resharding continues the curve, and the trace and verbose switches produce their output."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -94,3 +95,19 @@ def test_bad_batch_sizes_fail_clearly(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode != 0
     assert "must be a multiple of --micro-batch-size" in proc.stderr
+
+
+def test_bad_arguments_fail_with_a_clear_message(capsys):
+    spec = importlib.util.spec_from_file_location("pretrain_gpt", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for argv, message in ((["--micro-batch-size", "0"], "--micro-batch-size: must be an "
+                                                        "integer >= 1, got 0"),
+                          (["--steps", "-3"], "--steps: must be an integer >= 1"),
+                          (["--save-every", "-1"], "--save-every: must be an integer >= 0")):
+        with pytest.raises(SystemExit):
+            script.parse_args(argv)
+        assert message in capsys.readouterr().err
+    args = script.parse_args(["--global-batch-size", "6", "--micro-batch-size", "4"])
+    with pytest.raises(ValueError, match="multiple of --micro-batch-size x dp = 4 x 1"):
+        script.check_batch_sizes(args, dp=1)
