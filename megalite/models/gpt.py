@@ -26,7 +26,7 @@ from megalite.parallel import comm
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                       VocabParallelEmbedding, init_rows,
-                                      mark_sequence_parallel, padded_vocab_size)
+                                      padded_vocab_size)
 from megalite.parallel.random import get_rng_tracker
 from megalite.parallel.state import ParallelState, get_state
 from megalite.pipeline.partition import stage_layers
@@ -70,9 +70,6 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(cfg.d_model, device=ps.device))
         self.bias = nn.Parameter(torch.zeros(cfg.d_model, device=ps.device)) \
             if cfg.norm == "layernorm" else None
-        if self.group is not None:
-            for p in self.parameters():
-                mark_sequence_parallel(p)
 
     def forward(self, x):
         weight, bias = self.weight, self.bias

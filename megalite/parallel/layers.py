@@ -41,12 +41,6 @@ def set_tp_layout(param: nn.Parameter, dim: int, sizes: Sequence[int],
     param.tp_dim, param.tp_sizes, param.tp_real_size = dim, list(sizes), real_size
 
 
-def mark_sequence_parallel(param: nn.Parameter) -> nn.Parameter:
-    """Tag a replicated parameter whose gradient is partial under sequence parallelism."""
-    param.sequence_parallel = True
-    return param
-
-
 def check_ids_in_range(ids: torch.Tensor, high: int, what: str, fix: str) -> None:
     """Out-of-range ids would be masked to zero by the vocab-parallel ops, a silent wrong
     answer. On CPU raise a ValueError; on GPU assert on the device, so the check costs no
@@ -186,8 +180,6 @@ class RowParallelLinear(nn.Module):
             device = torch.device(device) if device is not None else ps.device
             self.bias = nn.Parameter(torch.zeros(out_features, device=device,
                                                  dtype=dtype or torch.get_default_dtype()))
-            if sequence_parallel:
-                mark_sequence_parallel(self.bias)
         else:
             self.register_parameter("bias", None)
 
