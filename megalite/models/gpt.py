@@ -29,7 +29,7 @@ from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                       padded_vocab_size)
 from megalite.parallel.random import get_rng_tracker
 from megalite.parallel.state import ParallelState, get_state
-from megalite.pipeline.partition import stage_layers
+from megalite.parallel.partition import stage_layers
 
 
 class _Init:
