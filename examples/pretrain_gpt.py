@@ -72,6 +72,8 @@ def parse_args(argv=None):
     opt.add_argument("--weight-decay", type=float, default=0.1)
     opt.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
     opt.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    opt.add_argument("--tf32", action="store_true",
+                     help="fp32 matmuls on TF32 tensor cores (GPU; the peak fp32 MFU assumes)")
     opt.add_argument("--seed", type=int, default=1234)
     out = p.add_argument_group("output")
     out.add_argument("--metrics-out", default=None, help="JSONL file, one object per step")
@@ -97,6 +99,8 @@ def check_batch_sizes(args, dp: int) -> int:
 def main(argv=None):
     args = parse_args(argv)
     ps = parallel.initialize(tp=args.tp, pp=args.pp)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     num_microbatches = check_batch_sizes(args, ps.dp)
     cfg = GPTConfig.preset(args.model, sequence_parallel=args.sequence_parallel,
                            kernels=args.kernels, dropout=args.dropout)

@@ -20,7 +20,9 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
 
 
 def peak_flops(device: torch.device, dtype: str) -> float | None:
-    """The card's dense peak for ``dtype`` (fp32 runs on TF32 units at half the rate)."""
+    """The card's dense peak for ``dtype``. fp32 counts against the TF32 tensor-core peak
+    (half the bf16 rate), reachable only with TF32 on (``pretrain_gpt.py --tf32``); without
+    it fp32 matmuls run on the far slower CUDA cores and the MFU reads low."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
