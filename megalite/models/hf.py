@@ -344,8 +344,8 @@ def save_hf(model: GPT, directory: str, dtype: torch.dtype | None = None) -> Non
 
     Collective: every rank of the world calls it. Each TP group gathers its stage's full
     tensors; the stages of the first data-parallel replica are sent to global rank 0, which
-    writes; everyone returns once it has written (or raises if it failed). ``dtype`` casts the written weights (default:
-    the parameters' own dtype)."""
+    writes; everyone returns once it has written (or raises if it failed). ``dtype`` casts
+    the written weights (default: the parameters' own dtype)."""
     ps, cfg = model.ps, model.cfg
     family = _family_of(cfg)    # before any collective: an unrepresentable model fails fast
     params = dict(model.named_parameters())

@@ -2,8 +2,8 @@
 
 Initialization is layout invariant by default: each layer fills the *full* master weight
 (on CPU, in fp32, from the caller's RNG) and keeps this rank's slice, so the gathered weights
-are the tp=1 weights. ``master_init=False`` fills only the local shard (a different one on each TP rank), for
-models too large for a full master tensor.
+are the tp=1 weights. ``master_init=False`` fills only the local shard (a different one on
+each TP rank), for models too large for a full master tensor.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ def layers_per_stage(num_layers: int, num_stages: int,
         return split
     if num_layers < num_stages:
         raise ValueError(f"n_layers={num_layers} < pp={num_stages}: every stage needs a layer; "
-                         f"lower --pp or give layers_per_stage explicitly")
+                         f"lower --pp or use more layers")
     base, extra = divmod(num_layers, num_stages)
     return [base + (1 if s < extra else 0) for s in range(num_stages)]
 

@@ -109,8 +109,10 @@ def _start_process_group(timeout: datetime.timedelta) -> None:
 def _default_device() -> torch.device:
     # Backends may read "cpu:gloo,cuda:nccl" when the user started the group themselves.
     if dist.is_initialized() and "nccl" in str(dist.get_backend()):
-        if "LOCAL_RANK" in os.environ:   # torchrun: one GPU per local rank
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        local_rank = int(os.environ.get("LOCAL_RANK", -1))
+        # torchrun: one GPU per local rank (unless each process sees only its own GPU).
+        if 0 <= local_rank < torch.cuda.device_count():
+            torch.cuda.set_device(local_rank)
         return torch.device("cuda", torch.cuda.current_device())
     if not dist.is_initialized() and torch.cuda.is_available() \
             and os.environ.get("MEGALITE_DEVICE", "") != "cpu":

@@ -82,7 +82,7 @@ def run_schedule(actions: Sequence[str], stage: torch.nn.Module, ps, *,
         done.add((a.kind, a.microbatch))
     if len(done) != 2 * m:
         raise ValueError(f"rank {ps.rank}: the actions must run F and B of each of the {m} "
-                         f"microbatches exactly once; got {list(actions)}")
+                         f"microbatches exactly once; got {[str(a) for a in parsed]}")
 
     spans: list = []
     clock = time.time  # comparable across processes (and, roughly, nodes) for traces

@@ -8,6 +8,7 @@ log directory is given.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,22 @@ def peak_memory_gb(device: torch.device) -> float:
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+def _keep_rows_up_to(path: str, step: int) -> None:
+    """Drop the rows after ``step`` (logged by the run that died; the resumed run redoes
+    them) and any line it cut off mid-write; replace the file atomically."""
+    kept = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", step + 1) <= step:
+            kept.append(line + "\n")
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     """Rank 0's training log: a console line every ``log_interval`` steps, one JSON row per
     step in ``metrics_out``, optional TensorBoard scalars. ``resumed_at=step`` keeps the
@@ -59,13 +76,9 @@ class MetricsLogger:
             return
         if metrics_out:
             Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
-            kept = []
             if resumed_at is not None and Path(metrics_out).exists():
-                # Rows past the checkpoint were logged by the run that died: they are redone.
-                kept = [line for line in Path(metrics_out).read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] <= resumed_at]
-            self.file = open(metrics_out, "w")
-            self.file.writelines(line + "\n" for line in kept)
+                _keep_rows_up_to(metrics_out, resumed_at)
+            self.file = open(metrics_out, "a" if resumed_at is not None else "w")
         if tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter

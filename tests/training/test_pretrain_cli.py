@@ -49,7 +49,8 @@ def test_layouts_resume_and_reshard_through_the_command_line(tmp_path):
     # Interrupted after step 4 but last saved at 2, resumed in another layout (pp=2, dp=2):
     # same curve, and the metrics file holds each step once.
     (tmp_path / "ckpt" / "latest").write_text("step_00000002")
-    (tmp_path / "resumed.jsonl").write_text((tmp_path / "tp2pp2.jsonl").read_text())
+    cut_off = '{"step": 5, "loss": 2.'        # the dying run stopped mid-line
+    (tmp_path / "resumed.jsonl").write_text((tmp_path / "tp2pp2.jsonl").read_text() + cut_off)
     resumed, out = run(tmp_path, "resumed", "--pp", "2", "--steps", "4", "--load", "ckpt",
                        nproc=4)
     assert "resumed from" in out
