@@ -73,7 +73,7 @@ def parse_args(argv=None):
     opt.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
     opt.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     opt.add_argument("--tf32", action="store_true",
-                     help="fp32 matmuls on TF32 tensor cores (GPU; the peak fp32 MFU assumes)")
+                     help="fp32 matmuls on TF32 tensor cores (GPU; fp32 MFU assumes it)")
     opt.add_argument("--seed", type=int, default=1234)
     out = p.add_argument_group("output")
     out.add_argument("--metrics-out", default=None, help="JSONL file, one object per step")

@@ -101,18 +101,22 @@ def _start_process_group(timeout: datetime.timedelta) -> None:
     global _WE_STARTED_DIST
     use_cuda = torch.cuda.is_available() and os.environ.get("MEGALITE_DEVICE", "") != "cpu"
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        _use_local_rank_gpu()
     dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
     _WE_STARTED_DIST = True
+
+
+def _use_local_rank_gpu() -> None:
+    """torchrun: one GPU per local rank (unless each process sees only its own GPU)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if 0 <= local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank)
 
 
 def _default_device() -> torch.device:
     # Backends may read "cpu:gloo,cuda:nccl" when the user started the group themselves.
     if dist.is_initialized() and "nccl" in str(dist.get_backend()):
-        local_rank = int(os.environ.get("LOCAL_RANK", -1))
-        # torchrun: one GPU per local rank (unless each process sees only its own GPU).
-        if 0 <= local_rank < torch.cuda.device_count():
-            torch.cuda.set_device(local_rank)
+        _use_local_rank_gpu()
         return torch.device("cuda", torch.cuda.current_device())
     if not dist.is_initialized() and torch.cuda.is_available() \
             and os.environ.get("MEGALITE_DEVICE", "") != "cpu":
