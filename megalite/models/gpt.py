@@ -1,7 +1,8 @@
 """A GPT built only from megalite's parallel layers, read top to bottom.
 
-``GPT(cfg)`` builds *this rank's* pipeline stage, sharded over its TP group: the first stage
-owns the embeddings, the last the final norm and the output head. Activations are
+``GPT(cfg)`` builds *this rank's* pipeline stage (or stages, for interleaved and V-shaped
+schedules), sharded over its TP group: the first stage owns the embeddings, the last the
+final norm and the output head. Activations are
 ``[batch, seq, d_model]``; with sequence parallelism the residual stream outside attention
 and MLP is ``[batch, seq/tp, d_model]``.
 
@@ -174,32 +175,53 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """This rank's pipeline stage of a GPT, TP-sharded.
+    """This rank's pipeline stages of a GPT, TP-sharded.
 
-    ``forward(x)``: on the first stage ``x`` is tokens ``[batch, seq]``, else the previous
+    ``stages`` lists the global stage indices this rank owns out of ``num_stages`` (default:
+    one stage per pipeline rank, stage = pp rank; several for interleaved or V-shaped
+    schedules, e.g. ``pipeline.rank_stages(schedule)[ps.pp_rank]``). Stage 0 owns the
+    embeddings, the last stage the final norm and the output head; the layers are split
+    over the stages by ``cfg.layers_per_stage`` (one count per stage) or evenly. Parameter
+    names are global (``layers.7.mlp.up.weight``), whatever the layout.
+
+    ``forward(x, stage=None)``: on stage 0 ``x`` is tokens ``[batch, seq]``, else the previous
     stage's hidden states; the last stage returns logits ``[batch, seq, V_padded/tp]`` (this
-    rank's vocabulary shard), the others hidden states. ``loss(logits, targets)`` is the mean
-    cross-entropy over the real vocabulary. Works in one process without torch.distributed.
+    rank's vocabulary shard), the others hidden states. ``stage`` may be omitted when the
+    rank owns one stage. ``loss(logits, targets)`` is the mean cross-entropy over the real
+    vocabulary. Works in one process without torch.distributed.
     """
 
-    def __init__(self, cfg: GPTConfig, state: ParallelState | None = None):
+    def __init__(self, cfg: GPTConfig, state: ParallelState | None = None,
+                 stages: list[int] | None = None, num_stages: int | None = None):
         super().__init__()
         ps = state or get_state()
         self.cfg, self.ps = cfg, ps
+        self.num_stages = ps.pp if num_stages is None else num_stages
+        if stages is None:  # loop placement: stage s on pipeline rank s mod pp
+            if self.num_stages % ps.pp:
+                raise ValueError(f"num_stages={self.num_stages} is not a multiple of pp={ps.pp}; "
+                                 f"pass this rank's stages explicitly")
+            stages = list(range(ps.pp_rank, self.num_stages, ps.pp))
+        self.stages = sorted(stages)
+        if not self.stages or not all(0 <= s < self.num_stages for s in self.stages):
+            raise ValueError(f"stages {stages} must be a non-empty list of stage indices in "
+                             f"[0, {self.num_stages})")
         if cfg.sequence_parallel and cfg.dropout > 0 and "tensor-parallel" not in \
                 get_rng_tracker().states and ps.tp > 1:
             raise ValueError("dropout with sequence_parallel needs the TP RNG stream: call "
                              "megalite.parallel.model_parallel_seed(seed) before building GPT")
         init = _Init(cfg, ps)
-        self.is_first, self.is_last = ps.is_first_stage, ps.is_last_stage
-        self.layer_range = stage_layers(cfg.n_layers, ps.pp, ps.pp_rank, cfg.layers_per_stage)
+        self.is_first, self.is_last = 0 in self.stages, self.num_stages - 1 in self.stages
+        self.stage_layers = {s: stage_layers(cfg.n_layers, self.num_stages, s,
+                                             cfg.layers_per_stage) for s in self.stages}
         sp = cfg.sequence_parallel and ps.tp > 1
         self.sequence_parallel = sp
 
         if self.is_first or (self.is_last and cfg.tie_embeddings):
-            # With tied embeddings at pp > 1 the last stage keeps its own copy, initialized
-            # from the same name (so identical), and kept identical by summing the two
-            # gradients over the embedding group every step.
+            # With tied embeddings and the last stage on another rank, that rank keeps its
+            # own copy, initialized from the same name (so identical), and kept identical by
+            # summing the two gradients over the embedding group every step. When one rank
+            # owns both (V placement, pp=1) the one table serves both ends.
             self.embed = VocabParallelEmbedding(
                 cfg.vocab_size, cfg.d_model, sequence_parallel=sp, pad_to_multiple=cfg.pad_vocab_to,
                 init_method=init.normal("embed.weight", cfg.init_std),
@@ -209,8 +231,9 @@ class GPT(nn.Module):
         if self.is_first and cfg.position == "learned":
             table = init.normal("pos_embed", cfg.init_std)(torch.empty(cfg.max_seq_len, cfg.d_model))
             self.pos_embed = nn.Parameter(table.to(ps.device))
-        self.layers = nn.ModuleDict({str(i): Block(cfg, ps, init, i) for i in self.layer_range})
-        if cfg.position == "rope" and len(self.layer_range):
+        self.layers = nn.ModuleDict({str(i): Block(cfg, ps, init, i)
+                                     for s in self.stages for i in self.stage_layers[s]})
+        if cfg.position == "rope" and len(self.layers):
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, ps.device)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
@@ -224,6 +247,10 @@ class GPT(nn.Module):
                 master_init=cfg.master_init, state=ps)
             if self.head.weight is not None:
                 self.head.weight.tp_real_size = cfg.vocab_size
+
+    def stage_modules(self) -> dict:
+        """{stage: callable running that stage}, for ``pipeline.run_schedule``."""
+        return {s: (lambda x, s=s: self(x, stage=s)) for s in self.stages}
 
     # ------------------------------------------------------------------ forward
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -244,13 +271,19 @@ class GPT(nn.Module):
                 x = F.dropout(x, self.cfg.dropout, training=True)
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_first:
+    def forward(self, x: torch.Tensor, stage: int | None = None) -> torch.Tensor:
+        if stage is None:
+            if len(self.stages) != 1:
+                raise ValueError(f"this rank holds stages {self.stages}: call model(x, stage=s)")
+            stage = self.stages[0]
+        if stage not in self.stage_layers:
+            raise ValueError(f"stage {stage} is not on this rank (it holds {self.stages})")
+        if stage == 0:
             x = self.embed_tokens(x)
         rope = (self.rope_cos, self.rope_sin) if hasattr(self, "rope_cos") else None
-        for layer in self.layers.values():
-            x = layer(x, rope)
-        if not self.is_last:
+        for i in self.stage_layers[stage]:
+            x = self.layers[str(i)](x, rope)
+        if stage != self.num_stages - 1:
             return x
         x = self.final_norm(x)
         weight = self.embed.weight if self.cfg.tie_embeddings else None
@@ -272,7 +305,8 @@ class GPT(nn.Module):
         return per_token.sum() / count
 
     def shared_embedding_params(self) -> list[nn.Parameter]:
-        """Parameters duplicated on the first and last stage (tied embeddings at pp > 1)."""
-        if self.cfg.tie_embeddings and self.ps.pp > 1 and hasattr(self, "embed"):
+        """Parameters duplicated on the first and last stage's ranks (tied embeddings with
+        those stages on different ranks)."""
+        if self.cfg.tie_embeddings and self.is_first != self.is_last:
             return [self.embed.weight]
         return []

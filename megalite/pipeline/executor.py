@@ -1,29 +1,39 @@
-"""One executor runs any valid action list on this rank's pipeline stage.
+"""One executor runs any valid schedule on this rank's pipeline stages.
 
-``run_schedule`` walks the rank's list in order. ``F`` receives the previous stage's
-activation (or takes the microbatch input on the first stage), runs the stage, and queues
-the output for the next stage (or computes the loss, scaled by 1/m, on the last). ``B``
-receives the output's gradient (or starts from the loss), back-propagates through the stage,
-and queues the input's gradient for the previous stage. Transfers are in :mod:`p2p`.
+``run_schedule`` first validates the whole schedule (every rank does, identically, so a bad
+one fails everywhere before any transfer), then walks this rank's list in order:
+
+``F``  takes the microbatch input (first stage), the activation of the previous stage
+       handed over on this rank, or a received one; runs the stage; hands its output to the
+       next stage (same rank: no communication) or queues it for sending; on the last stage
+       computes the loss, scaled by 1/m.
+``B``  takes the output's gradient (from the loss, the next stage on this rank, or a
+       receive), back-propagates through the stage, and hands the input's gradient back.
+``I``  the same for the input gradient only (:func:`backward.backward_input`), keeping
+       what ``W`` needs; ``W`` then accumulates the weight gradients.
+
+Transfers are in :mod:`p2p`. Nothing here synchronizes with the host per action: losses
+stay on the device until the end, and waits are on receives only.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence, Union
 
 import torch
-from torch.autograd.variable import Variable
 
 from megalite.parallel import comm
+from megalite.pipeline.actions import Schedule, stage_to_rank
+from megalite.pipeline.backward import backward, backward_input
 from megalite.pipeline.p2p import StageP2P
-from megalite.pipeline.schedules import parse_action
+from megalite.pipeline.validate import consumes, produces, validate_schedule
 
 
 @dataclass
 class PipelineResult:
     loss: torch.Tensor          # mean loss over the microbatches, on every pipeline rank
-    peak_live: int              # most microbatches forwarded but not yet backwarded
+    peak_live: int              # most stage-microbatches held at once (F until B or W)
     spans: list = field(default_factory=list)   # (rank, name, kind, start, end) if traced
 
 
@@ -33,19 +43,23 @@ def _free_storage(t: torch.Tensor) -> None:
     t.data = torch.empty((1,), device=t.device, dtype=t.dtype)
 
 
-def _backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
-    if grad is None:
-        output.backward()
-    else:  # the engine call skips the shape check against the freed output
-        Variable._execution_engine.run_backward((output,), (grad,), False, False, (), True, True)
+def _incoming(parsed, owner, me: int, num_stages: int) -> dict[int, list]:
+    """For each peer, the messages it sends this rank, in the order it sends them."""
+    incoming: dict[int, list] = {}
+    for src, actions in parsed.items():
+        if src == me:
+            continue
+        for a in actions:
+            msg = produces(a, num_stages)
+            if msg is not None and owner[msg[1] + (1 if msg[0] == "act" else -1)] == me:
+                incoming.setdefault(src, []).append(msg)
+    return incoming
 
 
-def _needs_recv(action, ps) -> bool:
-    return (action.kind == "F" and ps.pp_rank > 0) or \
-        (action.kind == "B" and ps.pp_rank < ps.pp - 1)
+Stages = Union[torch.nn.Module, Callable, Mapping[int, Callable]]
 
 
-def run_schedule(actions: Sequence[str], stage: torch.nn.Module, ps, *,
+def run_schedule(schedule: Union[Schedule, Sequence[str]], stages: Stages, ps, *,
                  num_microbatches: int, activation_shape: Sequence[int],
                  activation_dtype: torch.dtype = torch.float32,
                  inputs: Sequence[torch.Tensor] | None = None,
@@ -53,85 +67,124 @@ def run_schedule(actions: Sequence[str], stage: torch.nn.Module, ps, *,
                  loss_fn: Callable | None = None,
                  verbose: bool = False, trace: bool = False,
                  free_outputs: bool = True) -> PipelineResult:
-    """Run this rank's compute actions (``["0F0", "0F1", "0B0", ...]``) on ``stage``.
+    """Run this rank's part of ``schedule`` ({pipeline rank: ["0F0", "0F1", "0B0", ...]}).
 
-    ``inputs[i]`` is microbatch i's input (first stage only), ``targets[i]`` its target
-    (last stage only); ``loss_fn(output, target)`` returns a scalar. ``activation_shape``
-    is the shape every stage sends forward (and receives as gradient): the executor checks
-    outputs against it before sending, so a mismatch is an error, not a hang. Accumulates
-    parameter gradients; returns the mean loss, known on every pipeline rank.
+    ``stages`` maps each stage this rank owns to a callable (a module, or one stage's view
+    of a multi-stage model); a single module means the rank owns one stage. A plain list of
+    actions is accepted when pp = 1. ``inputs[i]`` is microbatch i's input (first stage
+    only), ``targets[i]`` its target (last stage only); ``loss_fn(output, target)`` returns a
+    scalar. ``activation_shape`` is the shape every stage hands on (and receives as
+    gradient): outputs are checked against it, so a mismatch is an error, not a hang.
+    Accumulates parameter gradients; returns the mean loss, known on every pipeline rank.
     ``free_outputs`` releases each sent activation's memory (the stage's last op must not
     save its own output for backward, true of residual blocks).
     """
-    m, shape = num_microbatches, tuple(activation_shape)
-    first, last = ps.pp_rank == 0, ps.pp_rank == ps.pp - 1
+    m, shape, me = num_microbatches, tuple(activation_shape), ps.pp_rank
+    if not isinstance(schedule, Mapping):
+        if ps.pp != 1:
+            raise ValueError("pass the whole schedule {pipeline rank: actions} when pp > 1: "
+                             "every rank needs the others' order to match transfers")
+        schedule = {0: list(schedule)}
+    if sorted(schedule) != list(range(ps.pp)):
+        raise ValueError(f"the schedule has ranks {sorted(schedule)} but the pipeline has "
+                         f"{ps.pp}; build it for pp={ps.pp}")
+    parsed = validate_schedule(schedule, None, m)
+    owner = stage_to_rank(schedule)
+    num_stages = len(owner)
+    mine = sorted(s for s, r in owner.items() if r == me)
+    if not isinstance(stages, Mapping):
+        if len(mine) != 1:
+            raise ValueError(f"rank {ps.rank} owns stages {mine} in this schedule: pass "
+                             f"stages as {{stage: module}}")
+        stages = {mine[0]: stages}
+    if sorted(stages) != mine:
+        raise ValueError(f"rank {ps.rank} owns stages {mine} in this schedule but was given "
+                         f"modules for {sorted(stages)}; build the model for this schedule's "
+                         f"placement")
+    first, last = 0 in stages, num_stages - 1 in stages
     if first and (inputs is None or len(inputs) < m):
         raise ValueError(f"the first stage needs {m} microbatch inputs")
     if last and (targets is None or loss_fn is None or len(targets) < m):
         raise ValueError(f"the last stage needs {m} targets and a loss_fn")
-    parsed = [parse_action(a) for a in actions]
-    for a in parsed:
-        if a.stage != ps.pp_rank or a.kind == "W" or a.microbatch >= m:
-            raise ValueError(f"rank {ps.rank} (stage {ps.pp_rank}) cannot run {a}: this executor "
-                             f"runs one stage per rank, F and full B, microbatches < {m}")
-    done = set()
-    for a in parsed:
-        if (a.kind, a.microbatch) in done or (a.kind == "B" and ("F", a.microbatch) not in done):
-            raise ValueError(f"rank {ps.rank}: {a} repeats or comes before its forward; check "
-                             f"the whole schedule with pipeline.validate_schedule")
-        done.add((a.kind, a.microbatch))
-    if len(done) != 2 * m:
-        raise ValueError(f"rank {ps.rank}: the actions must run F and B of each of the {m} "
-                         f"microbatches exactly once; got {[str(a) for a in parsed]}")
 
     spans: list = []
     clock = time.time  # comparable across processes (and, roughly, nodes) for traces
-    p2p = StageP2P(ps, verbose=verbose, spans=spans if trace else None, clock=clock)
+    p2p = StageP2P(ps, _incoming(parsed, owner, me, num_stages), verbose=verbose,
+                   spans=spans if trace else None, clock=clock)
     device = ps.device
-    stage_inputs, stage_outputs, losses = {}, {}, []
+    held: dict[tuple[int, int], tuple] = {}  # (stage, mb) -> (input, output) until backward
+    local: dict[tuple, torch.Tensor] = {}    # messages between stages of this rank
+    weight_grads: dict[tuple[int, int], object] = {}
+    losses = []
     live = peak = 0
-    for i, action in enumerate(parsed):
-        mb = action.microbatch
-        if action.kind == "F":
-            if first:
-                x = inputs[mb]
-            else:
-                x = p2p.recv(shape, activation_dtype, device, p2p.prev, f"F{mb}")
-                x.requires_grad_()
-            start = clock()
-            y = stage(x)
-            if last:
+
+    def take(msg, label):
+        """The tensor a message carries: handed over on this rank, or received."""
+        _, stage, _ = msg
+        if owner[stage] == me:
+            return local.pop(msg)
+        return p2p.recv(msg, owner[stage], shape, activation_dtype, device, label)
+
+    def give(msg, tensor, label, release=None):
+        kind, stage, _ = msg
+        dst = owner[stage + 1 if kind == "act" else stage - 1]
+        if dst == me:
+            local[msg] = tensor
+        else:
+            p2p.send(tensor, dst, label, release)
+
+    actions = parsed[me]
+    for i, a in enumerate(actions):
+        s, mb, label = a.stage, a.microbatch, str(a)
+        need = consumes(a, num_stages)
+        received = None if need is None else take(need, label)
+        start = clock()
+        if a.kind == "F":
+            x = inputs[mb] if s == 0 else received.requires_grad_()
+            y = stages[s](x)
+            if s == num_stages - 1:
                 y = loss_fn(y, targets[mb]) / m
                 losses.append(y.detach())
             else:
                 if tuple(y.shape) != shape or y.dtype != activation_dtype:
                     raise ValueError(
-                        f"stage {ps.pp_rank} produced {tuple(y.shape)} {y.dtype} for microbatch "
-                        f"{mb}, but the pipeline expects {shape} {activation_dtype}: pass the "
+                        f"stage {s} produced {tuple(y.shape)} {y.dtype} for microbatch {mb}, "
+                        f"but the pipeline expects {shape} {activation_dtype}: pass the "
                         f"activation shape [micro_batch, seq(/tp with sequence parallel), d_model]")
-                p2p.send(y, p2p.next, f"F{mb}",
-                         release=(lambda y=y: _free_storage(y)) if free_outputs else None)
-            stage_inputs[mb], stage_outputs[mb] = x, y
+                remote = owner[s + 1] != me
+                give(produces(a, num_stages), y if remote else y.detach(), label,
+                     release=(lambda y=y: _free_storage(y)) if free_outputs and remote else None)
+            held[(s, mb)] = (x, y)
             live += 1
             peak = max(peak, live)
-        else:  # "B"
-            x, y = stage_inputs.pop(mb), stage_outputs.pop(mb)
-            grad = None if last else p2p.recv(shape, activation_dtype, device, p2p.next,
-                                               f"B{mb}")
-            start = clock()
-            _backward(y, grad)
-            if not first:
-                p2p.send(x.grad, p2p.prev, f"B{mb}")
+        elif a.kind in "BI":
+            x, y = held.pop((s, mb)) if a.kind == "B" else held[(s, mb)]
+            if a.kind == "B":
+                backward(y, received)
+                x_grad = x.grad if s > 0 else None
+                live -= 1
+            else:
+                grads, weight_grads[(s, mb)] = backward_input(
+                    y, received, [x] if s > 0 else [])
+                x_grad = grads[0] if s > 0 else None
+                held[(s, mb)] = (None, None)  # W keeps what it needs itself
+            if s > 0:
+                give(produces(a, num_stages), x_grad, label)
+        else:  # "W"
+            weight_grads.pop((s, mb)).run()
+            held.pop((s, mb))
             live -= 1
         if trace:
-            spans.append((ps.pp_rank, str(action), action.kind, start, clock()))
-        if i + 1 == len(parsed) or not _needs_recv(parsed[i + 1], ps):
+            spans.append((me, label, a.kind, start, clock()))
+        if i + 1 == len(actions) or consumes(actions[i + 1], num_stages) is None or \
+                owner[consumes(actions[i + 1], num_stages)[1]] == me:
             p2p.flush()
     p2p.wait_all()
-    if stage_outputs:
-        raise ValueError(f"rank {ps.rank}: microbatches {sorted(stage_outputs)} were forwarded "
-                         f"but never backwarded; validate the schedule")
+    if held or local:
+        raise RuntimeError(f"rank {ps.rank}: work left over after the schedule "
+                           f"({sorted(held)}, {sorted(local)}); validate the schedule")
 
     loss = torch.stack(losses).sum() if losses else torch.zeros((), device=device)
-    loss = comm.all_reduce(loss.float().reshape(1).clone(), ps.pp_group)[0]  # last stage -> all
-    return PipelineResult(loss=loss, peak_live=peak, spans=spans)
+    if ps.pp > 1:  # the last stage's rank -> every pipeline rank
+        loss = comm.all_reduce(loss.float().reshape(1).clone(), ps.pp_group)[0]
+    return PipelineResult(loss=loss.float(), peak_live=peak, spans=spans)

@@ -1,292 +1,374 @@
-"""Pipeline schedules as data (DESIGN.md principle 3).
+"""Pipeline schedules as data: builders, schedule files, and a printer.
 
-A schedule is, per rank, the list of compute actions that rank runs, in order, written
-`{stage}{F|B|W}{microbatch}` -- the grammar of torch.distributed.pipelining:
+``build_schedule(name, num_ranks, num_microbatches, virtual=None)`` returns
+``{rank: ["0F0", "0F1", "0B0", ...]}`` (grammar in :mod:`megalite.pipeline.actions`):
 
-    F  forward of a microbatch on a stage
-    B  backward; alone it is the full backward, followed by a W on the same stage and
-       microbatch it is only the input-gradient half (zero-bubble style split)
-    W  weight-gradient half of a split backward
+    name               placement  stages per rank  backward
+    gpipe              loop       v (default 1)    B      all F, then all B
+    1f1b               loop       1                B      warmup, one F one B, cooldown
+    interleaved-1f1b   loop       v (default 2)    B      Megatron-Core's virtual pipeline
+    zb-h1              loop       1                I + W  zero bubble, 1F1B's memory
+    interleaved-zb     loop       v (default 2)    I + W  zero bubble, interleaved memory
+    zbv                V          2                I + W  zero bubble, V-shaped
 
-Communication is implied, never written: F on stage s > 0 consumes the activation that F on
-stage s-1 produced; B on stage s < last consumes the gradient that B on stage s+1 produced.
-
-This module builds lists (`build_schedule`), checks any list (`validate_schedule`) and
-prints it (`format_schedule`), all without starting processes.
+"loop": stage s on rank s mod p (p * v stages). "V": rank r owns stages r and 2p-1-r, so
+the first and the last stage (embedding and head) share rank 0 and the turn at stage p-1 ->
+p stays on rank p-1. ``load_schedule`` reads a user's table (CSV or JSON, one row per rank)
+and ``format_schedule`` prints any schedule as a time grid.
 """
-
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, Union
+import csv
+import functools
+import io
+import json
+from pathlib import Path
+from typing import Callable
 
-KINDS = ("F", "B", "W")
-_ACTION_RE = re.compile(r"(\d+)([FBW])(\d+)")
-
-
-@dataclass(frozen=True, order=True)
-class Action:
-    """One compute action: `Action(1, "B", 0)` is written "1B0"."""
-
-    stage: int
-    kind: str
-    microbatch: int
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"action kind must be one of {KINDS}, got {self.kind!r}")
-        if self.stage < 0 or self.microbatch < 0:
-            raise ValueError(f"stage and microbatch must be >= 0, got {self}")
-
-    def __str__(self) -> str:
-        return f"{self.stage}{self.kind}{self.microbatch}"
-
-    @classmethod
-    def parse(cls, text: str) -> "Action":
-        return parse_action(text)
+from megalite.pipeline.actions import Action, Schedule, parse_action, stage_to_rank
+from megalite.pipeline.validate import check_sizes, replay, validate_schedule
 
 
-ActionLike = Union[str, Action]
-Schedule = Mapping[int, Sequence[ActionLike]]
-
-
-def parse_action(text: ActionLike) -> Action:
-    """Parse "0F3" into Action(0, "F", 3); an Action is returned unchanged."""
-    if isinstance(text, Action):
-        return text
-    match = _ACTION_RE.fullmatch(text.strip()) if isinstance(text, str) else None
-    if match is None:
-        raise ValueError(
-            f"malformed action {text!r}: write {{stage}}{{F|B|W}}{{microbatch}}, e.g. '0F3' or '1B0'"
-        )
-    stage, kind, mb = match.groups()
-    return Action(int(stage), kind, int(mb))
+def placement(kind: str, num_ranks: int, virtual: int) -> dict[int, int]:
+    """{stage: rank} of a "loop" or "V" placement of num_ranks * virtual stages."""
+    if kind == "loop":
+        return {s: s % num_ranks for s in range(num_ranks * virtual)}
+    if kind == "V":
+        if virtual != 2:
+            raise ValueError(f"V placement holds exactly 2 stages per rank, got virtual={virtual}")
+        return {s: s if s < num_ranks else 2 * num_ranks - 1 - s for s in range(2 * num_ranks)}
+    raise ValueError(f"unknown placement {kind!r}; 'loop' or 'V'")
 
 
 # ---------------------------------------------------------------------------------------
-# Generators. One stage per rank, so stage == rank.
+# Hand-written orders.
 
 
-def _gpipe(rank: int, p: int, m: int) -> list[Action]:
+def _gpipe(p: int, m: int, v: int) -> dict[int, list[Action]]:
     # Fill the pipeline with every forward, then drain it with every backward: simple, but
-    # all m activations are alive at once.
-    return [Action(rank, "F", i) for i in range(m)] + [Action(rank, "B", i) for i in range(m)]
+    # all m activations of every stage are alive at once. With v > 1 stages per rank it is
+    # the "looped BFS" order: each local stage's forwards in turn, backwards in reverse.
+    out = {}
+    for r in range(p):
+        stages = [c * p + r for c in range(v)]
+        out[r] = [Action(s, "F", i) for s in stages for i in range(m)] + \
+                 [Action(s, "B", i) for s in reversed(stages) for i in range(m)]
+    return out
 
 
-def _one_f_one_b(rank: int, p: int, m: int) -> list[Action]:
-    # Warmup: the forwards that must run before the first gradient can come back from the
-    # last stage (p-r-1 of them; fewer when there are fewer microbatches).
-    warmup = min(p - rank - 1, m)
-    actions = [Action(rank, "F", i) for i in range(warmup)]
-    # Steady state: each new forward is followed by the oldest pending backward, so at most
-    # warmup+1 = min(p-r, m) activations are alive at any time.
-    for i in range(m - warmup):
-        actions += [Action(rank, "F", warmup + i), Action(rank, "B", i)]
-    # Cooldown: drain the backwards still owed for the warmup forwards.
-    actions += [Action(rank, "B", i) for i in range(m - warmup, m)]
-    return actions
+def _one_f_one_b(p: int, m: int, v: int) -> dict[int, list[Action]]:
+    out = {}
+    for r in range(p):
+        # Warmup: the forwards that must run before the first gradient can come back from
+        # the last stage (p-r-1 of them; fewer when there are fewer microbatches).
+        warmup = min(p - r - 1, m)
+        actions = [Action(r, "F", i) for i in range(warmup)]
+        # Steady state: each new forward is followed by the oldest pending backward, so at
+        # most warmup+1 = min(p-r, m) activations are alive at any time.
+        for i in range(m - warmup):
+            actions += [Action(r, "F", warmup + i), Action(r, "B", i)]
+        # Cooldown: drain the backwards still owed for the warmup forwards.
+        actions += [Action(r, "B", i) for i in range(m - warmup, m)]
+        out[r] = actions
+    return out
 
 
-_GENERATORS: dict[str, Callable[[int, int, int], list[Action]]] = {
-    "1f1b": _one_f_one_b,
-    "gpipe": _gpipe,
+def _interleaved_1f1b(p: int, m: int, v: int) -> dict[int, list[Action]]:
+    """Megatron-Core's interleaved 1F1B (virtual pipeline), microbatch groups of size p.
+
+    Virtual microbatch k runs model chunk c on microbatch i, where the table walks groups of
+    p microbatches through chunk 0, then chunk 1, ...; m must be a multiple of p;
+    the backward walks the same table with the chunks reversed. Warmup on rank r:
+    2(p-r-1) + (v-1)p forwards, then one forward one backward, then the cooldown.
+    """
+    if m % p:
+        raise ValueError(f"interleaved schedules need num_microbatches divisible by the "
+                         f"pipeline size: got m={m}, p={p} (as in Megatron-Core: the number of "
+                         f"microbatches is not divisible by pipeline-model-parallel-size); "
+                         f"change --global-batch-size or --micro-batch-size, or use 1f1b")
+    table = []  # virtual microbatch -> (microbatch, chunk)
+    for first in range(0, m, p):
+        table += [(i, c) for c in range(v) for i in range(first, first + p)]
+    total = m * v
+    out = {}
+    for r in range(p):
+        def fwd(k):
+            i, c = table[k]
+            return Action(c * p + r, "F", i)
+
+        def bwd(k):
+            i, c = table[k]
+            return Action((v - 1 - c) * p + r, "B", i)
+
+        warmup = min(2 * (p - r - 1) + (v - 1) * p, total)
+        actions = [fwd(k) for k in range(warmup)]
+        for k in range(total - warmup):
+            actions += [fwd(warmup + k), bwd(k)]
+        actions += [bwd(k) for k in range(total - warmup, total)]
+        out[r] = actions
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Zero-bubble orders by list scheduling.
+
+
+def _list_schedule(p: int, m: int, owner: dict[int, int], cap: int,
+                   priority: str) -> dict[int, list[Action]]:
+    """Zero-bubble order for any placement, by list scheduling at unit costs (F = I = W).
+
+    At each time step every idle rank takes the first available kind in ``priority`` (e.g.
+    "IFW"): an I whose gradient has arrived (highest stage first: it unblocks the ranks
+    upstream), a forward whose input has arrived while the rank holds fewer than ``cap``
+    stage-microbatches (from F until W), or the oldest pending W, which fills what would
+    otherwise be a bubble. This is the greedy heuristic of Qi et al. (arXiv 2401.10241,
+    sec. 3) with a memory limit taken from the schedule it replaces; the result is then
+    validated like any other list.
+    """
+    n = len(owner)
+    stages = {r: sorted((s for s in owner if owner[s] == r), reverse=True) for r in range(p)}
+    next_f, next_i = [0] * n, [0] * n
+    ready: dict[tuple, int] = {}  # ("act"|"grad", stage, mb) -> time it exists
+    pending_w: dict[int, list[Action]] = {r: [] for r in range(p)}
+    live = {r: 0 for r in range(p)}
+    out: dict[int, list[Action]] = {r: [] for r in range(p)}
+    left, t, never = 3 * n * m, 0, float("inf")
+    while left:
+        made = {}
+        for r in range(p):
+            options = {}
+            for s in stages[r]:
+                i = next_i[s]
+                if i < m and ready.get(("act", s, i), never) <= t and \
+                        (s == n - 1 or ready.get(("grad", s + 1, i), never) <= t):
+                    options["I"] = Action(s, "I", i)
+                    break
+            if live[r] < cap:
+                for s in stages[r]:
+                    i = next_f[s]
+                    if i < m and (s == 0 or ready.get(("act", s - 1, i), never) <= t):
+                        options["F"] = Action(s, "F", i)
+                        break
+            if pending_w[r]:
+                options["W"] = pending_w[r][0]
+            pick = next((options[k] for k in priority if k in options), None)
+            if pick is None:
+                continue
+            out[r].append(pick)
+            left -= 1
+            s, i = pick.stage, pick.microbatch
+            if pick.kind == "F":
+                next_f[s] += 1
+                live[r] += 1
+                made[("act", s, i)] = t + 1
+            elif pick.kind == "I":
+                next_i[s] += 1
+                pending_w[r].append(Action(s, "W", i))
+                made[("grad", s, i)] = t + 1
+            else:
+                pending_w[r].pop(0)
+                live[r] -= 1
+        ready.update(made)
+        t += 1
+        if t > 10 * n * m + 100:  # a cap too small to make progress; never for ours
+            raise RuntimeError(f"zero-bubble list scheduling is stuck (cap={cap})")
+    return out
+
+
+def _best_list_schedule(p: int, m: int, owner: dict[int, int], max_cap: int):
+    """The shortest list schedule at unit costs over two priority rules ("I first" drains
+    gradients early, "F first" keeps a V's second half busy) with at most ``max_cap`` live
+    stage-microbatches per rank; then the cap is lowered while that stays as short, so the
+    schedule holds no more activations than its speed needs."""
+    def attempt(cap):
+        found = None
+        for priority in ("IFW", "FIW"):
+            try:
+                order = _list_schedule(p, m, owner, cap, priority)
+            except RuntimeError:
+                continue
+            timeline, _ = replay(order, len(owner), duration=lambda a: 1.0, comm=lambda a: 0.0)
+            makespan = max(end for spans in timeline.values() for _, end, _ in spans)
+            if found is None or makespan < found[0]:
+                found = (makespan, order)
+        return found
+
+    best = attempt(max_cap)
+    for cap in range(max_cap - 1, len(owner) // p - 1, -1):
+        found = attempt(cap)
+        if found is None or found[0] > best[0]:
+            break
+        best = found
+    return best[1]
+
+
+def _zb_h1(p: int, m: int, v: int) -> dict[int, list[Action]]:
+    """ZB-H1 (Qi et al., sec. 3.1): 1F1B with each B split into I and W, where rank r
+    postpones its first r W's. The later ranks then run their I's back to back, gradients
+    reach rank 0 sooner, and the postponed W's fill the cooldown. Peak memory is 1F1B's
+    (p microbatches), now on every rank."""
+    out = {}
+    for r in range(p):
+        warmup = min(p - r - 1, m)
+        actions = [Action(r, "F", i) for i in range(warmup)]
+        w_next = 0
+
+        def backward(i):
+            nonlocal w_next
+            actions.append(Action(r, "I", i))
+            if i >= r:  # W of the microbatch r places back
+                actions.append(Action(r, "W", w_next))
+                w_next += 1
+
+        for i in range(m - warmup):
+            actions.append(Action(r, "F", warmup + i))
+            backward(i)
+        for i in range(m - warmup, m):
+            backward(i)
+        actions += [Action(r, "W", i) for i in range(w_next, m)]
+        out[r] = actions
+    return out
+
+
+def _interleaved_zb(p: int, m: int, v: int) -> dict[int, list[Action]]:
+    # At most interleaved 1F1B's peak memory (on its rank 0), on every rank.
+    base = _interleaved_1f1b(p, m, v)
+    cap = max(_peak_live(base[r]) for r in range(p))
+    return _best_list_schedule(p, m, placement("loop", p, v), cap)
+
+
+def _zbv(p: int, m: int, v: int) -> dict[int, list[Action]]:
+    # At most 1F1B's peak on rank 0 (p microbatches of a whole rank's layers = 2p half-size
+    # stage activations), on every rank: the V shape balances memory.
+    return _best_list_schedule(p, m, placement("V", p, 2), 2 * p)
+
+
+def _peak_live(actions: list[Action]) -> int:
+    live = peak = 0
+    for a in actions:
+        live += {"F": 1, "B": -1, "W": -1}.get(a.kind, 0)
+        peak = max(peak, live)
+    return peak
+
+
+# name -> (builder, placement, default virtual, allowed virtual (None: any >= 1))
+_BUILDERS: dict[str, tuple[Callable, str, int, tuple | None]] = {
+    "1f1b": (_one_f_one_b, "loop", 1, (1,)),
+    "gpipe": (_gpipe, "loop", 1, None),
+    "interleaved-1f1b": (_interleaved_1f1b, "loop", 2, "2+"),
+    "zb-h1": (_zb_h1, "loop", 1, (1,)),
+    "interleaved-zb": (_interleaved_zb, "loop", 2, "2+"),
+    "zbv": (_zbv, "V", 2, (2,)),
 }
-SCHEDULE_NAMES = tuple(_GENERATORS)
+SCHEDULE_NAMES = tuple(_BUILDERS)
 
 
-def build_schedule(name: str, num_stages: int, num_microbatches: int) -> dict[int, list[str]]:
+def schedule_info(name: str, virtual: int | None = None) -> tuple[str, int]:
+    """(placement, virtual stages per rank) of a named schedule; raises for a bad pair."""
+    key = name.lower() if isinstance(name, str) else name
+    if key not in _BUILDERS:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {list(SCHEDULE_NAMES)} "
+                         f"or pass a schedule file")
+    _, kind, default, allowed = _BUILDERS[key]
+    v = default if virtual is None else virtual
+    if not isinstance(v, int) or v < 1:
+        raise ValueError(f"virtual stages must be an int >= 1, got {virtual!r}")
+    if allowed == "2+" and v < 2:
+        raise ValueError(f"{key} needs virtual stages >= 2 (got {v}); for one stage per rank "
+                         f"use {'1f1b' if key == 'interleaved-1f1b' else 'zb-h1'}")
+    if isinstance(allowed, tuple) and v not in allowed:
+        raise ValueError(f"{key} runs {allowed[0]} stage(s) per rank, got virtual={v}"
+                         + ("; for several stages per rank use interleaved-1f1b or "
+                            "interleaved-zb" if key in ("1f1b", "zb-h1") else ""))
+    return kind, v
+
+
+def build_schedule(name: str, num_ranks: int, num_microbatches: int,
+                   virtual: int | None = None) -> dict[int, list[str]]:
     """Return {rank: ["0F0", "0F1", "0B0", ...]}, each rank's compute actions in order.
 
-    name is "1f1b" or "gpipe" (case-insensitive). num_microbatches < num_stages is allowed:
-    1F1B's warmup is then clipped to the microbatches there are.
+    num_ranks is the pipeline size p; ``virtual`` the stages per rank (default per schedule,
+    see the module docstring), so there are p * virtual stages. num_microbatches < p is
+    allowed except for the interleaved schedules, which need m divisible by p
+    (Megatron-Core's rule). Every result passes
+    `validate_schedule`.
     """
-    key = name.lower() if isinstance(name, str) else name
-    if key not in _GENERATORS:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {list(SCHEDULE_NAMES)}")
-    _check_sizes(num_stages, num_microbatches)
-    gen = _GENERATORS[key]
-    return {r: [str(a) for a in gen(r, num_stages, num_microbatches)] for r in range(num_stages)}
+    kind, v = schedule_info(name, virtual)
+    check_sizes(num_ranks, num_microbatches)
+    built = _build(name.lower(), num_ranks, num_microbatches, v)
+    return {r: list(actions) for r, actions in built.items()}
 
 
-def _check_sizes(num_stages: int, num_microbatches: int) -> None:
-    if not isinstance(num_stages, int) or num_stages < 1:
-        raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
-    if not isinstance(num_microbatches, int) or num_microbatches < 1:
-        raise ValueError(
-            f"num_microbatches must be an int >= 1, got {num_microbatches!r} "
-            "(global batch / (micro batch * dp) must be at least 1)"
-        )
+@functools.lru_cache(maxsize=64)
+def _build(name: str, p: int, m: int, v: int) -> dict[int, tuple[str, ...]]:
+    # Cached: a training loop asks for the same schedule every step.
+    actions = _BUILDERS[name][0](p, m, v)
+    return {r: tuple(str(a) for a in actions[r]) for r in range(p)}
 
 
 # ---------------------------------------------------------------------------------------
-# Replay: run every rank's list in order and time it. Shared by the validator (deadlock
-# check), format_schedule (alignment) and the simulator (costs).
-#
-# Model: a rank blocks only on a receive, i.e. until the peer has produced the activation
-# or gradient its next action consumes; sends never block (isend, waited later). Plain
-# blocking sends would deadlock even textbook 1F1B at p=2 (rank 0 blocks sending F1 while
-# rank 1 blocks sending B0), which is why executors fuse or defer sends; a list is then
-# runnable exactly when its waits form no cycle, which is what this replay detects.
+# Schedule files.
 
 
-def _remote_input(a: Action, num_stages: int) -> Action | None:
-    """The action on a neighbouring stage whose output `a` consumes, if any."""
-    if a.kind == "F" and a.stage > 0:
-        return Action(a.stage - 1, "F", a.microbatch)
-    if a.kind == "B" and a.stage < num_stages - 1:
-        return Action(a.stage + 1, "B", a.microbatch)
-    return None
+def load_schedule(path, num_ranks: int | None = None,
+                  num_microbatches: int | None = None) -> dict[int, list[str]]:
+    """Read a user's schedule table and validate it.
 
-
-def _replay(actions: Mapping[int, Sequence[Action]], num_stages: int,
-            duration: Callable[[Action], float], comm: Callable[[Action], float]):
-    """Return (timeline, stuck).
-
-    timeline: {rank: [(start, end, action), ...]} for the actions that could run;
-    stuck: {rank: (index, action, missing input)} for ranks that never finished.
-    Start times depend only on finish times already known, so the order in which ranks are
-    visited does not change the result.
+    JSON: ``{"0": ["0F0", ...], "1": [...]}`` or a list of lists (row i = rank i).
+    CSV: one row per rank, one action per cell (an optional first cell "rank 0" / "0:" is
+    skipped; empty cells are ignored). Placement is what the table says (which rank lists
+    which stage). With num_ranks / num_microbatches the table must match them.
     """
-    pos = {r: 0 for r in actions}
-    free = {r: 0.0 for r in actions}
-    finished: dict[Action, tuple[float, int]] = {}  # action -> (end time, rank)
-    timeline = {r: [] for r in actions}
-    progress = True
-    while progress:
-        progress = False
-        for r, lst in actions.items():
-            while pos[r] < len(lst):
-                a = lst[pos[r]]
-                start = free[r]
-                dep = _remote_input(a, num_stages)
-                if dep is not None:
-                    if dep not in finished:
-                        break
-                    dep_end, dep_rank = finished[dep]
-                    start = max(start, dep_end + (comm(dep) if dep_rank != r else 0.0))
-                end = start + duration(a)
-                timeline[r].append((start, end, a))
-                finished[a] = (end, r)
-                free[r] = end
-                pos[r] += 1
-                progress = True
-    stuck = {r: (pos[r], lst[pos[r]], _remote_input(lst[pos[r]], num_stages))
-             for r, lst in actions.items() if pos[r] < len(lst)}
-    return timeline, stuck
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"cannot read schedule file {str(path)!r}: {e.strerror}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+            rows = data if isinstance(data, list) else [data[k] for k in sorted(data, key=int)]
+            if isinstance(data, dict) and sorted(int(k) for k in data) != list(range(len(data))):
+                raise ValueError(f"ranks {sorted(data)} must be 0..{len(data) - 1}")
+        elif path.suffix.lower() == ".csv":
+            rows = []
+            for row in csv.reader(io.StringIO(text)):
+                cells = [c.strip() for c in row if c.strip()]
+                if cells and (cells[0].lower().startswith("rank") or cells[0].endswith(":")):
+                    cells = cells[1:]
+                if cells:
+                    rows.append(cells)
+        else:
+            raise ValueError("use a .json or .csv file")
+        schedule = {r: [str(a) for a in row] for r, row in enumerate(rows)}
+        if not all(isinstance(row, list) for row in rows):
+            raise ValueError("each rank's row must be a list of actions")
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"schedule file {str(path)!r}: {e}") from None
+    try:
+        if num_ranks is not None and len(schedule) != num_ranks:
+            raise ValueError(f"it has {len(schedule)} rows (ranks) but the pipeline has "
+                             f"{num_ranks}; write one row per pipeline rank")
+        validate_schedule(schedule, None, num_microbatches)
+        m = 1 + max(parse_action(a).microbatch for row in schedule.values() for a in row)
+        if num_microbatches is not None and m != num_microbatches:
+            raise ValueError(f"it schedules {m} microbatches but the run has "
+                             f"{num_microbatches}")
+    except ValueError as e:
+        raise ValueError(f"schedule file {str(path)!r}: {e}") from None
+    return schedule
 
 
-# ---------------------------------------------------------------------------------------
-# Validation.
-
-
-def validate_schedule(schedule: Schedule, num_stages: int, num_microbatches: int,
-                      stage_to_rank: Mapping[int, int] | None = None) -> dict[int, list[Action]]:
-    """Check that `schedule` is a runnable pipeline schedule; raise ValueError if not.
-
-    stage_to_rank defaults to stage s on rank s. Checks, in order: ranks and stage
-    ownership, action syntax and ranges, per stage every microbatch's F exactly once and
-    before its B (exactly once), an optional W only after its B, messages between two
-    stages consumed in the order they are produced, and no deadlock (see `_replay`).
-    Returns the parsed schedule {rank: [Action, ...]}.
-    """
-    _check_sizes(num_stages, num_microbatches)
-    if stage_to_rank is None:
-        stage_to_rank = {s: s for s in range(num_stages)}
-    missing_stages = sorted(set(range(num_stages)) - set(stage_to_rank))
-    if missing_stages:
-        raise ValueError(f"stage_to_rank has no rank for stages {missing_stages}")
-    ranks = sorted(set(stage_to_rank[s] for s in range(num_stages)))
-    if sorted(schedule) != ranks:
-        raise ValueError(
-            f"schedule has ranks {sorted(schedule)} but the stages live on ranks {ranks}; "
-            "give one action list per rank"
-        )
-
-    parsed: dict[int, list[Action]] = {}
-    for r in ranks:
-        parsed[r] = []
-        for i, text in enumerate(schedule[r]):
-            try:
-                a = parse_action(text)
-            except ValueError as e:
-                raise ValueError(f"rank {r}, action {i}: {e}") from None
-            where = f"rank {r}, action {i} ({a})"
-            if a.stage >= num_stages:
-                raise ValueError(f"{where}: stage {a.stage} does not exist (num_stages={num_stages})")
-            if stage_to_rank[a.stage] != r:
-                raise ValueError(
-                    f"{where}: stage {a.stage} belongs to rank {stage_to_rank[a.stage]}, "
-                    f"not rank {r}; move the action to that rank's list"
-                )
-            if a.microbatch >= num_microbatches:
-                raise ValueError(
-                    f"{where}: microbatch {a.microbatch} out of range "
-                    f"(num_microbatches={num_microbatches})"
-                )
-            parsed[r].append(a)
-
-    _check_stage_order(parsed, num_stages, num_microbatches)
-    _check_fifo(parsed, num_stages)
-    _, stuck = _replay(parsed, num_stages, duration=lambda a: 1.0, comm=lambda a: 0.0)
-    if stuck:
-        raise ValueError(_deadlock_message(stuck, stage_to_rank))
-    return parsed
-
-
-def _check_stage_order(parsed: Mapping[int, list[Action]], num_stages: int, m: int) -> None:
-    seen: dict[Action, int] = {}  # action -> its index in its rank's list
-    for r, lst in parsed.items():
-        for i, a in enumerate(lst):
-            where = f"rank {r}, action {i} ({a})"
-            if a in seen:
-                raise ValueError(f"{where}: duplicate, already at action {seen[a]}; each "
-                                 f"microbatch runs {a.kind} once per stage")
-            need = {"B": "F", "W": "B"}.get(a.kind)
-            if need and Action(a.stage, need, a.microbatch) not in seen:
-                raise ValueError(f"{where}: {a.kind} before its {need} "
-                                 f"({a.stage}{need}{a.microbatch}); move it after")
-            seen[a] = i
-    for s in range(num_stages):
-        for kind in ("F", "B"):
-            missing = [mb for mb in range(m) if Action(s, kind, mb) not in seen]
-            if missing:
-                raise ValueError(f"stage {s} has no {kind} for microbatches {missing}; every "
-                                 f"microbatch needs one F and one B on every stage")
-
-
-def _check_fifo(parsed: Mapping[int, list[Action]], num_stages: int) -> None:
-    # Point-to-point messages between two ranks are matched in posting order (NCCL has no
-    # tags), so the consumer must take a stage's outputs in the order they were produced;
-    # otherwise microbatches are silently swapped or, with blocking sends, the pair hangs.
-    order: dict[tuple[int, str], list[tuple[int, int]]] = {}  # (stage, kind) -> [(mb, rank)]
-    for r, lst in parsed.items():
-        for a in lst:
-            if a.kind != "W":
-                order.setdefault((a.stage, a.kind), []).append((a.microbatch, r))
-    for (s, kind), seq in order.items():
-        peer = s - 1 if kind == "F" else s + 1
-        if not 0 <= peer < num_stages:
-            continue
-        mine, theirs = [mb for mb, _ in seq], [mb for mb, _ in order[(peer, kind)]]
-        what = "activations" if kind == "F" else "gradients"
-        if mine != theirs:
-            raise ValueError(
-                f"rank {seq[0][1]} consumes stage {peer}'s {what} in microbatch order {mine}, "
-                f"but rank {order[(peer, kind)][0][1]} produces them in order {theirs}; p2p "
-                f"messages arrive in send order, so run stage {s}'s {kind}s in order {theirs}"
-            )
-
-
-def _deadlock_message(stuck, stage_to_rank: Mapping[int, int]) -> str:
-    lines = ["deadlock: every unfinished rank waits for an input no rank will produce"]
-    for r, (i, a, dep) in sorted(stuck.items()):
-        peer = stage_to_rank[dep.stage]
-        why = f"rank {peer} is itself stuck at action {stuck[peer][0]} ({stuck[peer][1]})" \
-            if peer in stuck else f"rank {peer} finished without running it"
-        lines.append(f"  rank {r} waits at action {i} ({a}) for {dep} from rank {peer}; {why}")
-    lines.append("fix: reorder so each rank runs the action its neighbour waits for first")
-    return "\n".join(lines)
+def save_schedule(schedule: Schedule, path) -> None:
+    """Write a schedule as JSON or CSV (by suffix), readable by `load_schedule`."""
+    path = Path(path)
+    rows = {int(r): [str(parse_action(a)) for a in lst] for r, lst in schedule.items()}
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps({str(r): rows[r] for r in sorted(rows)}, indent=1) + "\n")
+    else:
+        out = io.StringIO()
+        csv.writer(out).writerows([f"rank {r}"] + rows[r] for r in sorted(rows))
+        path.write_text(out.getvalue())
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,15 +378,14 @@ def _deadlock_message(stuck, stage_to_rank: Mapping[int, int]) -> str:
 def format_schedule(schedule: Schedule, num_stages: int | None = None) -> str:
     """A grid, one row per rank, one column per time step, for printing and debugging.
 
-    Columns come from a replay with unit costs, so pipeline bubbles show as blanks ("."),
-    the way the schedule would run with F = B = W. A list that cannot be replayed (e.g. it
+    Columns come from a replay with unit costs (every action, B included, takes one step),
+    so pipeline bubbles show as blanks ("."). A list that cannot be replayed (e.g. it
     deadlocks) is shown in plain list order instead, with a note.
     """
     parsed = {r: [parse_action(a) for a in lst] for r, lst in sorted(schedule.items())}
     if num_stages is None:
         num_stages = 1 + max((a.stage for lst in parsed.values() for a in lst), default=0)
-    timeline, stuck = _replay(parsed, num_stages, duration=lambda a: 1.0, comm=lambda a: 0.0)
-    cells: dict[int, dict[int, str]] = {}
+    timeline, stuck = replay(parsed, num_stages, duration=lambda a: 1.0, comm=lambda a: 0.0)
     if stuck:
         note = "(cannot be replayed: shown in list order)\n"
         cells = {r: {i: str(a) for i, a in enumerate(lst)} for r, lst in parsed.items()}
@@ -317,3 +398,8 @@ def format_schedule(schedule: Schedule, num_stages: int | None = None) -> str:
     rows = [f"rank {r:<3}" + " ".join(f"{row.get(t, '.'):>{width}}" for t in range(steps))
             for r, row in cells.items()]
     return note + "\n".join([head] + rows)
+
+
+__all__ = ["Action", "SCHEDULE_NAMES", "build_schedule", "format_schedule", "load_schedule",
+           "parse_action", "placement", "save_schedule", "schedule_info", "stage_to_rank",
+           "validate_schedule"]

@@ -11,7 +11,7 @@ import torch
 
 from megalite.parallel import comm
 from megalite.parallel.grads import allreduce_data_parallel, allreduce_shared, clip_grad_norm_
-from megalite.pipeline import build_schedule, run_schedule
+from megalite.pipeline import build_schedule, run_schedule, stage_to_rank
 from megalite.training.precision import autocast
 
 
@@ -37,16 +37,38 @@ def activation_shape(model, micro_batch_size: int, seq_len: int) -> tuple[int, i
     return (micro_batch_size, seq, model.cfg.d_model)
 
 
-def forward_backward(model, tokens, targets, *, micro_batch_size: int, schedule: str = "1f1b",
+def pipeline_schedule(model, schedule, num_microbatches: int) -> dict[int, list[str]]:
+    """The schedule (a name, or a {rank: actions} table) for ``model``'s placement: a name is
+    built for the model's stages per rank; a table must place the stages as the model holds
+    them. Raises a ValueError naming the fix otherwise."""
+    ps = model.ps
+    if isinstance(schedule, str):
+        schedule = build_schedule(schedule, ps.pp, num_microbatches,
+                                  virtual=model.num_stages // ps.pp)
+    owner = stage_to_rank(schedule)
+    mine = sorted(s for s, r in owner.items() if r == ps.pp_rank)
+    if len(owner) != model.num_stages or mine != model.stages:
+        raise ValueError(f"the schedule puts stages {mine} of {len(owner)} on pipeline rank "
+                         f"{ps.pp_rank}, but the model there holds stages {model.stages} of "
+                         f"{model.num_stages}: build GPT(cfg, stages=pipeline.rank_stages("
+                         f"schedule)[pp_rank], num_stages=...) for this schedule")
+    if owner[0] != 0 or owner[len(owner) - 1] not in (0, ps.pp - 1):
+        raise ValueError("the first stage must run on pipeline rank 0 and the last on rank 0 "
+                         "or pp-1 (where the tied-embedding group is)")
+    return schedule
+
+
+def forward_backward(model, tokens, targets, *, micro_batch_size: int, schedule="1f1b",
                      activation_dtype=torch.float32, loss_fn=None, verbose=False, trace=False):
-    """Run the pipeline schedule over this rank's batch; gradients accumulate in ``model``.
-    ``loss_fn(logits, targets)`` defaults to ``model.loss``."""
+    """Run the pipeline schedule (a name such as "1f1b", "interleaved-1f1b", "zbv", or a
+    {pipeline rank: actions} table) over this rank's batch; gradients accumulate in
+    ``model``. ``loss_fn(logits, targets)`` defaults to ``model.loss``."""
     ps = model.ps
     inputs = split_microbatches(tokens, micro_batch_size)
     labels = split_microbatches(targets, micro_batch_size)
     m = len(inputs)
-    actions = build_schedule(schedule, ps.pp, m)[ps.pp_rank]
-    return run_schedule(actions, model, ps, num_microbatches=m,
+    table = pipeline_schedule(model, schedule, m)
+    return run_schedule(table, model.stage_modules(), ps, num_microbatches=m,
                         activation_shape=activation_shape(model, micro_batch_size,
                                                           tokens.shape[1]),
                         activation_dtype=activation_dtype, inputs=inputs, targets=labels,
@@ -60,7 +82,7 @@ def finalize_grads(model) -> None:
 
 
 def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
-               schedule: str = "1f1b", max_grad_norm: float = 1.0, grad_scaler=None,
+               schedule="1f1b", max_grad_norm: float = 1.0, grad_scaler=None,
                dtype: str = "fp32", verbose=False, trace=False) -> StepResult:
     """Forward and backward over this dp rank's ``tokens``/``targets`` ``[batch, seq]``,
     gradient sync, clipping and the optimizer step. Gradients are left in the parameters
