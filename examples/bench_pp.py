@@ -1,31 +1,43 @@
-"""1F1B pipeline step: megalite's executor vs torch.distributed.pipelining.Schedule1F1B.
+"""Pipeline schedules: megalite's executor vs torch.distributed.pipelining, schedule by schedule.
 
-Both run copies of the same GPT stages (same seed, same stage split, same microbatches),
-alternating in one run; it prints step times, their ratio, the peak memory held for
-backward per stage (saved activations, measured with autograd's saved-tensor hooks; on GPU
-also the allocator's peak), and checks the two runs' losses match.
+For each microbatch count and each schedule, the same GPT (same seed, same stage split, same
+microbatches) runs through megalite's executor and through torch's same-named schedule with
+one `PipelineStage` per local stage, alternating in one run. It prints the step time of each,
+ours against our own 1F1B and against torch, the peak memory held for backward per rank
+(saved activations, measured with autograd's saved-tensor hooks), and checks that every run
+of every schedule gives the same loss.
 
-    OMP_NUM_THREADS=1 torchrun --nproc-per-node 4 examples/bench_pp.py
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 examples/bench_pp.py --microbatches 4 8 \
+        --json bench-pp.json --timeline-dir bench-pp
 """
 import argparse
+import json
 import os
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining import schedules as torch_schedules
 
 from megalite import parallel
 from megalite.models import GPT, GPTConfig
+from megalite.pipeline import build_schedule, plot_timeline, rank_stages, schedule_info
 from megalite.training.step import forward_backward
+
+# our name -> torch's class (None: no torch counterpart run)
+TORCH = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe",
+         "interleaved-1f1b": "ScheduleInterleaved1F1B",
+         "zb-h1": "ScheduleInterleavedZeroBubble",  # ZB1P with one stage per rank
+         "interleaved-zb": "ScheduleInterleavedZeroBubble", "zbv": "ScheduleZBVZeroBubble"}
 
 
 class SavedActivationMeter:
     """Peak bytes autograd holds for backward, not counting parameters (dedup by storage)."""
 
-    def __init__(self, model):
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    def __init__(self, models):
+        self.params = {p.untyped_storage().data_ptr() for m in models for p in m.parameters()}
         self.live, self.peak, self.refs = 0, 0, {}
 
     def _pack(self, t):
@@ -49,7 +61,9 @@ class SavedActivationMeter:
                 if entry[0] == 0:
                     meter.live -= entry[1]
                     del meter.refs[ptr]
-        return Handle(t)
+        # Hold a detached alias: a saved output that referenced its own grad_fn would form a
+        # cycle that a retained graph (the split backward, ours and torch's) never frees.
+        return Handle(t.detach())
 
     @staticmethod
     def _unpack(x):
@@ -65,76 +79,135 @@ class SavedActivationMeter:
         self.ctx.__exit__(*exc)
 
 
+def build_pair(name, cfg, ps, m, tokens, targets, mb):
+    """(our step function, our models, torch's step function, torch's models) for one
+    schedule, both from the same seed."""
+    table = build_schedule(name, ps.pp, m)
+    stages = rank_stages(table)[ps.pp_rank]
+    num_stages = ps.pp * schedule_info(name)[1]
+    torch.manual_seed(0)
+    ours = GPT(cfg, stages=stages, num_stages=num_stages)
+
+    def run_ours(trace=False):
+        result = forward_backward(ours, tokens, targets, micro_batch_size=mb, schedule=table,
+                                  trace=trace)
+        ours.zero_grad(set_to_none=True)
+        return result.loss.item(), result.spans
+
+    cls = getattr(torch_schedules, TORCH[name], None)
+    if cls is None:
+        return run_ours, [ours], None, []
+    theirs = []
+    for s in stages:  # one module per stage: torch scales each stage's own gradients
+        torch.manual_seed(0)
+        theirs.append(GPT(cfg, stages=[s], num_stages=num_stages))
+    pipe_stages = [PipelineStage(model, s, num_stages, ps.device, group=ps.pp_group)
+                   for model, s in zip(theirs, stages)]
+    single = cls.__name__ in ("Schedule1F1B", "ScheduleGPipe")
+    schedule = cls(pipe_stages[0] if single else pipe_stages, m, loss_fn=theirs[-1].loss)
+    has_first, has_last = 0 in stages, num_stages - 1 in stages
+
+    def run_theirs():
+        losses = []
+        kwargs = {}
+        if has_last:
+            kwargs.update(target=targets, losses=losses)
+        schedule.step(*((tokens,) if has_first else ()), **kwargs)
+        for model in theirs:
+            model.zero_grad(set_to_none=True)
+        loss = torch.tensor([sum(l.item() for l in losses) / m if losses else 0.0])
+        dist.all_reduce(loss, group=ps.pp_group)  # make it known on every rank, like ours
+        return loss.item(), []
+
+    return run_ours, [ours], run_theirs, theirs
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--microbatches", type=int, default=8)
+    p.add_argument("--microbatches", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--schedules", default="1f1b,interleaved-1f1b,zb-h1,zbv")
     p.add_argument("--iters", type=int, default=6)
+    p.add_argument("--json", default=None, help="write the rows here (rank 0)")
+    p.add_argument("--timeline-dir", default=None, help="PNG timeline of one step of ours")
     args = p.parse_args()
     ps = parallel.initialize(pp=int(os.environ.get("WORLD_SIZE", 1)))
     cfg = GPTConfig(vocab_size=256, n_layers=args.layers, n_heads=8, d_model=args.d_model,
                     max_seq_len=args.seq, kernels="torch")
-    torch.manual_seed(0)
-    ours = GPT(cfg)
-    torch.manual_seed(0)
-    theirs = GPT(cfg)
-    m, mb = args.microbatches, args.micro_batch
-    g = torch.Generator().manual_seed(1)
-    data = torch.randint(0, 256, (m * mb, args.seq + 1), generator=g)
-    tokens, targets = data[:, :-1], data[:, 1:]
-
-    stage = PipelineStage(theirs, ps.pp_rank, ps.pp, ps.device, group=ps.pp_group)
-    schedule = Schedule1F1B(stage, m, loss_fn=theirs.loss)
-
-    def run_ours():
-        result = forward_backward(ours, tokens, targets, micro_batch_size=mb, schedule="1f1b")
-        ours.zero_grad(set_to_none=True)
-        return result.loss.item()
-
-    def run_theirs():
-        losses = []
-        if ps.pp_rank == 0:
-            schedule.step(tokens)
-        elif ps.pp_rank == ps.pp - 1:
-            schedule.step(target=targets, losses=losses)
-        else:
-            schedule.step()
-        theirs.zero_grad(set_to_none=True)
-        loss = torch.tensor([sum(l.item() for l in losses) / m if losses else 0.0])
-        dist.all_reduce(loss, group=ps.pp_group)  # make it known on every rank, like ours
-        return loss.item()
-
-    runs = {"megalite": (run_ours, ours), "torch Schedule1F1B": (run_theirs, theirs)}
-    times = {k: [] for k in runs}
-    peaks, losses = {}, {}
-    for name, (fn, model) in runs.items():  # warm-up, loss and activation memory
-        with SavedActivationMeter(model) as meter:
-            losses[name] = fn()
-        peaks[name] = meter.peak
-    for _ in range(args.iters):
-        for name, (fn, _) in runs.items():
-            dist.barrier()
-            t0 = time.perf_counter()
-            fn()
-            dist.barrier()
-            times[name].append(time.perf_counter() - t0)
-    all_peaks = [None] * ps.world_size
-    dist.all_gather_object(all_peaks, peaks)
-    if ps.rank == 0:
-        print(f"1F1B step, pp={ps.pp}, {cfg.n_layers} layers d={cfg.d_model} seq={args.seq}, "
-              f"{m} microbatches of {mb}, fp32, {args.iters} alternating iterations; "
+    names = args.schedules.split(",")
+    rows = []
+    for m in args.microbatches:
+        mb = args.micro_batch
+        g = torch.Generator().manual_seed(1)
+        data = torch.randint(0, 256, (m * mb, args.seq + 1), generator=g)
+        tokens, targets = data[:, :-1], data[:, 1:]
+        runs = {}
+        for name in names:
+            ours_fn, ours_models, theirs_fn, theirs_models = build_pair(
+                name, cfg, ps, m, tokens, targets, mb)
+            runs[(name, "megalite")] = (ours_fn, ours_models)
+            if theirs_fn is not None:
+                runs[(name, "torch")] = (theirs_fn, theirs_models)
+        peaks, losses, times = {}, {}, {k: [] for k in runs}
+        for key, (fn, models) in runs.items():  # warm-up, loss and activation memory
+            with SavedActivationMeter(models) as meter:
+                losses[key] = fn()[0]
+            peaks[key] = meter.peak
+        for _ in range(args.iters):
+            for key, (fn, _) in runs.items():
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn()
+                dist.barrier()
+                times[key].append(time.perf_counter() - t0)
+        if args.timeline_dir:
+            for name in names:
+                _, spans = runs[(name, "megalite")][0](trace=True)
+                gathered = [None] * ps.pp
+                dist.all_gather_object(gathered, spans, group=ps.pp_group)
+                if ps.rank == 0:
+                    spans = [s for part in gathered for s in part]
+                    t0 = min(s[3] for s in spans)
+                    spans = [(r, n, k, a - t0, b - t0) for r, n, k, a, b in spans]
+                    os.makedirs(args.timeline_dir, exist_ok=True)
+                    plot_timeline(spans, os.path.join(args.timeline_dir, f"{name}_m{m}.png"),
+                                  f"{name}, pp={ps.pp}, m={m}: measured step (seconds)")
+        all_peaks = [None] * ps.world_size
+        dist.all_gather_object(all_peaks, peaks)
+        if ps.rank != 0:
+            continue
+        print(f"\npp={ps.pp}, {cfg.n_layers} layers d={cfg.d_model} seq={args.seq}, {m} "
+              f"microbatches of {mb}, fp32, {args.iters} alternating iterations; "
               f"torch {torch.__version__}")
-        base = statistics.median(times["torch Schedule1F1B"])
-        for name in runs:
-            med = statistics.median(times[name])
-            mem = " / ".join(f"{p[name] / 2**20:.1f}" for p in all_peaks)
-            print(f"{name:<20} {1e3 * med:8.1f} ms  {med / base:5.2f}x   loss {losses[name]:.6f}"
-                  f"   peak saved activations per stage (MiB): {mem}")
-        assert abs(losses["megalite"] - losses["torch Schedule1F1B"]) < 1e-5, losses
-        print("losses match")
+        print(f"{'schedule':<18} {'provider':<9} {'ms/step':>8} {'/our 1f1b':>9} {'/torch':>7}"
+              f"   peak saved activations per rank (MiB)   loss")
+        base = statistics.median(times[("1f1b", "megalite")]) if "1f1b" in names else None
+        for (name, who), ts in times.items():
+            med = statistics.median(ts)
+            torch_med = statistics.median(times[(name, "torch")]) if (name, "torch") in times \
+                else None
+            mem = [pk[(name, who)] / 2**20 for pk in all_peaks]
+            vs_base = f"{med / base:9.2f}" if base and who == "megalite" else " " * 9
+            vs_torch = f"{med / torch_med:7.2f}" if torch_med and who == "megalite" else " " * 7
+            print(f"{name:<18} {who:<9} {1e3 * med:8.1f} {vs_base} {vs_torch}   "
+                  f"{' / '.join(f'{x:.1f}' for x in mem):<38} {losses[(name, who)]:.6f}")
+            rows.append({"microbatches": m, "schedule": name, "provider": who,
+                         "ms": 1e3 * med, "ms_all": [1e3 * t for t in ts],
+                         "vs_our_1f1b": med / base if base else None,
+                         "vs_torch": med / torch_med if torch_med else None,
+                         "peak_saved_mib": mem, "loss": losses[(name, who)],
+                         "torch": torch.__version__, "pp": ps.pp, "layers": cfg.n_layers,
+                         "d_model": cfg.d_model, "seq": args.seq, "micro_batch": mb})
+        ref = next(iter(losses.values()))
+        bad = {k: v for k, v in losses.items() if abs(v - ref) > 1e-5}
+        assert not bad, f"losses differ from {ref}: {bad}"
+        print("losses match across every schedule and provider")
+    if ps.rank == 0 and args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
     parallel.destroy()
 
 

@@ -22,7 +22,9 @@ import torch.distributed as dist
 
 from megalite import parallel
 from megalite.models import GPT, GPTConfig
-from megalite.pipeline import plot_timeline, write_chrome_trace
+from megalite.parallel.state import check_layout
+from megalite.pipeline import (SCHEDULE_NAMES, build_schedule, load_schedule, plot_timeline,
+                               rank_stages, write_chrome_trace)
 from megalite.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megalite.training.data import ShardedSampler, TokenDataset, default_corpus_path, get_batch
 from megalite.training.metrics import MetricsLogger, peak_flops, peak_memory_gb
@@ -50,7 +52,14 @@ def parse_args(argv=None):
     layout = p.add_argument_group("layout")
     layout.add_argument("--tp", type=POSITIVE, default=1, help="tensor-parallel size")
     layout.add_argument("--pp", type=POSITIVE, default=1, help="pipeline-parallel size")
-    layout.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
+    layout.add_argument("--schedule", choices=SCHEDULE_NAMES, default="1f1b",
+                        help="pipeline schedule (docs/pipeline.md)")
+    layout.add_argument("--virtual-stages", type=POSITIVE, default=None,
+                        help="stages per pipeline rank (interleaved-1f1b, interleaved-zb: "
+                             "default 2; zbv: 2)")
+    layout.add_argument("--schedule-file", default=None,
+                        help="run this schedule table (CSV or JSON, one row per pipeline rank) "
+                             "instead of --schedule")
     layout.add_argument("--sequence-parallel", action="store_true")
     model = p.add_argument_group("model")
     model.add_argument("--model", default="tiny", help="GPTConfig preset")
@@ -96,19 +105,32 @@ def check_batch_sizes(args, dp: int) -> int:
     return args.global_batch_size // per_step
 
 
+def pipeline_table(args, world_size: int) -> dict[int, list[str]]:
+    """The schedule every pipeline rank runs, from the flags alone (before any process
+    group): built by name, or read from --schedule-file and checked against the run."""
+    m = check_batch_sizes(args, check_layout(args.tp, args.pp, None, world_size))
+    if args.schedule_file:
+        if args.virtual_stages is not None:
+            raise ValueError("--virtual-stages comes from the --schedule-file's table; drop it")
+        return load_schedule(args.schedule_file, num_ranks=args.pp, num_microbatches=m)
+    return build_schedule(args.schedule, args.pp, m, virtual=args.virtual_stages)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    table = pipeline_table(args, int(os.environ.get("WORLD_SIZE", "1")))
     ps = parallel.initialize(tp=args.tp, pp=args.pp)
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     num_microbatches = check_batch_sizes(args, ps.dp)
+    stages = rank_stages(table)
     cfg = GPTConfig.preset(args.model, sequence_parallel=args.sequence_parallel,
                            kernels=args.kernels, dropout=args.dropout)
     if args.seq_len > cfg.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the {args.model} preset's "
                          f"max_seq_len {cfg.max_seq_len}")
     parallel.model_parallel_seed(args.seed)
-    model = GPT(cfg)
+    model = GPT(cfg, stages=stages[ps.pp_rank], num_stages=sum(map(len, stages.values())))
     dataset = TokenDataset(args.data or default_corpus_path(), args.seq_len)
     if dataset.vocab_size > cfg.vocab_size:
         raise ValueError(f"the data's tokenizer has {dataset.vocab_size} tokens but the model "
@@ -131,11 +153,14 @@ def main(argv=None):
     peak = peak_flops(ps.device, args.dtype)
     logger = MetricsLogger(ps.rank, args.steps, args.metrics_out, args.log_interval,
                            args.tensorboard, resumed_at=start_step if resume_from else None)
+    schedule_name = args.schedule_file or args.schedule
+    if model.num_stages > ps.pp:
+        schedule_name += f" ({model.num_stages // ps.pp} stages per rank)"
     if ps.rank == 0:
         print(f"megalite: {args.model} ({cfg.num_params() / 1e6:.2f}M params) on {ps.world_size} "
               f"{ps.device.type} processes: tp={ps.tp} pp={ps.pp} dp={ps.dp}, "
               f"{num_microbatches} microbatches of {args.micro_batch_size} x {args.seq_len}, "
-              f"{args.schedule}, {args.dtype}; steps {start_step + 1}..{args.steps}"
+              f"{schedule_name}, {args.dtype}; steps {start_step + 1}..{args.steps}"
               + (f" (resumed from {resume_from})" if resume_from else ""), flush=True)
 
     # Saved with every checkpoint: generate.py finds the tokenizer here.
@@ -150,7 +175,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
         result = train_step(model, optimizer, tokens, targets,
-                            micro_batch_size=args.micro_batch_size, schedule=args.schedule,
+                            micro_batch_size=args.micro_batch_size, schedule=table,
                             max_grad_norm=args.clip_grad, grad_scaler=scaler, dtype=args.dtype,
                             verbose=args.verbose_p2p,
                             trace=bool(args.trace) and step == args.steps)
@@ -173,7 +198,7 @@ def main(argv=None):
         save_checkpoint(args.save, args.steps, model, optimizer, scheduler, sampler, scaler,
                         extra=extra)
     if args.trace and result is not None:
-        write_timeline(args.trace, result.spans, ps, args.schedule)
+        write_timeline(args.trace, result.spans, ps, schedule_name)
     if ps.rank == 0:
         print(logger.summary() + (f"; checkpoint in {args.save}" if args.save else ""),
               flush=True)

@@ -92,7 +92,8 @@ def backward_input(output: torch.Tensor, grad: torch.Tensor | None,
                    inputs: list[torch.Tensor]) -> tuple[list, WeightGrad]:
     """Gradients of ``inputs`` (leaves that require grad) only, and the deferred W.
 
-    ``output`` is the stage output with its gradient ``grad``, or the loss with None."""
+    ``output`` is the stage output with its gradient ``grad``, or the loss with None; once
+    the split is made it is detached in place (its graph above the split nodes is freed)."""
     if not any(x.requires_grad for x in inputs):  # first stage: I has nothing to do
         return [None] * len(inputs), WeightGrad(output, grad)
     root = get_gradient_edge(output)
@@ -127,5 +128,8 @@ def backward_input(output: torch.Tensor, grad: torch.Tensor | None,
     finally:
         for h in handles:
             h.remove()
+    # W restarts at the split nodes: what lies between them and the output (e.g. the loss
+    # and its saved logits) is not needed any more, so let it go now.
+    output.detach_()
     return ([next(grads) if x.requires_grad else None for x in inputs],
             WeightGrad(splits=[(n, recorded[n], below) for n, below in splits if n in recorded]))

@@ -3,7 +3,8 @@
 Both take a generic list of spans `(rank, name, kind, start, end)` so the same code draws a
 simulated schedule (`SimResult.spans()`) and a timeline measured by the executor. Times are
 in any unit; `unit_us` converts them to the microseconds Chrome traces use (1e6 for seconds).
-kind is "F", "B", "W" for compute, anything else (e.g. "send", "recv") for communication.
+kind is "F", "B", "I", "W" for compute, anything else (e.g. "send", "recv") for
+communication. On a rank that owns several stages, its later stages are drawn lighter.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ class Span(NamedTuple):
     end: float
 
 
-COMPUTE_KINDS = ("F", "B", "W")
-COLORS = {"F": "#4C72B0", "B": "#55A868", "W": "#8172B2", "send": "#DD8452", "recv": "#C44E52"}
+COMPUTE_KINDS = ("F", "B", "I", "W")
+COLORS = {"F": "#4C72B0", "B": "#55A868", "I": "#2A9D8F", "W": "#8172B2", "send": "#DD8452",
+          "recv": "#C44E52"}
 OTHER_COLOR = "#999999"
 
 
@@ -56,8 +58,13 @@ def write_chrome_trace(spans: Iterable, path, unit_us: float = 1.0) -> None:
 
 def _label(span: Span) -> str:
     # Action names like "2F13" are labelled by their microbatch; the colour gives the kind.
-    match = re.fullmatch(r"\d+[FBW](\d+)", span.name)
+    match = re.fullmatch(r"\d+[FBIW](\d+)", span.name)
     return match.group(1) if match else span.name
+
+
+def _stage(span: Span) -> int | None:
+    match = re.fullmatch(r"(\d+)[FBIW]\d+", span.name)
+    return int(match.group(1)) if match else None
 
 
 def plot_timeline(spans: Iterable, path, title: str = "") -> None:
@@ -74,6 +81,8 @@ def plot_timeline(spans: Iterable, path, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, min(20.0, 0.35 * len(spans) / max(1, len(ranks)) + 4)),
                                     0.6 * len(ranks) + 1.4))
     row = {r: i for i, r in enumerate(ranks)}
+    local_stages = {r: sorted({_stage(s) for s in spans if s.rank == r and _stage(s) is not None})
+                    for r in ranks}
     # Compute fills the row; if there are comm spans they get a thin strip at its bottom,
     # since a send or recv may overlap compute on the same rank.
     has_comm = any(s.kind not in COMPUTE_KINDS for s in spans)
@@ -81,8 +90,10 @@ def plot_timeline(spans: Iterable, path, title: str = "") -> None:
     for s in spans:
         comm = s.kind not in COMPUTE_KINDS
         y0, h = comm_box if comm else compute_box
+        chunk = local_stages[s.rank].index(_stage(s)) if not comm and _stage(s) is not None else 0
         ax.broken_barh([(s.start, s.end - s.start)], (row[s.rank] + y0, h),
-                       facecolors=COLORS.get(s.kind, OTHER_COLOR), edgecolor="white", linewidth=0.5)
+                       facecolors=COLORS.get(s.kind, OTHER_COLOR), edgecolor="white",
+                       linewidth=0.5, alpha=1.0 if chunk == 0 else 0.6)
         if not comm and (s.end - s.start) > 0.012 * end:
             ax.text((s.start + s.end) / 2, row[s.rank] + y0 + h / 2, _label(s), ha="center",
                     va="center", fontsize=7, color="white")

@@ -3,6 +3,7 @@ resharding continues the curve, and the trace and verbose switches produce their
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,48 @@ def test_trace_and_verbose_p2p(tmp_path):
     names = {e["name"] for e in events}
     assert {"0F0", "0B3", "1F3", "1B0"} <= names
     assert (tmp_path / "trace" / "timeline.png").stat().st_size > 1000
+
+
+def test_schedules_virtual_stages_and_schedule_files(tmp_path):
+    from megalite.pipeline import build_schedule, save_schedule
+    single, _ = run(tmp_path, "single", "--steps", "4")
+    # Interleaved, 2 stages per rank, at pp=2: the single-process curve; saved at step 2.
+    inter, out = run(tmp_path, "inter", "--pp", "2", "--schedule", "interleaved-1f1b",
+                     "--virtual-stages", "2", "--steps", "2", "--save", "ckpt", nproc=2)
+    assert "interleaved-1f1b (2 stages per rank)" in out
+    # Checkpoints stay layout-free: resume the v=2 run at pp=1 and at zbv (V placement).
+    resumed, _ = run(tmp_path, "resumed", "--steps", "4", "--load", "ckpt")
+    zbv, _ = run(tmp_path, "zbv", "--pp", "2", "--schedule", "zbv", "--steps", "4",
+                 "--load", "ckpt", "--trace", "trace", nproc=2)
+    for rows in (inter, resumed[2:], zbv[2:]):
+        for row in rows:
+            assert abs(row["loss"] - losses(single)[row["step"]]) < 1e-4, (row, single)
+    names = {e["name"] for e in json.loads((tmp_path / "trace" / "timeline.json").read_text())}
+    assert {"0F0", "3I0", "3W0", "1I3", "2W3"} <= names  # zbv's split backward, traced
+    # A user's table: zb-h1 written to a CSV file, run from it.
+    save_schedule(build_schedule("zb-h1", 2, 4), tmp_path / "mine.csv")
+    from_file, _ = run(tmp_path, "file", "--pp", "2", "--schedule-file", "mine.csv",
+                       "--steps", "2", nproc=2)
+    assert losses(from_file) == pytest.approx({s: losses(single)[s] for s in (1, 2)}, abs=1e-4)
+
+
+def test_bad_schedule_flags_fail_before_any_process_group(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "two.json").write_text('{"0": ["0F0", "0B0"], "1": ["1F0", "1B0"]}')
+    (tmp_path / "bad.csv").write_text("0F0,0F1,0B1\n")
+    for flags, message in (
+            (["--schedule-file", "two.json"], "it has 2 rows \\(ranks\\) but the pipeline has 1"),
+            (["--schedule-file", "bad.csv"], "stage 0 has no F for microbatches \\[2, 3\\]"),
+            (["--schedule-file", "none.json"], "cannot read schedule file"),
+            (["--schedule", "1f1b", "--virtual-stages", "2"], "1f1b runs 1 stage"),
+            (["--schedule", "interleaved-1f1b", "--virtual-stages", "1"],
+             "needs virtual stages >= 2")):
+        proc = subprocess.run([sys.executable, SCRIPT, "--steps", "1", "--global-batch-size",
+                               "8", "--micro-batch-size", "2", *flags], env=env,
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert proc.returncode != 0, flags
+        assert re.search(message, proc.stderr), (flags, proc.stderr[-2000:])
+        assert "initialize" not in proc.stderr  # raised before the process group starts
 
 
 def test_bad_batch_sizes_fail_clearly(tmp_path):
