@@ -19,8 +19,9 @@ def layers_per_stage(num_layers: int, num_stages: int,
                              f"summing to n_layers={num_layers}")
         return split
     if num_layers < num_stages:
-        raise ValueError(f"n_layers={num_layers} < pp={num_stages}: every stage needs a layer; "
-                         f"lower --pp or use more layers")
+        raise ValueError(f"n_layers={num_layers} < {num_stages} pipeline stages (pp x virtual "
+                         f"stages): every stage needs a layer; lower --pp or --virtual-stages, "
+                         f"or use more layers")
     base, extra = divmod(num_layers, num_stages)
     return [base + (1 if s < extra else 0) for s in range(num_stages)]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence, Union
 
-from megalite.pipeline.actions import Action, Schedule
+from megalite.pipeline.actions import Action, Schedule, stage_to_rank
 from megalite.pipeline.validate import replay, validate_schedule
 
 Cost = Union[float, Sequence[float]]
@@ -111,34 +111,93 @@ def peak_live_activations(actions: Sequence[Union[str, Action]]) -> int:
     return peak
 
 
+def published_bubble(name: str, p: int, m: int, v: int, f: float, i: float, w: float):
+    """The bubble fraction the literature gives for a schedule (None where it gives none):
+    1F1B and GPipe (p-1)/(m+p-1) and interleaved (p-1)/(vm+p-1) for F = B (Narayanan et al.
+    2021); ZB-H1's bubble time (p-1)(T_F + T_I - T_W) (Qi et al. 2024, table 1)."""
+    b = i + w
+    if name in ("1f1b", "gpipe") and v == 1:
+        return (p - 1) * (f + b) / (m * (f + b) + (p - 1) * (f + b))
+    if name == "interleaved-1f1b":
+        return (p - 1) * (f + b) / (v * m * (f + b) + (p - 1) * (f + b))
+    if name == "zb-h1":
+        bubble = (p - 1) * max(0.0, f + i - w)
+        return bubble / (m * (f + b) + bubble)
+    return None
+
+
+def compare(p: int, m: int, costs: tuple[float, float, float], names=None, png_dir=None):
+    """Markdown table (and PNG grids) of every schedule at p, m and per-rank costs
+    (F, I, W) of one microbatch through a whole rank's layers (a stage of a rank holding v
+    stages costs 1/v of it)."""
+    from .schedules import SCHEDULE_NAMES, build_schedule, schedule_info
+    from .timeline import plot_timeline
+
+    f, i, w = costs
+    lines = ["| schedule | v | makespan | bubble | published | peak live per rank "
+             "(stage-microbatches) | peak in rank-microbatches |",
+             "|---|---:|---:|---:|---:|---|---:|"]
+    for name in names or SCHEDULE_NAMES:
+        _, v = schedule_info(name)
+        if name.startswith("interleaved") and m % p:
+            continue
+        r = simulate_schedule(build_schedule(name, p, m, v), f_cost=f / v, i_cost=i / v,
+                              w_cost=w / v)
+        pub = published_bubble(name, p, m, v, f, i, w)
+        live = " / ".join(str(r.peak_live[k]) for k in sorted(r.peak_live))
+        lines.append(f"| {name} | {v} | {r.makespan:g} | {r.bubble_total:.3f} | "
+                     f"{'-' if pub is None else f'{pub:.3f}'} | {live} | "
+                     f"{max(r.peak_live_units.values()):g} |")
+        if png_dir:
+            tag = f"{f:g}-{i:g}-{w:g}".replace(".", "_")
+            plot_timeline(r.spans(), f"{png_dir}/sim_{name}_p{p}_m{m}_{tag}.png",
+                          title=f"{name} p={p} m={m} (F:I:W = {f:g}:{i:g}:{w:g}): "
+                                f"bubble {r.bubble_total:.1%}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
-    """`python -m megalite.pipeline.simulate --schedule 1f1b -p 4 -m 8 --png out.png`"""
+    """`python -m megalite.pipeline.simulate --schedule zbv -p 4 -m 8 --png out.png`;
+    `--all` prints every schedule side by side."""
     import argparse
 
-    from .schedules import SCHEDULE_NAMES, build_schedule, format_schedule
+    from .schedules import SCHEDULE_NAMES, build_schedule, format_schedule, load_schedule
     from .timeline import plot_timeline, write_chrome_trace
 
     ap = argparse.ArgumentParser(description="Print, validate and simulate a pipeline schedule.")
     ap.add_argument("--schedule", choices=SCHEDULE_NAMES, default="1f1b")
-    ap.add_argument("-p", "--stages", type=int, default=4)
+    ap.add_argument("--schedule-file", help="simulate this table (CSV or JSON) instead")
+    ap.add_argument("--virtual-stages", type=int, default=None)
+    ap.add_argument("-p", "--stages", type=int, default=4, help="pipeline ranks")
     ap.add_argument("-m", "--microbatches", type=int, default=8)
-    ap.add_argument("--f-cost", type=float, default=1.0)
-    ap.add_argument("--b-cost", type=float, default=2.0)
+    ap.add_argument("--f-cost", type=float, default=1.0, help="per microbatch through a "
+                    "whole rank's layers; a stage of v per rank costs 1/v")
+    ap.add_argument("--i-cost", type=float, default=1.0)
+    ap.add_argument("--w-cost", type=float, default=1.0)
     ap.add_argument("--comm-cost", type=float, default=0.0)
-    ap.add_argument("--png", help="write a timeline plot here")
+    ap.add_argument("--all", action="store_true", help="table of every schedule")
+    ap.add_argument("--png", help="write a timeline plot here (with --all: a directory)")
     ap.add_argument("--trace", help="write a Chrome-trace JSON here (open in ui.perfetto.dev)")
     args = ap.parse_args(argv)
 
     p, m = args.stages, args.microbatches
-    schedule = build_schedule(args.schedule, p, m)
+    costs = (args.f_cost, args.i_cost, args.w_cost)
+    if args.all:
+        print(compare(p, m, costs, png_dir=args.png))
+        return
+    if args.schedule_file:
+        schedule, label = load_schedule(args.schedule_file), args.schedule_file
+    else:
+        schedule, label = build_schedule(args.schedule, p, m, args.virtual_stages), args.schedule
+    v = max(1, len(stage_to_rank(schedule)) // len(schedule))
     print(format_schedule(schedule))
-    r = simulate_schedule(schedule, p, m, args.f_cost, args.b_cost, comm_cost=args.comm_cost)
-    print(f"\nmakespan {r.makespan:g}  bubble {r.bubble_total:.3f} "
-          f"((p-1)/(m+p-1) = {(p - 1) / (m + p - 1):.3f} with equal stage costs, no comm)")
+    r = simulate_schedule(schedule, f_cost=args.f_cost / v, i_cost=args.i_cost / v,
+                          w_cost=args.w_cost / v, comm_cost=args.comm_cost)
+    print(f"\nmakespan {r.makespan:g}  bubble {r.bubble_total:.3f}")
     for rank in sorted(r.timeline):
         print(f"rank {rank}: bubble {r.bubble[rank]:.3f}  peak live activations {r.peak_live[rank]}")
-    title = f"{args.schedule} p={p} m={m} (F={args.f_cost:g}, B={args.b_cost:g}, " \
-            f"comm={args.comm_cost:g}): bubble {r.bubble_total:.1%}"
+    title = f"{label} p={len(schedule)} m={m} (F:I:W = {args.f_cost:g}:{args.i_cost:g}:" \
+            f"{args.w_cost:g}, comm={args.comm_cost:g}): bubble {r.bubble_total:.1%}"
     if args.png:
         plot_timeline(r.spans(), args.png, title=title)
     if args.trace:

@@ -114,3 +114,31 @@ def test_config_errors_are_clear():
         GPTConfig.preset("gpt5")
     assert GPTConfig.preset("llama-1b").num_params() == pytest.approx(1.236e9, rel=0.01)
     assert GPTConfig.preset("gpt2-124m").num_params() == pytest.approx(124.4e6, rel=0.01)
+
+
+def test_stages_of_one_rank_compose_to_the_whole_model():
+    """GPT(cfg, stages=...) holds several pipeline stages under their global names; running
+    them in order is the one-stage model. Uneven splits follow cfg.layers_per_stage."""
+    parallel.destroy()
+    cfg = GPTConfig(vocab_size=37, n_layers=5, n_heads=2, d_model=16, d_ff=32, max_seq_len=8,
+                    kernels="torch", tie_embeddings=True)
+    tokens = torch.randint(0, 37, (2, 8), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    whole = GPT(cfg)
+    torch.manual_seed(0)
+    split = GPT(cfg.replace(layers_per_stage=[1, 2, 1, 1]), stages=[0, 1, 2, 3], num_stages=4)
+    assert dict(whole.named_parameters()).keys() == dict(split.named_parameters()).keys()
+    assert split.stage_layers == {0: range(0, 1), 1: range(1, 3), 2: range(3, 4), 3: range(4, 5)}
+    x = tokens
+    for s in range(4):
+        x = split(x, stage=s)
+    torch.testing.assert_close(x, whole(tokens))
+    assert split.shared_embedding_params() == []  # first and last stage on one rank
+    with pytest.raises(ValueError, match=r"holds stages \[0, 1, 2, 3\]: call model\(x, stage=s\)"):
+        split(tokens)
+    with pytest.raises(ValueError, match="layers_per_stage=\\[2, 3\\] must list 4 counts"):
+        GPT(cfg.replace(layers_per_stage=[2, 3]), stages=[0], num_stages=4)
+    with pytest.raises(ValueError, match="n_layers=5 < 6 pipeline stages"):
+        GPT(cfg, stages=[0], num_stages=6)
+    with pytest.raises(ValueError, match="stages \\[7\\] must be a non-empty list"):
+        GPT(cfg, stages=[7], num_stages=4)

@@ -18,7 +18,7 @@ def test_explicit_split_and_bad_splits():
     for split in ([0, 4], [2, 1], [1, 1, 2]):
         with pytest.raises(ValueError, match="counts >= 1 summing to n_layers=4"):
             layers_per_stage(4, 2, split)
-    with pytest.raises(ValueError, match="lower --pp or use more layers"):
+    with pytest.raises(ValueError, match="lower --pp or --virtual-stages, or use more layers"):
         layers_per_stage(3, 4)
     with pytest.raises(ValueError, match="num_stages must be >= 1"):
         layers_per_stage(3, 0)
