@@ -85,7 +85,8 @@ def check_layout(tp, pp, dp, schedule, cfg, global_batch=GLOBAL_BATCH):
 
 def _world(rank, world, layouts):
     for tp, pp, dp in layouts:
-        for i, schedule in enumerate(SCHEDULES):
+        # pp = 1: the schedule is plain accumulation (two stages on one rank for v = 2)
+        for i, schedule in enumerate(SCHEDULES if pp > 1 else ("1f1b", "zbv")):
             # untied and tied everywhere up to 4 processes; alternate them at 8
             ties = (False, True) if world <= 4 else ((False, True)[i % 2],)
             for tied in ties:
@@ -101,7 +102,7 @@ def _world(rank, world, layouts):
 
 @pytest.mark.parametrize("world,layouts", [
     (2, [(1, 2, 1)]),
-    (4, [(1, 4, 1), (2, 2, 1), (1, 2, 2)]),
+    (4, [(1, 4, 1), (2, 2, 1), (1, 2, 2), (2, 1, 2)]),
     (8, [(2, 2, 2), (2, 4, 1), (1, 4, 2)]),
 ])
 def test_layouts_and_schedules_train_like_one_process(world, layouts):
@@ -116,13 +117,46 @@ USER_SCHEDULE = {
 }
 
 
+def random_schedule(owner, m, seed):
+    """A random runnable table: replay a pipeline where, at each step, a random rank runs a
+    random action whose inputs exist (random B or I+W, random microbatch order)."""
+    import random
+    rng = random.Random(seed)
+    n, ranks = len(owner), sorted(set(owner.values()))
+    done, table = set(), {r: [] for r in ranks}
+    split = {(s, i): rng.random() < 0.5 for s in range(n) for i in range(m)}
+    while len(done) < n * m * 2 + sum(split.values()):
+        r = rng.choice(ranks)
+        ready = []
+        for s in (s for s in range(n) if owner[s] == r):
+            for i in range(m):
+                back = "I" if split[(s, i)] else "B"
+                if (s, "F", i) not in done and (s == 0 or (s - 1, "F", i) in done):
+                    ready.append((s, "F", i))
+                if (s, "F", i) in done and (s, back, i) not in done and \
+                        (s == n - 1 or {(s + 1, "B", i), (s + 1, "I", i)} & done):
+                    ready.append((s, back, i))
+                if (s, "I", i) in done and (s, "W", i) not in done:
+                    ready.append((s, "W", i))
+        if ready:
+            a = rng.choice(ready)
+            done.add(a)
+            table[r].append(f"{a[0]}{a[1]}{a[2]}")
+    return table
+
+
 def _user_schedule_world(rank, world):
     for tied in (False, True):
         check_layout(1, 2, 1, USER_SCHEDULE, CFG.replace(tie_embeddings=tied), global_batch=2)
+    # Random runnable tables, loop and V placement: whatever validates runs, exactly.
+    for seed, owner in enumerate(({0: 0, 1: 1, 2: 0, 3: 1}, {0: 0, 1: 1, 2: 1, 3: 0},
+                                  {0: 0, 1: 1})):
+        table = random_schedule(owner, 3, seed)
+        check_layout(1, 2, 1, table, CFG.replace(tie_embeddings=seed == 1), global_batch=3)
     return True
 
 
-def test_user_schedule_trains_like_one_process():
+def test_user_and_random_schedules_train_like_one_process():
     assert run_world(2, _user_schedule_world, timeout=300) == [True, True]
 
 

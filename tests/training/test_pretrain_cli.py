@@ -82,7 +82,7 @@ def test_layouts_resume_and_reshard_through_the_command_line(tmp_path):
 def test_trace_and_verbose_p2p(tmp_path):
     _, out = run(tmp_path, "traced", "--pp", "2", "--steps", "1", "--trace", "trace",
                  "--verbose-p2p", "--schedule", "gpipe", nproc=2)
-    assert "[rank 0] send F0 -> rank 1" in out and "[rank 1] recv F0 <- rank 0" in out
+    assert "[rank 0] send 0F0 -> rank 1" in out and "[rank 1] recv 1F0 <- rank 0" in out
     events = json.loads((tmp_path / "trace" / "timeline.json").read_text())
     events = events["traceEvents"] if isinstance(events, dict) else events
     names = {e["name"] for e in events}
