@@ -87,8 +87,8 @@ def _world(rank, world, layouts):
     for tp, pp, dp in layouts:
         # pp = 1: the schedule is plain accumulation (two stages on one rank for v = 2)
         for i, schedule in enumerate(SCHEDULES if pp > 1 else ("1f1b", "zbv")):
-            # untied and tied everywhere up to 4 processes; alternate them at 8
-            ties = (False, True) if world <= 4 else ((False, True)[i % 2],)
+            # untied and tied at tp = dp = 1; with tp or dp > 1, alternate between schedules
+            ties = (False, True) if tp == dp == 1 else ((False, True)[(i + tp) % 2],)
             for tied in ties:
                 check_layout(tp, pp, dp, schedule, CFG.replace(tie_embeddings=tied))
             if tp > 1 and (world <= 4 or i % 2 == 0):
