@@ -165,6 +165,7 @@ def main():
                 times[key].append(time.perf_counter() - t0)
         if args.timeline_dir:
             for name in names:
+                dist.barrier()
                 _, spans = runs[(name, "megalite")][0](trace=True)
                 gathered = [None] * ps.pp
                 dist.all_gather_object(gathered, spans, group=ps.pp_group)

@@ -97,8 +97,9 @@ def test_schedules_virtual_stages_and_schedule_files(tmp_path):
     inter, out = run(tmp_path, "inter", "--pp", "2", "--schedule", "interleaved-1f1b",
                      "--virtual-stages", "2", "--steps", "2", "--save", "ckpt", nproc=2)
     assert "interleaved-1f1b (2 stages per rank)" in out
-    # Checkpoints stay layout-free: resume the v=2 run at pp=1 and at zbv (V placement).
-    resumed, _ = run(tmp_path, "resumed", "--steps", "4", "--load", "ckpt")
+    # Checkpoints stay layout-free: resume the v=2 run at tp=2 pp=1, and at zbv (V placement).
+    resumed, _ = run(tmp_path, "resumed", "--tp", "2", "--steps", "4", "--load", "ckpt",
+                     nproc=2)
     zbv, _ = run(tmp_path, "zbv", "--pp", "2", "--schedule", "zbv", "--steps", "4",
                  "--load", "ckpt", "--trace", "trace", nproc=2)
     for rows in (inter, resumed[2:], zbv[2:]):
