@@ -7,9 +7,9 @@
     gpipe              loop       v (default 1)    B      all F, then all B
     1f1b               loop       1                B      warmup, one F one B, cooldown
     interleaved-1f1b   loop       v (default 2)    B      Megatron-Core's virtual pipeline
-    zb-h1              loop       1                I + W  zero bubble, 1F1B's memory
-    interleaved-zb     loop       v (default 2)    I + W  zero bubble, interleaved memory
-    zbv                V          2                I + W  zero bubble, V-shaped
+    zb-h1              loop       1                I + W  zero bubble (ZB-H1), 1F1B's memory
+    interleaved-zb     loop       v (default 2)    I + W  the same interleaved (torch's ZB1P)
+    zbv                V          2                I + W  zero bubble, V-shaped (ZB-V)
 
 "loop": stage s on rank s mod p (p * v stages). "V": rank r owns stages r and 2p-1-r, so
 the first and the last stage (embedding and head) share rank 0 and the turn at stage p-1 ->
@@ -73,23 +73,31 @@ def _one_f_one_b(p: int, m: int, v: int) -> dict[int, list[Action]]:
     return out
 
 
-def _interleaved_1f1b(p: int, m: int, v: int) -> dict[int, list[Action]]:
-    """Megatron-Core's interleaved 1F1B (virtual pipeline), microbatch groups of size p.
+# ---------------------------------------------------------------------------------------
+# Zero-bubble orders (Qi et al., "Zero Bubble Pipeline Parallelism", arXiv 2401.10241).
 
-    Virtual microbatch k runs model chunk c on microbatch i, where the table walks groups of
-    p microbatches through chunk 0, then chunk 1, ...; m must be a multiple of p;
-    the backward walks the same table with the chunks reversed. Warmup on rank r:
-    2(p-r-1) + (v-1)p forwards, then one forward one backward, then the cooldown.
-    """
-    if m % p:
+
+def _interleaved_table(p: int, m: int, v: int) -> list[tuple[int, int]]:
+    """Megatron-Core's virtual-microbatch table: k -> (microbatch, model chunk). Groups of p
+    microbatches walk through chunk 0, chunk 1, ...; needs m divisible by p when v > 1."""
+    if v > 1 and m % p:
         raise ValueError(f"interleaved schedules need num_microbatches divisible by the "
                          f"pipeline size: got m={m}, p={p} (as in Megatron-Core: the number of "
                          f"microbatches is not divisible by pipeline-model-parallel-size); "
                          f"change --global-batch-size or --micro-batch-size, or use 1f1b")
-    table = []  # virtual microbatch -> (microbatch, chunk)
-    for first in range(0, m, p):
-        table += [(i, c) for c in range(v) for i in range(first, first + p)]
-    total = m * v
+    group = p if v > 1 else m
+    return [(i, c) for first in range(0, m, group) for c in range(v)
+            for i in range(first, min(first + group, m))]
+
+
+def _interleaved_1f1b(p: int, m: int, v: int) -> dict[int, list[Action]]:
+    """Megatron-Core's interleaved 1F1B (virtual pipeline).
+
+    Virtual microbatch k runs table[k] (`_interleaved_table`); the k-th backward walks the
+    same table with the chunks reversed. Warmup on rank r: 2(p-r-1) + (v-1)p forwards, then
+    one forward one backward, then the cooldown.
+    """
+    table, total = _interleaved_table(p, m, v), m * v
     out = {}
     for r in range(p):
         def fwd(k):
@@ -109,146 +117,84 @@ def _interleaved_1f1b(p: int, m: int, v: int) -> dict[int, list[Action]]:
     return out
 
 
-# ---------------------------------------------------------------------------------------
-# Zero-bubble orders by list scheduling.
-
-
-def _list_schedule(p: int, m: int, owner: dict[int, int], cap: int,
-                   priority: str) -> dict[int, list[Action]]:
-    """Zero-bubble order for any placement, by list scheduling at unit costs (F = I = W).
-
-    At each time step every idle rank takes the first available kind in ``priority`` (e.g.
-    "IFW"): an I whose gradient has arrived (highest stage first: it unblocks the ranks
-    upstream), a forward whose input has arrived while the rank holds fewer than ``cap``
-    stage-microbatches (from F until W), or the oldest pending W, which fills what would
-    otherwise be a bubble. This is the greedy heuristic of Qi et al. (arXiv 2401.10241,
-    sec. 3) with a memory limit taken from the schedule it replaces; the result is then
-    validated like any other list.
-    """
-    n = len(owner)
-    stages = {r: sorted((s for s in owner if owner[s] == r), reverse=True) for r in range(p)}
-    next_f, next_i = [0] * n, [0] * n
-    ready: dict[tuple, int] = {}  # ("act"|"grad", stage, mb) -> time it exists
-    pending_w: dict[int, list[Action]] = {r: [] for r in range(p)}
-    live = {r: 0 for r in range(p)}
-    out: dict[int, list[Action]] = {r: [] for r in range(p)}
-    left, t, never = 3 * n * m, 0, float("inf")
-    while left:
-        made = {}
-        for r in range(p):
-            options = {}
-            for s in stages[r]:
-                i = next_i[s]
-                if i < m and ready.get(("act", s, i), never) <= t and \
-                        (s == n - 1 or ready.get(("grad", s + 1, i), never) <= t):
-                    options["I"] = Action(s, "I", i)
-                    break
-            if live[r] < cap:
-                for s in stages[r]:
-                    i = next_f[s]
-                    if i < m and (s == 0 or ready.get(("act", s - 1, i), never) <= t):
-                        options["F"] = Action(s, "F", i)
-                        break
-            if pending_w[r]:
-                options["W"] = pending_w[r][0]
-            pick = next((options[k] for k in priority if k in options), None)
-            if pick is None:
-                continue
-            out[r].append(pick)
-            left -= 1
-            s, i = pick.stage, pick.microbatch
-            if pick.kind == "F":
-                next_f[s] += 1
-                live[r] += 1
-                made[("act", s, i)] = t + 1
-            elif pick.kind == "I":
-                next_i[s] += 1
-                pending_w[r].append(Action(s, "W", i))
-                made[("grad", s, i)] = t + 1
-            else:
-                pending_w[r].pop(0)
-                live[r] -= 1
-        ready.update(made)
-        t += 1
-        if t > 10 * n * m + 100:  # a cap too small to make progress; never for ours
-            raise RuntimeError(f"zero-bubble list scheduling is stuck (cap={cap})")
-    return out
-
-
-def _best_list_schedule(p: int, m: int, owner: dict[int, int], max_cap: int):
-    """The shortest list schedule at unit costs over two priority rules ("I first" drains
-    gradients early, "F first" keeps a V's second half busy) with at most ``max_cap`` live
-    stage-microbatches per rank; then the cap is lowered while that stays as short, so the
-    schedule holds no more activations than its speed needs."""
-    def attempt(cap):
-        found = None
-        for priority in ("IFW", "FIW"):
-            try:
-                order = _list_schedule(p, m, owner, cap, priority)
-            except RuntimeError:
-                continue
-            timeline, _ = replay(order, len(owner), duration=lambda a: 1.0, comm=lambda a: 0.0)
-            makespan = max(end for spans in timeline.values() for _, end, _ in spans)
-            if found is None or makespan < found[0]:
-                found = (makespan, order)
-        return found
-
-    best = attempt(max_cap)
-    for cap in range(max_cap - 1, len(owner) // p - 1, -1):
-        found = attempt(cap)
-        if found is None or found[0] > best[0]:
-            break
-        best = found
-    return best[1]
-
-
-def _zb_h1(p: int, m: int, v: int) -> dict[int, list[Action]]:
-    """ZB-H1 (Qi et al., sec. 3.1): 1F1B with each B split into I and W, where rank r
-    postpones its first r W's. The later ranks then run their I's back to back, gradients
-    reach rank 0 sooner, and the postponed W's fill the cooldown. Peak memory is 1F1B's
-    (p microbatches), now on every rank."""
+def _zero_bubble_loop(p: int, m: int, v: int) -> dict[int, list[Action]]:
+    """ZB-H1 (v = 1) and its interleaved form (v > 1, PyTorch's ZB1P): interleaved 1F1B's
+    order with a shorter warmup, (v-1)p + p-r-1 forwards, each backward split into I and W,
+    and rank r postponing its first r W's. The later ranks then run their I's back to
+    back, gradients reach rank 0 sooner, and the postponed W's fill the cooldown; peak
+    memory is the first rank's, now on every rank."""
+    table, total = _interleaved_table(p, m, v), m * v
     out = {}
     for r in range(p):
-        warmup = min(p - r - 1, m)
-        actions = [Action(r, "F", i) for i in range(warmup)]
-        w_next = 0
+        warmup = min((v - 1) * p + p - r - 1, total)
+        actions = [Action(c * p + r, "F", i) for i, c in table[:warmup]]
+        weights = []  # I's whose W is still owed, oldest first
 
-        def backward(i):
-            nonlocal w_next
-            actions.append(Action(r, "I", i))
-            if i >= r:  # W of the microbatch r places back
-                actions.append(Action(r, "W", w_next))
-                w_next += 1
+        def backward(k):
+            i, c = table[k]
+            actions.append(Action((v - 1 - c) * p + r, "I", i))
+            weights.append(actions[-1])
+            if k >= r:  # W of the microbatch r places back
+                a = weights.pop(0)
+                actions.append(Action(a.stage, "W", a.microbatch))
 
-        for i in range(m - warmup):
-            actions.append(Action(r, "F", warmup + i))
-            backward(i)
-        for i in range(m - warmup, m):
-            backward(i)
-        actions += [Action(r, "W", i) for i in range(w_next, m)]
+        for k in range(total - warmup):
+            i, c = table[warmup + k]
+            actions.append(Action(c * p + r, "F", i))
+            backward(k)
+        for k in range(total - warmup, total):
+            backward(k)
+        actions += [Action(a.stage, "W", a.microbatch) for a in weights]
         out[r] = actions
     return out
 
 
-def _interleaved_zb(p: int, m: int, v: int) -> dict[int, list[Action]]:
-    # At most interleaved 1F1B's peak memory (on its rank 0), on every rank.
-    base = _interleaved_1f1b(p, m, v)
-    cap = max(_peak_live(base[r]) for r in range(p))
-    return _best_list_schedule(p, m, placement("loop", p, v), cap)
-
-
 def _zbv(p: int, m: int, v: int) -> dict[int, list[Action]]:
-    # At most 1F1B's peak on rank 0 (p microbatches of a whole rank's layers = 2p half-size
-    # stage activations), on every rank: the V shape balances memory.
-    return _best_list_schedule(p, m, placement("V", p, 2), 2 * p)
+    """ZB-V (Qi et al., sec. 6): V placement, rank r owns chunk 0 = stage r and chunk 1 =
+    stage 2p-1-r. Phases per rank: 2(p-r)-1 forwards of chunk 0; r times (F1, F0); p-r times
+    (F1, I1, W1); steady (F0, I0, W0, F1, I1, W1) until every forward is done; cooldown r
+    times (I0, I1), p-r times (I0, W0); then the W's still owed, chunk 1's first. Planned
+    for max(m, 2p-1) microbatches, the extra ones dropped. Peak memory is 1F1B's (2p
+    half-size stages, i.e. p microbatches of a rank's layers) on every rank."""
+    n = max(m, 2 * p - 1)
+    out = {}
+    for r in range(p):
+        stage = (r, 2 * p - 1 - r)
+        count: dict[tuple[int, str], int] = {}
+        plan: list[tuple[int, str]] = []
 
+        def emit(*items):
+            for item in items:
+                plan.append((int(item[1]), item[0]))  # "F0" -> (chunk 0, "F")
 
-def _peak_live(actions: list[Action]) -> int:
-    live = peak = 0
-    for a in actions:
-        live += {"F": 1, "B": -1, "W": -1}.get(a.kind, 0)
-        peak = max(peak, live)
-    return peak
+        emit(*["F0"] * (2 * (p - r) - 1))
+        for _ in range(r):
+            emit("F1", "F0")
+        for _ in range(p - r):
+            emit("F1", "I1", "W1")
+        f0 = (2 * (p - r) - 1) + r
+        f1 = r + (p - r)
+        while f1 < f0 or f0 < n:
+            if f0 < n:
+                emit("F0")
+                f0 += 1
+            emit("I0", "W0", "F1", "I1", "W1")
+            f1 += 1
+        for _ in range(r):
+            emit("I0", "I1")
+        for _ in range(p - r):
+            emit("I0", "W0")
+        actions = []
+        for chunk, kind in plan:
+            i = count.get((chunk, kind), 0)
+            count[(chunk, kind)] = i + 1
+            actions.append(Action(stage[chunk], kind, i))
+        owed = {c: count.get((c, "I"), 0) - count.get((c, "W"), 0) for c in (0, 1)}
+        for chunk in (1, 0):
+            start = count.get((chunk, "W"), 0)
+            actions += [Action(stage[chunk], "W", i) for i in range(start, start + owed[chunk])]
+        out[r] = [a for a in actions if a.microbatch < m]
+    return out
 
 
 # name -> (builder, placement, default virtual, allowed virtual (None: any >= 1))
@@ -256,8 +202,8 @@ _BUILDERS: dict[str, tuple[Callable, str, int, tuple | None]] = {
     "1f1b": (_one_f_one_b, "loop", 1, (1,)),
     "gpipe": (_gpipe, "loop", 1, None),
     "interleaved-1f1b": (_interleaved_1f1b, "loop", 2, "2+"),
-    "zb-h1": (_zb_h1, "loop", 1, (1,)),
-    "interleaved-zb": (_interleaved_zb, "loop", 2, "2+"),
+    "zb-h1": (_zero_bubble_loop, "loop", 1, (1,)),
+    "interleaved-zb": (_zero_bubble_loop, "loop", 2, "2+"),
     "zbv": (_zbv, "V", 2, (2,)),
 }
 SCHEDULE_NAMES = tuple(_BUILDERS)

@@ -161,23 +161,21 @@ def test_published_bubbles():
         assert max(zbv.peak_live_units.values()) <= max(one.peak_live.values())
 
 
-def test_zero_bubble_no_slower_than_torch_orders():
+def test_interleaved_and_zero_bubble_orders_equal_torchs():
     torch_schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
-    for p, m in [(2, 4), (2, 8), (4, 8), (4, 16)]:
+    for p, m in [(2, 2), (2, 4), (2, 8), (3, 6), (4, 4), (4, 8), (4, 16), (6, 12)]:
         theirs = {
-            "zb-h1": _torch_rank_ops(torch_schedules.ScheduleInterleavedZeroBubble, p, m, 1),
-            "interleaved-zb": _torch_rank_ops(torch_schedules.ScheduleInterleavedZeroBubble, p, m, 2),
-            "zbv": _torch_rank_ops(torch_schedules.ScheduleZBVZeroBubble, p, m, 2),
-            "interleaved-1f1b": _torch_rank_ops(torch_schedules.ScheduleInterleaved1F1B, p, m, 2),
+            ("zb-h1", 1): _torch_rank_ops(torch_schedules.ScheduleInterleavedZeroBubble, p, m, 1),
+            ("interleaved-zb", 2): _torch_rank_ops(torch_schedules.ScheduleInterleavedZeroBubble,
+                                                   p, m, 2),
+            ("interleaved-zb", 3): _torch_rank_ops(torch_schedules.ScheduleInterleavedZeroBubble,
+                                                   p, m, 3),
+            ("zbv", 2): _torch_rank_ops(torch_schedules.ScheduleZBVZeroBubble, p, m, 2),
+            ("interleaved-1f1b", 2): _torch_rank_ops(torch_schedules.ScheduleInterleaved1F1B,
+                                                     p, m, 2),
         }
-        for name, table in theirs.items():
-            v = 1 if name == "zb-h1" else 2
-            mine = _sim(name, p, m, v, 1, 1, 1)
-            ref = simulate_schedule(table, f_cost=1 / v, i_cost=1 / v, w_cost=1 / v)
-            assert mine.makespan <= ref.makespan + 1e-9, (name, p, m)
-            assert max(mine.peak_live.values()) <= max(ref.peak_live.values()), (name, p, m)
-            if name == "interleaved-1f1b":
-                assert build_schedule(name, p, m, v) == table  # the same order, action by action
+        for (name, v), table in theirs.items():
+            assert build_schedule(name, p, m, v) == table, (name, p, m, v)  # action by action
 
 
 def _torch_rank_ops(cls, p, m, v):
