@@ -133,6 +133,7 @@ def main():
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--json", default=None, help="write the rows here (rank 0)")
     p.add_argument("--timeline-dir", default=None, help="PNG timeline of one step of ours")
+    p.add_argument("--png", default=None, help="bar chart of the step times (rank 0)")
     args = p.parse_args()
     ps = parallel.initialize(pp=int(os.environ.get("WORLD_SIZE", 1)))
     cfg = GPTConfig(vocab_size=256, n_layers=args.layers, n_heads=8, d_model=args.d_model,
@@ -209,7 +210,36 @@ def main():
     if ps.rank == 0 and args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if ps.rank == 0 and args.png:
+        plot_rows(rows, args.png, f"pp={ps.pp}, {cfg.n_layers} layers d={cfg.d_model}, "
+                                  f"{os.cpu_count()} CPU cores, torch {torch.__version__}")
     parallel.destroy()
+
+
+def plot_rows(rows, path, title):
+    """Grouped bars: step time per schedule, megalite next to torch, one panel per m."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ms = sorted({r["microbatches"] for r in rows})
+    fig, axes = plt.subplots(1, len(ms), figsize=(5 * len(ms), 3.4), squeeze=False)
+    for ax, m in zip(axes[0], ms):
+        mine = [r for r in rows if r["microbatches"] == m]
+        names = list(dict.fromkeys(r["schedule"] for r in mine))
+        for k, who in enumerate(("megalite", "torch")):
+            vals = [next((r["ms"] for r in mine if r["schedule"] == n and r["provider"] == who),
+                         0) for n in names]
+            ax.bar([x + 0.4 * k for x in range(len(names))], vals, width=0.4, label=who,
+                   color=("#4C72B0", "#DD8452")[k])
+        ax.set_xticks([x + 0.2 for x in range(len(names))])
+        ax.set_xticklabels(names, rotation=15, fontsize=8)
+        ax.set_ylabel("ms / step")
+        ax.set_title(f"m = {m}")
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

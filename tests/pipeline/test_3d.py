@@ -62,7 +62,9 @@ def _reference(cfg, global_batch):
     return _REFERENCE[key]
 
 
-def check_layout(tp, pp, dp, schedule, cfg, global_batch=GLOBAL_BATCH):
+def check_layout(tp, pp, dp, schedule, cfg, global_batch=None):
+    # m = 4 microbatches per dp rank at pp <= 2 (2 at dp = 2), 8 at pp = 4 (4 at dp = 2)
+    global_batch = global_batch or (GLOBAL_BATCH if pp == 4 else GLOBAL_BATCH // 2)
     ps = parallel.initialize(tp=tp, pp=pp, dp=dp)
     table, records = _train(cfg, ps, schedule, global_batch)
     ref_records = _reference(cfg, global_batch)
