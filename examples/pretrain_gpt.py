@@ -23,14 +23,14 @@ import torch.distributed as dist
 from megalite import parallel
 from megalite.models import GPT, GPTConfig
 from megalite.parallel.state import check_layout
-from megalite.pipeline import (SCHEDULE_NAMES, build_schedule, load_schedule, plot_timeline,
-                               rank_stages, write_chrome_trace)
+from megalite.pipeline import (SCHEDULE_NAMES, build_schedule, layers_per_stage,
+                               load_schedule, plot_timeline, rank_stages, write_chrome_trace)
 from megalite.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megalite.training.data import ShardedSampler, TokenDataset, default_corpus_path, get_batch
 from megalite.training.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from megalite.training.optim import build_optimizer, build_scheduler
 from megalite.training.precision import DynamicLossScaler
-from megalite.training.step import train_step
+from megalite.training.step import check_placement, train_step
 
 
 def _int_at_least(low: int):
@@ -107,13 +107,19 @@ def check_batch_sizes(args, dp: int) -> int:
 
 def pipeline_table(args, world_size: int) -> dict[int, list[str]]:
     """The schedule every pipeline rank runs, from the flags alone (before any process
-    group): built by name, or read from --schedule-file and checked against the run."""
+    group): built by name, or read from --schedule-file and checked against the run and
+    the model's layers."""
     m = check_batch_sizes(args, check_layout(args.tp, args.pp, None, world_size))
     if args.schedule_file:
         if args.virtual_stages is not None:
             raise ValueError("--virtual-stages comes from the --schedule-file's table; drop it")
-        return load_schedule(args.schedule_file, num_ranks=args.pp, num_microbatches=m)
-    return build_schedule(args.schedule, args.pp, m, virtual=args.virtual_stages)
+        table = load_schedule(args.schedule_file, num_ranks=args.pp, num_microbatches=m)
+    else:
+        table = build_schedule(args.schedule, args.pp, m, virtual=args.virtual_stages)
+    owner = check_placement(table, args.pp)
+    cfg = GPTConfig.preset(args.model)
+    layers_per_stage(cfg.n_layers, len(owner), cfg.layers_per_stage)  # >= 1 layer per stage
+    return table
 
 
 def main(argv=None):

@@ -45,17 +45,25 @@ def pipeline_schedule(model, schedule, num_microbatches: int) -> dict[int, list[
     if isinstance(schedule, str):
         schedule = build_schedule(schedule, ps.pp, num_microbatches,
                                   virtual=model.num_stages // ps.pp)
-    owner = stage_to_rank(schedule)
+    owner = check_placement(schedule, ps.pp)
     mine = sorted(s for s, r in owner.items() if r == ps.pp_rank)
     if len(owner) != model.num_stages or mine != model.stages:
         raise ValueError(f"the schedule puts stages {mine} of {len(owner)} on pipeline rank "
                          f"{ps.pp_rank}, but the model there holds stages {model.stages} of "
                          f"{model.num_stages}: build GPT(cfg, stages=pipeline.rank_stages("
                          f"schedule)[pp_rank], num_stages=...) for this schedule")
-    if owner[0] != 0 or owner[len(owner) - 1] not in (0, ps.pp - 1):
-        raise ValueError("the first stage must run on pipeline rank 0 and the last on rank 0 "
-                         "or pp-1 (where the tied-embedding group is)")
     return schedule
+
+
+def check_placement(schedule, pp: int) -> dict[int, int]:
+    """{stage: rank} of a schedule a GPT can train with: stage 0 (the embedding) on pipeline
+    rank 0, the last stage on rank 0 or pp-1 (the tied-embedding group's ranks)."""
+    owner = stage_to_rank(schedule)
+    if owner[0] != 0 or owner[len(owner) - 1] not in (0, pp - 1):
+        raise ValueError(f"the schedule puts stage 0 on pipeline rank {owner[0]} and the last "
+                         f"stage on rank {owner[len(owner) - 1]}: a GPT needs stage 0 on rank 0 "
+                         f"and the last stage on rank 0 or {pp - 1}")
+    return owner
 
 
 def forward_backward(model, tokens, targets, *, micro_batch_size: int, schedule="1f1b",
