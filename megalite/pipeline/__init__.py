@@ -4,7 +4,6 @@ from megalite.pipeline.schedules import (SCHEDULE_NAMES, build_schedule, format_
                                          load_schedule, placement, save_schedule,
                                          schedule_info)
 from megalite.pipeline.validate import validate_schedule
-from megalite.pipeline.simulate import SimResult, simulate_schedule
 from megalite.parallel.partition import layers_per_stage, stage_layers
 from megalite.pipeline.executor import PipelineResult, run_schedule
 from megalite.pipeline.timeline import plot_timeline, write_chrome_trace
@@ -14,3 +13,11 @@ __all__ = ["Action", "SCHEDULE_NAMES", "build_schedule", "format_schedule", "loa
            "stage_to_rank", "validate_schedule", "SimResult", "simulate_schedule",
            "layers_per_stage", "stage_layers", "PipelineResult", "run_schedule",
            "plot_timeline", "write_chrome_trace"]
+
+
+def __getattr__(name):
+    # Imported on first use, so `python -m megalite.pipeline.simulate` runs its module fresh.
+    if name in ("SimResult", "simulate_schedule"):
+        from megalite.pipeline import simulate
+        return getattr(simulate, name)
+    raise AttributeError(f"module 'megalite.pipeline' has no attribute {name!r}")
