@@ -84,7 +84,8 @@ def check_layout(tp: int, pp: int, dp: int | None, world_size: int) -> int:
     if world_size % (tp * pp) != 0:
         raise ValueError(
             f"world size {world_size} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}; "
-            f"launch a multiple of {tp * pp} processes or change --tp/--pp")
+            f"launch a multiple of {tp * pp} processes (e.g. torchrun --nproc-per-node "
+            f"{tp * pp} your_script.py) or change --tp/--pp")
     if dp is None:
         return world_size // (tp * pp)
     if not isinstance(dp, int) or dp < 1:
