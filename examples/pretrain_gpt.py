@@ -38,7 +38,7 @@ from megalite.training.checkpoint_dir import (find_resume_checkpoint, list_check
                                               remove_checkpoints)
 from megalite.training.data import (ShardedSampler, TokenDataset, default_corpus_path,
                                     get_batch, read_metadata)
-from megalite.training.errors import UsageError, run_cli
+from megalite.training.errors import UsageError, run_cli, write_launcher_error_file
 from megalite.training.fault import StepWatchdog, Stopper, StopSignals
 from megalite.training.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from megalite.training.optim import build_optimizer, build_scheduler
@@ -329,7 +329,8 @@ def main(argv=None) -> int:
             row["mfu"] = flops_per_token * tokens_per_step / dt / (peak * ps.world_size)
         row["peak_mem_gb"] = peak_memory_gb(ps.device)
         if result.skipped:
-            row["skipped"] = "non-finite loss or grad norm" if result.nonfinite else \
+            row["skipped"] = True
+            row["skip_reason"] = "non-finite loss or grad norm" if result.nonfinite else \
                 "fp16 overflow"
         logger.log(row)
         stop = stopper.after_step(result.nonfinite, dt)  # collective: all ranks agree
@@ -346,12 +347,13 @@ def main(argv=None) -> int:
         stop = None  # the run was complete anyway
     if args.trace and result is not None and stop is None:
         write_timeline(args.trace, result.spans, ps, args.schedule)
-    summary = logger.summary() + (f"; checkpoint {saved}" if saved else "")
-    if stop:
-        then = ("run the same command to continue" if saved else
-                "nothing saved (no --save)")
-        summary = f"{stop.message} after step {step}: {then}\n{summary}"
-    say(summary, flush=True)
+    say(logger.summary() + (f"; checkpoint {saved}" if saved else ""), flush=True)
+    if stop:  # the last line: what stopped the run and what to do next
+        line = f"{stop.message} after step {step}; " + (
+            "nothing saved (no --save)" if not saved else f"saved {saved}; {stop.advice}")
+        say(line, flush=True)
+        if stop.exit_code:
+            write_launcher_error_file(f"rank {ps.rank}: {line}")
     logger.close()
     parallel.destroy()
     signals.uninstall()

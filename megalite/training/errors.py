@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import traceback
 
@@ -30,6 +31,16 @@ EXIT_USAGE = 2              # bad command line; nothing was started
 EXIT_NONFINITE = 3          # --max-skipped-steps non-finite steps in a row; checkpoint saved
 EXIT_STUCK = 4              # the step watchdog fired: a rank did not finish a step in time
 EXIT_SIGNAL_BASE = 128      # stopped by signal N after saving: 128 + N (SIGTERM 143, SIGINT 130)
+
+
+_ENDING = threading.Lock()
+
+
+def claim_exit() -> bool:
+    """True for the first caller only: the code path that reports why the process ends (the
+    main thread's error handler, or the step watchdog's thread). The other one must not
+    print a second, derived cause (a peer vanishing because the watchdog ended it)."""
+    return _ENDING.acquire(blocking=False)
 
 
 class UsageError(ValueError):
@@ -92,11 +103,11 @@ def report(error: BaseException, debug: bool = False) -> int:
     rank = process_rank()
     line = f"rank {rank}: {one_line(error)}"
     print(line, file=sys.stderr, flush=True)
-    _write_launcher_error_file(line)
+    write_launcher_error_file(line)
     return EXIT_ERROR
 
 
-def _write_launcher_error_file(line: str) -> None:
+def write_launcher_error_file(line: str) -> None:
     """torchrun names the first failing rank in its summary and shows what that rank wrote
     to TORCHELASTIC_ERROR_FILE (else a generic "To enable traceback see ..."): give it the
     one line."""
@@ -122,6 +133,8 @@ def run_cli(main, argv=None) -> None:
     except SystemExit:
         raise
     except BaseException as e:  # noqa: BLE001 - every ending gets one line and a code
+        if not claim_exit():  # the watchdog is ending the process and says why
+            time.sleep(60)
         code = report(e, debug)
         sys.stdout.flush()
         sys.stderr.flush()

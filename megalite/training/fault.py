@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megalite.training.errors import EXIT_NONFINITE, EXIT_OK, EXIT_SIGNAL_BASE, EXIT_STUCK
+from megalite.training.errors import (EXIT_NONFINITE, EXIT_OK, EXIT_SIGNAL_BASE, EXIT_STUCK,
+                                     claim_exit, write_launcher_error_file)
 
 
 # ----------------------------------------------------------------------------- signals
@@ -73,6 +74,7 @@ class Stop:
     reason: str          # "signal" | "nonfinite" | "max-time" | "exit-after"
     exit_code: int
     message: str         # what stopped the run, for the final line
+    advice: str = "run the same command to continue"
 
 
 class Stopper:
@@ -114,8 +116,9 @@ class Stopper:
         if reason == _NONFINITE:
             return Stop("nonfinite", EXIT_NONFINITE,
                         f"stopped: {self.skipped_in_a_row} steps in a row had a non-finite loss "
-                        f"or gradient norm (--max-skipped-steps {self.max_skipped}); the "
-                        f"weights are those of the last good step")
+                        f"or gradient norm (--max-skipped-steps {self.max_skipped})",
+                        "it holds the weights of the last good step; check the data and "
+                        "--lr (running the same command continues after the skipped batches)")
         if reason == _MAX_TIME:
             return Stop("max-time", EXIT_OK, f"stopped: --max-time {self.max_time_s / 60:g} "
                                              f"minutes reached")
@@ -171,6 +174,7 @@ class StepWatchdog:
         self.warmup, self.floor_s, self.factor = warmup, floor_s, factor
         self.exit_code, self.report_wait_s = exit_code, report_wait_s
         self.times: list[float] = []
+        self._finished = 0
         self.step, self.started_at = None, None   # armed while a step runs
         self._main = threading.main_thread().ident
         self._stop = threading.Event()
@@ -196,8 +200,10 @@ class StepWatchdog:
         self.step, self.started_at = step, time.monotonic()
 
     def step_finished(self, step_time_s: float | None = None) -> None:
-        if step_time_s is not None and self.step is not None and self.step > 1:
-            self.times.append(step_time_s)  # the run's first step is never typical
+        if step_time_s is not None and self.step is not None:
+            self._finished += 1
+            if self._finished > 1:  # a launch's first step (compilation, allocation) is slow
+                self.times.append(step_time_s)
         self.step, self.started_at = None, None
 
     @contextmanager
@@ -220,24 +226,32 @@ class StepWatchdog:
                 self._fire(step, limit)
 
     def _fire(self, step: int, limit: float) -> None:
+        if not claim_exit():  # the main thread is already ending the process with an error
+            return
         frame = sys._current_frames().get(self._main)
         report = {"step": step, "where": _where(frame), "waiting": _in_collective(frame)}
         self._post(report)
-        print(f"rank {self.rank}: step {step} did not finish within {limit:.0f} s "
-              f"(--step-timeout); main thread at {report['where']}; Python stacks:",
-              file=sys.stderr, flush=True)
+        line = (f"rank {self.rank}: step {step} did not finish within {limit:.0f} s "
+                f"(--step-timeout); main thread at {report['where']}")
+        print(f"{line}; Python stacks:", file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         reports = self._collect()
         if min(reports, default=self.rank) == self.rank:
-            print(f"rank {self.rank}: {summarize(step, limit, reports, self.world_size)}",
-                  file=sys.stderr, flush=True)
+            line = f"rank {self.rank}: {summarize(step, limit, reports, self.world_size)}"
+            print(line, file=sys.stderr, flush=True)
+        write_launcher_error_file(line)
         sys.stdout.flush()
         os._exit(self.exit_code)
+
+    def _key(self, rank: int) -> str:
+        # torchrun keeps its store across worker restarts (--max-restarts): one key space
+        # per attempt.
+        return f"megalite/watchdog/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank}"
 
     def _post(self, report: dict) -> None:
         if self.store is not None:
             try:
-                self.store.set(f"megalite/watchdog/{self.rank}", json.dumps(report))
+                self.store.set(self._key(self.rank), json.dumps(report))
             except Exception:  # noqa: BLE001 - the store may be gone with a dead launcher
                 self.store = None
 
@@ -248,7 +262,7 @@ class StepWatchdog:
         reports, deadline = {}, time.monotonic() + self.report_wait_s
         while time.monotonic() < deadline and len(reports) < self.world_size:
             for r in range(self.world_size):
-                key = f"megalite/watchdog/{r}"
+                key = self._key(r)
                 try:
                     if r not in reports and self.store.check([key]):
                         reports[r] = json.loads(self.store.get(key))
@@ -264,21 +278,16 @@ def summarize(step: int, limit: float, reports: dict[int, dict], world_size: int
     busy = {r: rep.get("where", "?") for r, rep in sorted(reports.items())
             if not rep.get("waiting", True)}
     waiting = [r for r, rep in sorted(reports.items()) if rep.get("waiting", True)]
-    parts = [f"step {step} stuck for {limit:.0f} s"]
     culprits = sorted(set(silent) | set(busy))
-    if culprits:
-        parts.append(f"rank(s) {culprits} did not arrive")
-    if busy:
-        parts.append("; ".join(f"rank {r} is at {w}" for r, w in busy.items()))
+    details = [f"rank(s) {culprits} did not arrive"] if culprits else [
+        "every rank waits in a collective: mismatched collectives (a deadlock) or a lost "
+        "peer; the stacks above show which"]
+    details += [f"rank {r} is at {where}" for r, where in busy.items()]
     if silent:
-        parts.append(f"rank(s) {silent} did not report (dead, or holding the GIL)")
-    if waiting:
-        parts.append(f"rank(s) {waiting} wait in a collective")
-    if not culprits:
-        parts.append("every rank waits in a collective: mismatched collectives (a deadlock) or "
-                     "a lost peer; the stacks above show which")
-    return ": ".join(parts[:2]) + ("; " + "; ".join(parts[2:]) if len(parts) > 2 else "") + \
-        "; all ranks exit"
+        details.append(f"rank(s) {silent} did not report (dead, or holding the GIL)")
+    if waiting and culprits:
+        details.append(f"rank(s) {waiting} wait in a collective")
+    return f"step {step} stuck for {limit:.0f} s: {'; '.join(details)}; all ranks exit"
 
 
 def _default_store():
