@@ -232,8 +232,9 @@ def choose_start(args, ps, say) -> str | None:
     found = None
     if args.load:
         found = find_resume_checkpoint(args.load, warn=say)
-        if found is None:
-            raise ValueError(f"--load {args.load}: no intact checkpoint there")
+        missing = ValueError(f"--load {args.load}: no intact checkpoint there (see the "
+                             f"warning above)") if found is None and ps.rank == 0 else None
+        agree(missing, f"--load {args.load}")  # rank 0 says why, the others stop quietly
     if args.save and args.no_resume:
         start, error = read_checkpoint_meta(found)["step"] if found else 0, None
         if ps.rank == 0:
@@ -252,7 +253,6 @@ def main(argv=None) -> int:
     started = time.monotonic()
     args = parse_args(argv)
     dp, num_microbatches, cfg = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
-    signals = StopSignals().install()  # from here on SIGTERM/SIGINT stop after a step
     ps = parallel.initialize(tp=args.tp, pp=args.pp, timeout_s=args.comm_timeout)
     say = print if ps.rank == 0 else (lambda *a, **k: None)
     if args.tf32:
@@ -296,6 +296,9 @@ def main(argv=None) -> int:
 
     # Saved with every checkpoint: generate.py finds the tokenizer here.
     extra = {"args": vars(args), "tokenizer": dataset.meta.get("tokenizer")}
+    # From here on SIGTERM/SIGINT stop the run after a step, with a checkpoint (before, with
+    # nothing to save, they end the process as usual).
+    signals = StopSignals().install()
     stopper = Stopper(signals, max_time_min=args.max_time, exit_after=args.exit_after,
                       max_skipped=args.max_skipped_steps, start_time=started, device=ps.device)
     watchdog = StepWatchdog(ps.rank, ps.world_size, args.step_timeout,

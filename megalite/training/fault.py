@@ -164,15 +164,19 @@ class StepWatchdog:
     (faulthandler) and exits with ``EXIT_STUCK``; the lowest rank that reported names the
     ranks that did not arrive: those not waiting in a collective, or silent.
     Checkpoint saves run with the watchdog paused (they have the process-group timeout).
+    A thread needs the GIL, which a hung C extension may hold: as a backstop, faulthandler's
+    own C-level timer dumps the stacks and exits (code 1) ``backstop_s`` after the limit.
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, timeout_s: float | None = None, *,
                  startup_s: float = 600.0, warmup: int = 3, floor_s: float = 60.0,
-                 factor: float = 10.0, exit_code: int = EXIT_STUCK, report_wait_s: float = 3.0):
+                 factor: float = 10.0, exit_code: int = EXIT_STUCK, report_wait_s: float = 3.0,
+                 backstop_s: float = 60.0):
         self.rank, self.world_size = rank, world_size
         self.timeout_s, self.startup_s = timeout_s, startup_s
         self.warmup, self.floor_s, self.factor = warmup, floor_s, factor
         self.exit_code, self.report_wait_s = exit_code, report_wait_s
+        self.backstop_s, self._running = backstop_s, False
         self.times: list[float] = []
         self._finished = 0
         self.step, self.started_at = None, None   # armed while a step runs
@@ -190,14 +194,22 @@ class StepWatchdog:
         return max(self.floor_s, self.factor * statistics.median(self.times[-100:]))
 
     def start(self) -> "StepWatchdog":
+        self._running = True
         self._thread.start()
         return self
 
     def close(self) -> None:
         self._stop.set()
+        self._disarm()
 
     def step_started(self, step: int) -> None:
         self.step, self.started_at = step, time.monotonic()
+        if self._running:
+            faulthandler.dump_traceback_later(self.limit_s() + self.backstop_s, exit=True)
+
+    def _disarm(self) -> None:
+        if self._running:
+            faulthandler.cancel_dump_traceback_later()
 
     def step_finished(self, step_time_s: float | None = None) -> None:
         if step_time_s is not None and self.step is not None:
@@ -205,16 +217,18 @@ class StepWatchdog:
             if self._finished > 1:  # a launch's first step (compilation, allocation) is slow
                 self.times.append(step_time_s)
         self.step, self.started_at = None, None
+        self._disarm()
 
     @contextmanager
     def paused(self):
-        step, started = self.step, self.started_at
+        step = self.step
         self.step, self.started_at = None, None
+        self._disarm()
         try:
             yield
         finally:
             if step is not None:
-                self.step, self.started_at = step, time.monotonic()
+                self.step_started(step)
 
     def _watch(self) -> None:
         while not self._stop.wait(0.2):

@@ -106,25 +106,28 @@ BAD_FLAGS = [  # (WORLD_SIZE, flags, the one line it must print)
 
 def test_bad_flags_one_line_exit_2_before_any_process_group(tmp_path):
     """Each bad flag runs as rank 0 of a world whose other ranks never come: had the script
-    started a process group, it would wait for them instead of exiting at once."""
-    procs = []
-    for world, flags, _ in BAD_FLAGS + [(2, ["--tp", "3"], None)]:
-        local_rank = "1" if _ is None else "0"  # the last one: a non-leader stays silent
-        env = _env(WORLD_SIZE=str(world), RANK=local_rank, LOCAL_RANK=local_rank,
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        procs.append((subprocess.Popen([sys.executable, SCRIPT] + flags, cwd=tmp_path, env=env,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True), time.monotonic()))
-    for (world, flags, message), (proc, t0) in zip(BAD_FLAGS + [(2, [], None)], procs):
-        out, err = proc.communicate(timeout=60)
-        assert time.monotonic() - t0 < 30, f"{flags}: slow; did it wait for a process group?"
-        assert proc.returncode == 2, (flags, proc.returncode, out, err)
-        assert out == "" and "Traceback" not in err, (flags, out, err)
-        if message is None:
-            assert err == "", f"LOCAL_RANK 1 printed: {err}"
-        else:
-            assert err.count("\n") == 1 and err.startswith("error: ") and message in err, \
-                (flags, err)
+    started a process group, it would wait for them (600 s) instead of exiting at once."""
+    cases = [(world, flags, message, "0") for world, flags, message in BAD_FLAGS]
+    cases.append((2, ["--tp", "3"], None, "1"))  # a LOCAL_RANK other than 0 stays silent
+    for batch in range(0, len(cases), 4):  # a few at a time: each one imports torch
+        procs = []
+        for world, flags, message, rank in cases[batch:batch + 4]:
+            env = _env(WORLD_SIZE=str(world), RANK=rank, LOCAL_RANK=rank,
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+            procs.append((subprocess.Popen([sys.executable, SCRIPT] + flags, cwd=tmp_path,
+                                           env=env, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True),
+                          time.monotonic(), flags, message))
+        for proc, t0, flags, message in procs:
+            out, err = proc.communicate(timeout=120)
+            assert time.monotonic() - t0 < 60, f"{flags}: did it wait for a process group?"
+            assert proc.returncode == 2, (flags, proc.returncode, out, err)
+            assert out == "" and "Traceback" not in err, (flags, out, err)
+            if message is None:
+                assert err == "", f"LOCAL_RANK 1 printed: {err}"
+            else:
+                assert err.count("\n") == 1 and err.startswith("error: ") and \
+                    message in err, (flags, err)
 
     # Under torchrun: the line once (not once per rank), before torchrun's failure summary.
     run = launch(tmp_path, "--tp", "3", nproc=2)
