@@ -31,6 +31,7 @@ EXIT_USAGE = 2              # bad command line; nothing was started
 EXIT_NONFINITE = 3          # --max-skipped-steps non-finite steps in a row; checkpoint saved
 EXIT_STUCK = 4              # the step watchdog fired: a rank did not finish a step in time
 EXIT_SIGNAL_BASE = 128      # stopped by signal N after saving: 128 + N (SIGTERM 143, SIGINT 130)
+USAGE_GRACE_S = 5.0
 
 
 _ENDING = threading.Lock()
@@ -95,6 +96,11 @@ def report(error: BaseException, debug: bool = False) -> int:
             if debug:
                 traceback.print_exception(error, file=sys.stderr)
             print(f"error: {error}", file=sys.stderr, flush=True)
+            write_launcher_error_file(f"error: {error}")
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # torchrun ends every worker as soon as one exits: give the rank that prints
+            # the message time to do so (it ends us sooner by exiting itself).
+            time.sleep(USAGE_GRACE_S)
         return EXIT_USAGE
     if isinstance(error, PeerFailure) and not debug:
         return EXIT_ERROR

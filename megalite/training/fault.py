@@ -241,6 +241,7 @@ class StepWatchdog:
 
     def _fire(self, step: int, limit: float) -> None:
         if not claim_exit():  # the main thread is already ending the process with an error
+            self._stop.set()
             return
         frame = sys._current_frames().get(self._main)
         report = {"step": step, "where": _where(frame), "waiting": _in_collective(frame)}
@@ -249,7 +250,7 @@ class StepWatchdog:
                 f"(--step-timeout); main thread at {report['where']}")
         print(f"{line}; Python stacks:", file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        reports = self._collect()
+        reports = self._collect(report)
         if min(reports, default=self.rank) == self.rank:
             line = f"rank {self.rank}: {summarize(step, limit, reports, self.world_size)}"
             print(line, file=sys.stderr, flush=True)
@@ -269,11 +270,11 @@ class StepWatchdog:
             except Exception:  # noqa: BLE001 - the store may be gone with a dead launcher
                 self.store = None
 
-    def _collect(self) -> dict[int, dict]:
+    def _collect(self, own: dict) -> dict[int, dict]:
         """Reports of every rank that posted one within ``report_wait_s``."""
         if self.store is None:
-            return {self.rank: {}}
-        reports, deadline = {}, time.monotonic() + self.report_wait_s
+            return {self.rank: own}
+        reports, deadline = {self.rank: own}, time.monotonic() + self.report_wait_s
         while time.monotonic() < deadline and len(reports) < self.world_size:
             for r in range(self.world_size):
                 key = self._key(r)
@@ -281,7 +282,7 @@ class StepWatchdog:
                     if r not in reports and self.store.check([key]):
                         reports[r] = json.loads(self.store.get(key))
                 except Exception:  # noqa: BLE001
-                    return reports or {self.rank: {}}
+                    return reports
             time.sleep(0.1)
         return reports
 

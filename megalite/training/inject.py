@@ -12,6 +12,9 @@ Set ``MEGALITE_FAULT`` to a comma-separated list of ``KIND@STEPS[:rankR]``; STEP
     MEGALITE_FAULT=nan@3:rank3 torchrun ... examples/pretrain_gpt.py ...
     MEGALITE_FAULT=hang@4:rank1,nan@2-3 ...
 
+Faults fire in a launcher's first attempt only (TORCHELASTIC_RESTART_COUNT 0), like a
+transient failure: a ``torchrun --max-restarts`` restart runs clean.
+
 tests/training/test_faults.py drives the reliability checks with it. Unset (the normal
 case), every function here returns at once and changes nothing.
 """
@@ -42,7 +45,7 @@ def parse(text: str) -> list[tuple[str, int, int, int | None]]:
 
 def active(kind: str, step: int, rank: int) -> bool:
     text = os.environ.get("MEGALITE_FAULT", "")
-    if not text:
+    if not text or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return False
     return any(k == kind and lo <= step <= hi and r in (None, rank)
                for k, lo, hi, r in parse(text))

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from megalite.training.checkpoint_dir import verify_checkpoint
 from megalite.training.errors import EXIT_NONFINITE
-from megalite.training.fault import Stopper
+from megalite.training import inject
+from megalite.training.fault import Stopper, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "examples" / "pretrain_gpt.py")
@@ -108,7 +109,9 @@ def test_bad_flags_one_line_exit_2_before_any_process_group(tmp_path):
     """Each bad flag runs as rank 0 of a world whose other ranks never come: had the script
     started a process group, it would wait for them (600 s) instead of exiting at once."""
     cases = [(world, flags, message, "0") for world, flags, message in BAD_FLAGS]
-    cases.append((2, ["--tp", "3"], None, "1"))  # a LOCAL_RANK other than 0 stays silent
+    # A LOCAL_RANK other than 0 stays silent (and lingers a few seconds, so that under
+    # torchrun the rank that prints is not stopped before it has printed).
+    cases.insert(0, (2, ["--tp", "3"], None, "1"))
     for batch in range(0, len(cases), 4):  # a few at a time: each one imports torch
         procs = []
         for world, flags, message, rank in cases[batch:batch + 4]:
@@ -129,10 +132,12 @@ def test_bad_flags_one_line_exit_2_before_any_process_group(tmp_path):
                 assert err.count("\n") == 1 and err.startswith("error: ") and \
                     message in err, (flags, err)
 
-    # Under torchrun: the line once (not once per rank), before torchrun's failure summary.
+    # Under torchrun: the line once, before torchrun's failure summary, which quotes it.
     run = launch(tmp_path, "--tp", "3", nproc=2)
-    assert run.rc != 0 and run.out.count("is not divisible by tp*pp") == 1, run
+    said = [line for line in run.out.splitlines() if line.startswith("error: world size 2")]
+    assert run.rc != 0 and len(said) == 1, run
     assert "exitcode  : 2" in run.out and f'File "{SCRIPT}"' not in run.out, run
+    assert run.out.split("Root Cause")[1].count("error: world size 2") == 1, run
 
 
 # ----------------------------------------------------------------------------- one process
@@ -182,6 +187,24 @@ def test_stopper_counts_non_finite_steps_in_a_row():
     assert stopper.after_step(True, 0.1) is None
     stop = stopper.after_step(True, 0.1)
     assert stop.reason == "nonfinite" and stop.exit_code == EXIT_NONFINITE
+
+
+def test_watchdog_summary_names_who_did_not_arrive():
+    reports = {0: {"waiting": True, "where": "p2p.py:67 in recv"},
+               2: {"waiting": False, "where": "data.py:9 in read"},
+               3: {"waiting": True, "where": "distributed_c10d.py:1 in all_reduce"}}
+    line = summarize(7, 60, reports, 4)
+    assert line.startswith("step 7 stuck for 60 s: rank(s) [1, 2] did not arrive; "
+                           "rank 2 is at data.py:9 in read; rank(s) [1] did not report"), line
+    assert "rank(s) [0, 3] wait in a collective" in line
+    deadlock = summarize(7, 60, {0: {"waiting": True}, 1: {"waiting": True}}, 2)
+    assert "every rank waits in a collective" in deadlock and "did not arrive" not in deadlock
+
+
+def test_fault_specs():
+    assert inject.parse("nan@3-5:rank1, hang@4") == [("nan", 3, 5, 1), ("hang", 4, 4, None)]
+    with pytest.raises(ValueError, match="cannot read 'oops@2'"):
+        inject.parse("oops@2")
 
 
 # ----------------------------------------------------------------------------- torchrun
