@@ -66,7 +66,8 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
     if not os.path.isdir(root):
         return []
     return sorted((int(m.group(1)), os.path.join(root, d)) for d in os.listdir(root)
-                  if (m := _STEP_DIR.match(d)) and os.path.isfile(os.path.join(root, d, "meta.json")))
+                  if (m := _STEP_DIR.match(d))
+                  and os.path.isfile(os.path.join(root, d, "meta.json")))
 
 
 def latest_checkpoint(root: str) -> str | None:

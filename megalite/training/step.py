@@ -91,7 +91,8 @@ def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
         skipped = not grad_scaler.unscale_(model.parameters(), ps)
     norm = clip_grad_norm_(model.parameters(), 0.0 if skipped else max_grad_norm, ps)
     loss = comm.all_reduce(loss.reshape(1).clone(), ps.dp_group)[0] / ps.dp
-    loss_value, norm_value = torch.stack([loss, norm.float()]).tolist()  # one host sync
+    # One host sync for both; they are global, so every rank skips (or not) alike.
+    loss_value, norm_value = torch.stack([loss.reshape(()), norm.float().reshape(())]).tolist()
     nonfinite = not skipped and not (math.isfinite(loss_value) and math.isfinite(norm_value))
     skipped = skipped or nonfinite
     if not skipped:

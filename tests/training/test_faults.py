@@ -219,7 +219,7 @@ def _wait_for_rows(proc, metrics: Path, count: int, timeout=90):
 
 
 def test_sigterm_and_kill_at_tp2_pp2_then_resume_exactly(tmp_path):
-    layout = ["--tp", "2", "--pp", "2", "--steps", "10"]  # long enough to stop mid-run
+    layout = ["--tp", "2", "--pp", "2", "--steps", "8"]  # long enough to stop mid-run
     ref = launch(tmp_path, *layout, "--metrics-out", "ref.jsonl", nproc=4)
     assert ref.rc == 0, ref
     ref = losses(tmp_path / "ref.jsonl")
@@ -234,7 +234,7 @@ def test_sigterm_and_kill_at_tp2_pp2_then_resume_exactly(tmp_path):
     out = proc.communicate(timeout=60)[0]
     seconds = time.monotonic() - t0
     stopped = rows(tmp_path / "m.jsonl")[-1]["step"]
-    assert stopped < 8 and seconds < EXIT_BOUND_S and out.count("stopped by SIGTERM") == 1, out
+    assert stopped <= 5 and seconds < EXIT_BOUND_S and out.count("stopped by SIGTERM") == 1, out
     assert f"stopped by SIGTERM after step {stopped}; saved ck/step_{stopped:08d}" in out, out
     assert verify_checkpoint(str(tmp_path / "ck" / f"step_{stopped:08d}")) == []
     table("SIGTERM to torchrun, tp=2 pp=2", f"finish step {stopped}, checkpoint, exit 143",
@@ -258,7 +258,7 @@ def test_sigterm_and_kill_at_tp2_pp2_then_resume_exactly(tmp_path):
     # The same command again: resumes from the newest checkpoint, the same losses.
     run = launch(tmp_path, *cmd, nproc=4)
     assert run.rc == 0 and f"resuming from ck/step_{last_saved:08d}" in run.out, run
-    assert [r["step"] for r in rows(tmp_path / "m.jsonl")] == list(range(1, 11))
+    assert [r["step"] for r in rows(tmp_path / "m.jsonl")] == list(range(1, 9))
     assert losses(tmp_path / "m.jsonl") == ref
 
 
@@ -310,17 +310,54 @@ def test_nan_loss_skips_the_step_everywhere_and_k_in_a_row_stop(tmp_path):
           run.seconds, 0)
 
 
-def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path):
-    cmd = ["--pp", "2", "--steps", "6", "--save", "ck", "--save-every", "2"]
-    first = launch(tmp_path, *cmd, "--exit-after", "4", "--metrics-out", "first.jsonl", nproc=2)
+@pytest.fixture
+def read_only_copy(tmp_path):
+    """A read-only copy of a checkpoint directory: chmod for a normal user; root writes
+    anywhere, so for root a read-only bind mount (skipped where mounting is not allowed)."""
+    mounted, made = [], []
+
+    def make(from_dir: Path, to_dir: Path) -> Path:
+        shutil.copytree(from_dir, to_dir)
+        made.append(to_dir)
+        if os.geteuid() != 0:
+            for path in [to_dir, *to_dir.rglob("*")]:
+                if path.is_dir():
+                    path.chmod(0o555)
+            return to_dir
+        if subprocess.run(["mount", "--bind", str(to_dir), str(to_dir)],
+                          capture_output=True).returncode != 0:
+            return None
+        mounted.append(to_dir)
+        if subprocess.run(["mount", "-o", "remount,bind,ro", str(to_dir)],
+                          capture_output=True).returncode != 0:
+            return None
+        return to_dir
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", str(path)], capture_output=True)
+    for root in made:
+        for path in [root, *root.rglob("*")]:
+            if path.is_dir():
+                path.chmod(0o755)
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_read_only_save_fails(tmp_path,
+                                                                       read_only_copy):
+    cmd = ["--pp", "2", "--steps", "6", "--save-every", "2"]
+    first = launch(tmp_path, *cmd, "--save", "ck", "--exit-after", "4",
+                   "--metrics-out", "first.jsonl", nproc=2)
     assert first.rc == 0, first
+    ro = read_only_copy(tmp_path / "ck", tmp_path / "ro")  # intact steps 2 and 4
+
+    # The newest checkpoint loses one byte: a warning, set aside, the previous one used.
     newest = tmp_path / "ck" / "step_00000004"
-    with open(newest / "model_stage1.safetensors", "r+b") as f:  # one flipped byte
+    with open(newest / "model_stage1.safetensors", "r+b") as f:
         f.seek(os.path.getsize(f.name) // 2)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
-    run = launch(tmp_path, *cmd, "--metrics-out", "second.jsonl", nproc=2)
+    run = launch(tmp_path, *cmd, "--save", "ck", "--metrics-out", "second.jsonl", nproc=2)
     assert run.rc == 0, run
     warning = (f"warning: checkpoint {Path('ck', 'step_00000004')} is corrupt or incomplete "
                f"(model_stage1.safetensors does not match its sha256 in meta.json); falling "
@@ -335,50 +372,16 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path):
     table("corrupt newest checkpoint (1 byte flipped)", "warning, fallback to the previous one",
           run.seconds, 2)
 
-
-@pytest.fixture
-def read_only_copy(tmp_path):
-    """A read-only copy of a checkpoint directory: chmod for a normal user; root writes
-    anywhere, so for root a read-only bind mount (skipped where mounting is not allowed)."""
-    src = tmp_path / "ro"
-    mounted = []
-
-    def make(from_dir: Path) -> Path:
-        shutil.copytree(from_dir, src)
-        if os.geteuid() != 0:
-            for path in [src, *src.rglob("*")]:
-                if path.is_dir():
-                    path.chmod(0o555)
-            return src
-        ok = subprocess.run(["mount", "--bind", str(src), str(src)], capture_output=True)
-        if ok.returncode != 0:
-            pytest.skip("running as root without permission to mount read-only")
-        mounted.append(src)
-        if subprocess.run(["mount", "-o", "remount,bind,ro", str(src)],
-                          capture_output=True).returncode != 0:
-            pytest.skip("cannot remount read-only here")
-        return src
-
-    yield make
-    for path in mounted:
-        subprocess.run(["umount", str(path)], capture_output=True)
-    for path in [src, *src.rglob("*")] if src.exists() else []:
-        if path.is_dir():
-            path.chmod(0o755)
-
-
-def test_save_into_a_read_only_directory_fails_on_every_rank(tmp_path, read_only_copy):
-    run = launch(tmp_path, "--pp", "2", "--steps", "4", "--save", "ck", "--save-every", "2",
-                 "--exit-after", "2", nproc=2)
-    assert run.rc == 0, run
-    ro = read_only_copy(tmp_path / "ck")
-    run = launch(tmp_path, "--pp", "2", "--steps", "4", "--save", "ro", nproc=2)
+    # Saving into a read-only directory: resumes from step 4 there, fails to save step 6.
+    if ro is None:
+        pytest.skip("running as root without permission to mount read-only")
+    run = launch(tmp_path, *cmd, "--save", "ro", nproc=2)
     assert run.rc != 0 and run.seconds < 60, run
     lines = [line for line in run.out.splitlines() if line.startswith("rank ")]
     assert len(lines) == 1 and lines[0].startswith("rank 0: ") and (
         "Read-only file system" in lines[0] or "Permission denied" in lines[0]), run
     assert "exitcode  : 1" in run.out, run  # and within the time bound: nobody hangs
-    assert (ro / "latest").read_text().strip() == "step_00000002"
-    assert verify_checkpoint(str(ro / "step_00000002")) == []
+    assert (ro / "latest").read_text().strip() == "step_00000004"
+    assert verify_checkpoint(str(ro / "step_00000004")) == []
     table("save into a read-only directory (pp=2)", "one line from rank 0, all ranks exit 1, "
           "previous checkpoint intact", run.seconds, 2)
