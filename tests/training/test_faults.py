@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -102,12 +103,24 @@ BAD_FLAGS = [  # (WORLD_SIZE, flags, the one line it must print)
     (2, ["--bogus"], "unrecognized arguments: --bogus"),
     (2, ["--save-every", "5"], "--save-every needs --save DIR"),
     (2, ["--load", "nowhere"], "--load nowhere does not exist"),
+    (2, ["--data", "wide"], "the data's tokenizer has 50257 tokens but the tiny model only 256"),
+    (2, ["--data", "short"], "--data has 7 samples of --seq-len 128, fewer than one "
+                             "--global-batch-size 16"),
 ]
+
+
+def _token_file(prefix: Path, num_tokens: int, vocab_size: int) -> None:
+    np.zeros(num_tokens, dtype=np.uint16).tofile(f"{prefix}.bin")
+    Path(f"{prefix}.json").write_text(json.dumps({
+        "format": "megalite-tokens", "version": 1, "dtype": "uint16",
+        "num_tokens": num_tokens, "vocab_size": vocab_size, "tokenizer": "byte"}))
 
 
 def test_bad_flags_one_line_exit_2_before_any_process_group(tmp_path):
     """Each bad flag runs as rank 0 of a world whose other ranks never come: had the script
     started a process group, it would wait for them (600 s) instead of exiting at once."""
+    _token_file(tmp_path / "wide", 10_000, vocab_size=50257)   # a GPT-2 tokenized corpus
+    _token_file(tmp_path / "short", 1_000, vocab_size=256)     # 7 samples of 128 + 1
     cases = [(world, flags, message, "0") for world, flags, message in BAD_FLAGS]
     # A LOCAL_RANK other than 0 stays silent (and lingers a few seconds, so that under
     # torchrun the rank that prints is not stopped before it has printed).
