@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from megalite.training.checkpoint_dir import verify_checkpoint
 from megalite.training.errors import EXIT_NONFINITE
 from megalite.training import inject
-from megalite.training.fault import Stopper, summarize
+from megalite.training.fault import StepWatchdog, Stopper, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "examples" / "pretrain_gpt.py")
@@ -212,6 +212,20 @@ def test_watchdog_summary_names_who_did_not_arrive():
     assert "rank(s) [0, 3] wait in a collective" in line
     deadlock = summarize(7, 60, {0: {"waiting": True}, 1: {"waiting": True}}, 2)
     assert "every rank waits in a collective" in deadlock and "did not arrive" not in deadlock
+
+
+def test_watchdog_limit_follows_the_median_step_after_warmup():
+    dog = StepWatchdog(timeout_s=None, startup_s=600, warmup=3, floor_s=60, factor=10)
+    assert dog.limit_s() == 600  # compiling, allocating: the first steps get --comm-timeout
+    for seconds in (50.0, 1.0, 2.0, 3.0):  # the launch's first step is not counted
+        dog.step_started(1)
+        dog.step_finished(seconds)
+    assert dog.times == [1.0, 2.0, 3.0] and dog.limit_s() == 60  # max(60, 10 x 2)
+    for seconds in (20.0, 20.0, 20.0):
+        dog.step_started(1)
+        dog.step_finished(seconds)
+    assert dog.limit_s() == 115  # 10 x median(1, 2, 3, 20, 20, 20)
+    assert StepWatchdog(timeout_s=5).limit_s() == 5
 
 
 def test_fault_specs():
