@@ -115,7 +115,8 @@ def build_pair(name, cfg, ps, m, tokens, targets, mb):
         schedule.step(*((tokens,) if has_first else ()), **kwargs)
         for model in theirs:
             model.zero_grad(set_to_none=True)
-        loss = torch.tensor([sum(l.item() for l in losses) / m if losses else 0.0])
+        loss = torch.tensor([sum(l.item() for l in losses) / m if losses else 0.0],
+                            device=ps.device)
         dist.all_reduce(loss, group=ps.pp_group)  # make it known on every rank, like ours
         return loss.item(), []
 
@@ -143,7 +144,7 @@ def main():
     for m in args.microbatches:
         mb = args.micro_batch
         g = torch.Generator().manual_seed(1)
-        data = torch.randint(0, 256, (m * mb, args.seq + 1), generator=g)
+        data = torch.randint(0, 256, (m * mb, args.seq + 1), generator=g).to(ps.device)
         tokens, targets = data[:, :-1], data[:, 1:]
         runs = {}
         for name in names:

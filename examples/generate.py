@@ -9,6 +9,7 @@ every rank samples the same token from the same seed). Without a KV cache each n
 recomputes the context (at most max_seq_len tokens): fine for small models.
 """
 import argparse
+import os
 
 import torch
 
@@ -54,7 +55,13 @@ def main():
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer spec (byte, tiktoken:NAME, hf:PATH); default: the one the "
                         "training data was made with, else byte")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (default: $OMP_NUM_THREADS, else 1)")
     args = p.parse_args()
+    # Decoding one sequence is a chain of small matmuls: extra CPU threads mostly wait on each
+    # other, and on a busy machine their spin-waits made sampling 12x slower than one thread.
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or 1
+    torch.set_num_threads(threads)
 
     ps = parallel.initialize(tp=args.tp)
     if ps.pp > 1:

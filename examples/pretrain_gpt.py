@@ -10,6 +10,11 @@
 
 dp is what is left: world // (tp * pp). Microbatches per step:
 global_batch_size / (micro_batch_size * dp).
+
+With --save DIR a run that is stopped (SIGTERM, --max-time, a crash) continues where its
+newest intact checkpoint left off when the same command is run again. Exit codes: 0 done
+(or a planned stop), 1 a rank failed, 2 bad command line, 3 too many non-finite steps,
+4 a stuck step, 128+N stopped by signal N after saving (docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -21,16 +26,24 @@ import torch
 import torch.distributed as dist
 
 from megalite import parallel
+from megalite.kernels import HAS_TRITON, interpreting
 from megalite.models import GPT, GPTConfig
-from megalite.parallel.state import check_layout
-from megalite.pipeline import (SCHEDULE_NAMES, build_schedule, layers_per_stage,
-                               load_schedule, plot_timeline, rank_stages, write_chrome_trace)
-from megalite.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from megalite.training.data import ShardedSampler, TokenDataset, default_corpus_path, get_batch
+from megalite.parallel.comm import agree
+from megalite.parallel import check_layout
+from megalite.pipeline import (SCHEDULE_NAMES, build_schedule, layers_per_stage, load_schedule,
+                               plot_timeline, rank_stages, write_chrome_trace)
+from megalite.training import inject
+from megalite.training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from megalite.training.checkpoint_dir import (find_resume_checkpoint, list_checkpoints,
+                                              remove_checkpoints)
+from megalite.training.data import (ShardedSampler, TokenDataset, default_corpus_path,
+                                    get_batch, read_metadata)
+from megalite.training.errors import UsageError, run_cli, write_launcher_error_file
+from megalite.training.fault import StepWatchdog, Stopper, StopSignals
 from megalite.training.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from megalite.training.optim import build_optimizer, build_scheduler
 from megalite.training.precision import DynamicLossScaler
-from megalite.training.step import check_placement, train_step
+from megalite.training import check_placement, train_step
 
 
 def _int_at_least(low: int):
@@ -46,9 +59,27 @@ def _int_at_least(low: int):
 POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 
 
+def _float_at_least(low: float, strict: bool = False):
+    def parse(text: str) -> float:
+        value = float(text)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be a number {'>' if strict else '>='} "
+                                             f"{low:g}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints its usage block on every rank; say the mistake in one line, once."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description=__doc__.split("\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     layout = p.add_argument_group("layout")
     layout.add_argument("--tp", type=POSITIVE, default=1, help="tensor-parallel size")
     layout.add_argument("--pp", type=POSITIVE, default=1, help="pipeline-parallel size")
@@ -76,7 +107,8 @@ def parse_args(argv=None):
     opt.add_argument("--steps", type=POSITIVE, default=100, help="train until this optimizer step")
     opt.add_argument("--lr", type=float, default=3e-3)
     opt.add_argument("--min-lr-ratio", type=float, default=0.1)
-    opt.add_argument("--warmup", type=NON_NEGATIVE, default=None, help="default: 5%% of --steps")
+    opt.add_argument("--warmup", type=NON_NEGATIVE, default=None,
+                     help="default: 5%% of --steps, at least 10 steps, at most half the run")
     opt.add_argument("--decay", choices=["cosine", "linear", "constant"], default="cosine")
     opt.add_argument("--weight-decay", type=float, default=0.1)
     opt.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
@@ -90,69 +122,195 @@ def parse_args(argv=None):
     out.add_argument("--tensorboard", default=None, help="TensorBoard log directory")
     out.add_argument("--save", default=None, help="checkpoint directory")
     out.add_argument("--save-every", type=NON_NEGATIVE, default=0, help="0: only at the end")
-    out.add_argument("--load", default=None, help="resume from this checkpoint directory")
+    out.add_argument("--keep-last", type=NON_NEGATIVE, default=0,
+                     help="keep only the newest K checkpoints in --save (0: all)")
+    out.add_argument("--load", default=None,
+                     help="start from this checkpoint (directory or one step_XXXXXXXX in it) "
+                          "when --save holds none")
+    out.add_argument("--no-resume", action="store_true",
+                     help="do not resume from --save's checkpoints; start from --load or "
+                          "scratch and delete --save's checkpoints newer than that start")
     out.add_argument("--trace", default=None,
                      help="directory for a Chrome trace + PNG timeline of the last step")
     out.add_argument("--verbose-p2p", action="store_true", help="log every pipeline send/recv")
+    out.add_argument("--debug", action="store_true",
+                     help="print full tracebacks (also MEGALITE_DEBUG=1)")
+    run = p.add_argument_group("stopping and faults (docs/reliability.md)")
+    run.add_argument("--max-time", type=_float_at_least(0, strict=True), default=None,
+                     metavar="MINUTES", help="stop (with a checkpoint) before this wall time")
+    run.add_argument("--exit-after", type=POSITIVE, default=None, metavar="STEPS",
+                     help="stop (with a checkpoint) after this many steps of this launch")
+    run.add_argument("--max-skipped-steps", type=POSITIVE, default=5, metavar="K",
+                     help="stop after K steps in a row with a non-finite loss or grad norm")
+    run.add_argument("--comm-timeout", type=_float_at_least(0, strict=True), default=600.0,
+                     metavar="SECONDS", help="timeout of every collective")
+    run.add_argument("--step-timeout", type=_float_at_least(0), default=None, metavar="SECONDS",
+                     help="end all ranks when a step takes longer (0: off; default: "
+                          "--comm-timeout for the first steps, then max(60, 10 x median))")
     return p.parse_args(argv)
 
 
 def check_batch_sizes(args, dp: int) -> int:
     per_step = args.micro_batch_size * dp
     if args.global_batch_size % per_step:
-        raise ValueError(f"--global-batch-size {args.global_batch_size} must be a multiple of "
+        raise UsageError(f"--global-batch-size {args.global_batch_size} must be a multiple of "
                          f"--micro-batch-size x dp = {args.micro_batch_size} x {dp}")
     return args.global_batch_size // per_step
 
 
-def pipeline_table(args, world_size: int) -> dict[int, list[str]]:
-    """The schedule every pipeline rank runs, from the flags alone (before any process
-    group): built by name, or read from --schedule-file and checked against the run and
-    the model's layers."""
-    m = check_batch_sizes(args, check_layout(args.tp, args.pp, None, world_size))
+def pipeline_table(args, num_microbatches: int) -> dict[int, list[str]]:
+    """The schedule every pipeline rank runs: built by name, or read from --schedule-file
+    and checked against the run (ranks, microbatches, a GPT's placement)."""
     if args.schedule_file:
         if args.virtual_stages is not None:
-            raise ValueError("--virtual-stages comes from the --schedule-file's table; drop it")
-        table = load_schedule(args.schedule_file, num_ranks=args.pp, num_microbatches=m)
+            raise UsageError("--virtual-stages comes from the --schedule-file's table; drop it")
+        table = load_schedule(args.schedule_file, num_ranks=args.pp,
+                              num_microbatches=num_microbatches)
     else:
-        table = build_schedule(args.schedule, args.pp, m, virtual=args.virtual_stages)
-    owner = check_placement(table, args.pp)
-    cfg = GPTConfig.preset(args.model)
-    layers_per_stage(cfg.n_layers, len(owner), cfg.layers_per_stage)  # >= 1 layer per stage
+        table = build_schedule(args.schedule, args.pp, num_microbatches,
+                               virtual=args.virtual_stages)
+    check_placement(table, args.pp)
     return table
 
 
-def main(argv=None):
+def check_args(args, world_size: int):
+    """Every check the flags alone decide, run before any process group, model or data is
+    built: a mistake raises UsageError naming the flag and the fix. Returns (dp,
+    microbatches per step, GPTConfig, the pipeline schedule)."""
+    try:
+        dp = check_layout(args.tp, args.pp, None, world_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    num_microbatches = check_batch_sizes(args, dp)
+    try:
+        table = pipeline_table(args, num_microbatches)
+    except ValueError as e:
+        flag = "--schedule-file" if args.schedule_file else "--schedule/--virtual-stages"
+        raise UsageError(f"{flag}: {e}") from None
+    num_stages = sum(map(len, rank_stages(table).values()))
+    try:
+        cfg = GPTConfig.preset(args.model, sequence_parallel=args.sequence_parallel,
+                               kernels=args.kernels, dropout=args.dropout)
+        layers_per_stage(cfg.n_layers, num_stages, cfg.layers_per_stage)
+    except ValueError as e:
+        raise UsageError(f"--model {args.model}: {e}") from None
+    if cfg.n_heads % args.tp or cfg.n_kv_heads % args.tp:
+        raise UsageError(f"--tp {args.tp} must divide the {args.model} preset's n_heads "
+                         f"{cfg.n_heads} and n_kv_heads {cfg.n_kv_heads}; lower --tp")
+    if args.seq_len > cfg.max_seq_len:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds the {args.model} preset's "
+                         f"max_seq_len {cfg.max_seq_len}")
+    if args.sequence_parallel and args.seq_len % args.tp:
+        raise UsageError(f"--sequence-parallel splits the sequence over tp ranks: --seq-len "
+                         f"{args.seq_len} must be divisible by --tp {args.tp}")
+    if args.kernels == "triton":
+        on_gpu = torch.cuda.is_available() and os.environ.get("MEGALITE_DEVICE") != "cpu"
+        if not HAS_TRITON:
+            raise UsageError("--kernels triton needs the triton package: pip install "
+                             "'megalite[triton]', or use --kernels auto")
+        if not (on_gpu or interpreting()):
+            raise UsageError("--kernels triton needs a CUDA GPU, or TRITON_INTERPRET=1 to run "
+                             "the kernels in Triton's (slow) CPU interpreter; or use "
+                             "--kernels auto")
+    try:
+        meta = read_metadata(args.data or default_corpus_path())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--data {args.data}: {e}") from None
+    if int(meta["vocab_size"]) > cfg.vocab_size:
+        raise UsageError(f"the data's tokenizer has {meta['vocab_size']} tokens but the "
+                         f"{args.model} model only {cfg.vocab_size}: pick a matching --model "
+                         f"or --data")
+    samples = max(0, int(meta["num_tokens"]) - 1) // args.seq_len
+    if samples < args.global_batch_size:
+        raise UsageError(f"--data has {samples} samples of --seq-len {args.seq_len}, fewer "
+                         f"than one --global-batch-size {args.global_batch_size}")
+    for flag, value in (("--save-every", args.save_every), ("--keep-last", args.keep_last),
+                        ("--no-resume", args.no_resume)):
+        if value and not args.save:
+            raise UsageError(f"{flag} needs --save DIR")
+    if args.save and os.path.exists(args.save) and not os.path.isdir(args.save):
+        raise UsageError(f"--save {args.save} is a file, not a directory")
+    if args.load and not os.path.exists(args.load):
+        raise UsageError(f"--load {args.load} does not exist; pass the --save directory of "
+                         f"an earlier run (or one step_XXXXXXXX directory in it)")
+    if args.load and not (os.path.isfile(os.path.join(args.load, "meta.json"))
+                          or list_checkpoints(args.load)):
+        raise UsageError(f"--load {args.load} holds no complete checkpoint (no meta.json in "
+                         f"it or in a step_XXXXXXXX directory below it)")
+    return dp, num_microbatches, cfg, table
+
+
+def default_warmup(steps: int) -> int:
+    """5% of the run, but at least 10 steps (a 1-step warmup at full lr can blow a large
+    model up on its first updates), and never more than half of a short run."""
+    return min(max(10, steps // 20), max(1, steps // 2))
+
+
+def choose_start(args, ps, say) -> str | None:
+    """The checkpoint to start from (collective): --save's newest intact one unless
+    --no-resume, else --load's; with --no-resume, --save's newer checkpoints are deleted."""
+    if args.save and not args.no_resume:
+        found = find_resume_checkpoint(args.save, set_aside=True, warn=say)
+        if found:
+            note = (f"; --load {args.load} is used only when --save holds no checkpoint"
+                    if args.load else "")
+            say(f"resuming from {found} (the newest intact checkpoint in --save; "
+                f"--no-resume starts over{note})")
+            return found
+    found = None
+    if args.load:
+        found = find_resume_checkpoint(args.load, warn=say)
+        missing = ValueError(f"--load {args.load}: no intact checkpoint there (see the "
+                             f"warning above)") if found is None and ps.rank == 0 else None
+        agree(missing, f"--load {args.load}")  # rank 0 says why, the others stop quietly
+    if args.save and args.no_resume:
+        start, error = read_checkpoint_meta(found)["step"] if found else 0, None
+        if ps.rank == 0:
+            try:
+                removed = remove_checkpoints(args.save, after_step=start)
+                if removed:
+                    say(f"--no-resume: deleted {len(removed)} checkpoint(s) after step {start} "
+                        f"in {args.save}: {', '.join(os.path.basename(r) for r in removed)}")
+            except OSError as e:
+                error = e
+        agree(error, f"deleting old checkpoints in {args.save}")  # also a barrier
+    return found
+
+
+def main(argv=None) -> int:
+    started = time.monotonic()
     args = parse_args(argv)
-    table = pipeline_table(args, int(os.environ.get("WORLD_SIZE", "1")))
-    ps = parallel.initialize(tp=args.tp, pp=args.pp)
+    dp, num_microbatches, cfg, table = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    ps = parallel.initialize(tp=args.tp, pp=args.pp, timeout_s=args.comm_timeout)
+    say = print if ps.rank == 0 else (lambda *a, **k: None)
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    num_microbatches = check_batch_sizes(args, ps.dp)
-    stages = rank_stages(table)
-    cfg = GPTConfig.preset(args.model, sequence_parallel=args.sequence_parallel,
-                           kernels=args.kernels, dropout=args.dropout)
-    if args.seq_len > cfg.max_seq_len:
-        raise ValueError(f"--seq-len {args.seq_len} exceeds the {args.model} preset's "
-                         f"max_seq_len {cfg.max_seq_len}")
+
+    resume_from = choose_start(args, ps, say)
+    start_step = read_checkpoint_meta(resume_from)["step"] if resume_from else 0
+    if start_step > args.steps:
+        raise UsageError(f"{resume_from} is at step {start_step}, past --steps {args.steps} "
+                         f"(--steps is the step to train until): pass a larger --steps, or "
+                         f"--no-resume to start over")
+    if resume_from and start_step == args.steps:
+        say(f"{resume_from} is already at --steps {args.steps}: nothing to train", flush=True)
+        parallel.destroy()
+        return 0
+
     parallel.model_parallel_seed(args.seed)
+    stages = rank_stages(table)
     model = GPT(cfg, stages=stages[ps.pp_rank], num_stages=sum(map(len, stages.values())))
     dataset = TokenDataset(args.data or default_corpus_path(), args.seq_len)
-    if dataset.vocab_size > cfg.vocab_size:
-        raise ValueError(f"the data's tokenizer has {dataset.vocab_size} tokens but the model "
-                         f"only {cfg.vocab_size}: pick a matching --model or --data")
     sampler = ShardedSampler(len(dataset), args.global_batch_size, ps.dp_rank, ps.dp, args.seed)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
-    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    warmup = args.warmup if args.warmup is not None else default_warmup(args.steps)
+    # The schedule always spans --steps, so a run stopped and resumed any number of times
+    # follows the same learning rates as one that ran through.
     scheduler = build_scheduler(optimizer, warmup, args.steps, args.decay, args.min_lr_ratio)
     scaler = DynamicLossScaler() if args.dtype == "fp16" else None
-
-    start_step = 0
-    resume_from = latest_checkpoint(args.load) if args.load else None
-    if args.load and resume_from is None:
-        raise ValueError(f"--load {args.load}: no checkpoint found there")
     if resume_from:
-        start_step = load_checkpoint(resume_from, model, optimizer, scheduler, sampler, scaler)
+        load_checkpoint(resume_from, model, optimizer, scheduler, sampler, scaler,
+                        verify=False)  # choose_start verified it
 
     tokens_per_step = args.global_batch_size * args.seq_len
     flops_per_token = cfg.flops_per_token(args.seq_len)
@@ -162,17 +320,27 @@ def main(argv=None):
     schedule_name = args.schedule_file or args.schedule
     if model.num_stages > ps.pp:
         schedule_name += f" ({model.num_stages // ps.pp} stages per rank)"
-    if ps.rank == 0:
-        print(f"megalite: {args.model} ({cfg.num_params() / 1e6:.2f}M params) on {ps.world_size} "
-              f"{ps.device.type} processes: tp={ps.tp} pp={ps.pp} dp={ps.dp}, "
-              f"{num_microbatches} microbatches of {args.micro_batch_size} x {args.seq_len}, "
-              f"{schedule_name}, {args.dtype}; steps {start_step + 1}..{args.steps}"
-              + (f" (resumed from {resume_from})" if resume_from else ""), flush=True)
+    say(f"megalite: {args.model} ({cfg.num_params() / 1e6:.2f}M params) on {ps.world_size} "
+        f"{ps.device.type} processes: tp={ps.tp} pp={ps.pp} dp={ps.dp}, "
+        f"{num_microbatches} microbatches of {args.micro_batch_size} x {args.seq_len}, "
+        f"{schedule_name}, {args.dtype}; steps {start_step + 1}..{args.steps}"
+        + (f" (resumed from {resume_from})" if resume_from else ""), flush=True)
 
     # Saved with every checkpoint: generate.py finds the tokenizer here.
     extra = {"args": vars(args), "tokenizer": dataset.meta.get("tokenizer")}
-    result = None
+    # From here on SIGTERM/SIGINT stop the run after a step, with a checkpoint (before, with
+    # nothing to save, they end the process as usual).
+    signals = StopSignals().install()
+    stopper = Stopper(signals, max_time_min=args.max_time, exit_after=args.exit_after,
+                      max_skipped=args.max_skipped_steps, start_time=started, device=ps.device)
+    watchdog = StepWatchdog(ps.rank, ps.world_size, args.step_timeout,
+                            startup_s=args.comm_timeout)
+    if args.step_timeout != 0:
+        watchdog.start()
+    result, stop, saved = None, None, None
     for step in range(start_step + 1, args.steps + 1):
+        watchdog.step_started(step)
+        inject.at_step_start(step, ps.rank)  # test-only faults (MEGALITE_FAULT)
         tokens, targets = get_batch(dataset, sampler.next_batch_indices())
         tokens, targets = tokens.to(ps.device), targets.to(ps.device)
         if ps.device.type == "cuda":
@@ -184,7 +352,8 @@ def main(argv=None):
                             micro_batch_size=args.micro_batch_size, schedule=table,
                             max_grad_norm=args.clip_grad, grad_scaler=scaler, dtype=args.dtype,
                             verbose=args.verbose_p2p,
-                            trace=bool(args.trace) and step == args.steps)
+                            trace=bool(args.trace) and step == args.steps,
+                            loss_fn=inject.poison_loss(model.loss, step, ps.rank))
         scheduler.step()
         if ps.device.type == "cuda":
             torch.cuda.synchronize()
@@ -196,20 +365,34 @@ def main(argv=None):
         row["peak_mem_gb"] = peak_memory_gb(ps.device)
         if result.skipped:
             row["skipped"] = True
+            row["skip_reason"] = "non-finite loss or grad norm" if result.nonfinite else \
+                "fp16 overflow"
         logger.log(row)
-        if args.save and args.save_every and step % args.save_every == 0 and step < args.steps:
-            save_checkpoint(args.save, step, model, optimizer, scheduler, sampler, scaler,
-                            extra=extra)
-    if args.save and result is not None:
-        save_checkpoint(args.save, args.steps, model, optimizer, scheduler, sampler, scaler,
-                        extra=extra)
-    if args.trace and result is not None:
+        stop = stopper.after_step(result.nonfinite, dt)  # collective: all ranks agree
+        watchdog.step_finished(dt)
+        if args.save and (stop or step == args.steps
+                          or (args.save_every and step % args.save_every == 0)):
+            with watchdog.paused():
+                saved = save_checkpoint(args.save, step, model, optimizer, scheduler, sampler,
+                                        scaler, extra=extra, keep_last=args.keep_last)
+        if stop:
+            break
+    watchdog.close()
+    if stop and step == args.steps:
+        stop = None  # the run was complete anyway
+    if args.trace and result is not None and stop is None:
         write_timeline(args.trace, result.spans, ps, schedule_name)
-    if ps.rank == 0:
-        print(logger.summary() + (f"; checkpoint in {args.save}" if args.save else ""),
-              flush=True)
+    say(logger.summary() + (f"; checkpoint {saved}" if saved else ""), flush=True)
+    if stop:  # the last line: what stopped the run and what to do next
+        line = f"{stop.message} after step {step}; " + (
+            "nothing saved (no --save)" if not saved else f"saved {saved}; {stop.advice}")
+        say(line, flush=True)
+        if stop.exit_code:
+            write_launcher_error_file(f"rank {ps.rank}: {line}")
     logger.close()
     parallel.destroy()
+    signals.uninstall()
+    return stop.exit_code if stop else 0
 
 
 def write_timeline(directory: str, spans: list, ps, schedule: str) -> None:
@@ -230,4 +413,4 @@ def write_timeline(directory: str, spans: list, ps, schedule: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,6 +1,6 @@
 """Process groups, communication ops with autograd, and tensor-parallel layers."""
 from megalite.parallel.state import (ParallelState, initialize, get_state, destroy,
-                                     group_ranks, global_rank)
+                                     group_ranks, global_rank, check_layout)
 from megalite.parallel.comm import (copy_to_tp_region, reduce_from_tp_region,
                                     scatter_to_tp_region, gather_from_tp_region,
                                     scatter_to_sequence_parallel_region,
@@ -15,6 +15,7 @@ from megalite.parallel.grads import allreduce_data_parallel, clip_grad_norm_
 
 __all__ = [
     "ParallelState", "initialize", "get_state", "destroy", "group_ranks", "global_rank",
+    "check_layout",
     "copy_to_tp_region", "reduce_from_tp_region", "scatter_to_tp_region",
     "gather_from_tp_region", "scatter_to_sequence_parallel_region",
     "gather_from_sequence_parallel_region", "reduce_scatter_to_sequence_parallel_region",

@@ -137,6 +137,11 @@ def all_gather_object(obj) -> list:
     return out
 
 
+class PeerFailure(RuntimeError):
+    """Raised by :func:`agree` on a rank that did not fail itself: another rank did, and
+    that rank raises (and reports) its own error."""
+
+
 def agree(error: BaseException | None, what: str, payload=None) -> list:
     """Collective error check: share every rank's ``payload``; if any rank failed, raise on
     every rank (the failing one re-raises its own exception) instead of leaving the others
@@ -147,7 +152,7 @@ def agree(error: BaseException | None, what: str, payload=None) -> list:
         raise error
     failed = {r: m for r, (m, _) in enumerate(gathered) if m}
     if failed:
-        raise RuntimeError(f"{what} failed on rank(s) {sorted(failed)}: {failed}")
+        raise PeerFailure(f"{what} failed on rank(s) {sorted(failed)}: {failed}")
     return [p for _, p in gathered]
 
 

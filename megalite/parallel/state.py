@@ -35,6 +35,9 @@ class ParallelState:
     dp_ranks: list = field(default_factory=lambda: [0])
     # First and last pipeline stage of this rank's pipeline: they share tied embeddings.
     embedding_group: object = None
+    # One group per direction between neighbouring pipeline ranks (a ring):
+    # p2p_groups[(src pp rank, dst pp rank)], for the pairs this rank is in.
+    p2p_groups: dict = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
@@ -84,7 +87,8 @@ def check_layout(tp: int, pp: int, dp: int | None, world_size: int) -> int:
     if world_size % (tp * pp) != 0:
         raise ValueError(
             f"world size {world_size} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}; "
-            f"launch a multiple of {tp * pp} processes or change --tp/--pp")
+            f"launch a multiple of {tp * pp} processes (e.g. torchrun --nproc-per-node "
+            f"{tp * pp} your_script.py) or change --tp/--pp")
     if dp is None:
         return world_size // (tp * pp)
     if not isinstance(dp, int) or dp < 1:
@@ -122,6 +126,16 @@ def _default_device() -> torch.device:
             and os.environ.get("MEGALITE_DEVICE", "") != "cpu":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def ring_directions(pp: int) -> list[tuple[int, int]]:
+    """(src, dst) pipeline-rank pairs that get their own transfer group: both directions
+    between ranks r and r+1 mod pp."""
+    pairs = []
+    for r in range(pp if pp > 2 else pp - 1):
+        nxt = (r + 1) % pp
+        pairs += [(r, nxt), (nxt, r)]
+    return pairs
 
 
 def initialize(tp: int = 1, pp: int = 1, dp: int | None = None,
@@ -162,6 +176,15 @@ def initialize(tp: int = 1, pp: int = 1, dp: int | None = None,
         group = dist.new_group(emb_ranks, timeout=timeout)
         if rank in emb_ranks:
             state.embedding_group = group
+    # Pipeline transfers: each direction between two neighbouring stages (and the wrap from
+    # the last pipeline rank to the first, for interleaved placement) is its own group, a
+    # one-way queue. NCCL runs a group's transfers in order and a send waits for its
+    # receive, so with one shared group a send could hold up a receive the other way.
+    for ranks in group_ranks(tp, pp, dp)["pp"]:
+        for src, dst in ring_directions(len(ranks)):
+            group = dist.new_group(sorted({ranks[src], ranks[dst]}), timeout=timeout)
+            if rank in (ranks[src], ranks[dst]):
+                state.p2p_groups[(src, dst)] = group
     _STATE = state
     return state
 

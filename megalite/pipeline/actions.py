@@ -70,6 +70,7 @@ def stage_to_rank(schedule: Schedule) -> dict[int, int]:
     Raises if a stage appears on two ranks, or if stages are missing in between (every
     stage 0..max must be owned by some rank)."""
     owner: dict[int, int] = {}
+    first: dict[int, tuple[int, Action]] = {}  # stage -> (index, action) of its first mention
     for rank in sorted(schedule):
         for i, text in enumerate(schedule[rank]):
             try:
@@ -77,8 +78,11 @@ def stage_to_rank(schedule: Schedule) -> dict[int, int]:
             except ValueError as e:
                 raise ValueError(f"rank {rank}, action {i}: {e}") from None
             if owner.setdefault(a.stage, rank) != rank:
-                raise ValueError(f"rank {rank}, action {i} ({a}): stage {a.stage} also appears "
-                                 f"on rank {owner[a.stage]}; each stage lives on one rank")
+                j, b = first[a.stage]
+                raise ValueError(f"stage {a.stage} appears on rank {owner[a.stage]} (action {j}, "
+                                 f"{b}) and on rank {rank} (action {i}, {a}); each stage lives "
+                                 f"on one rank: move one of them")
+            first.setdefault(a.stage, (i, a))
     missing = sorted(set(range(max(owner, default=-1) + 1)) - set(owner))
     if missing:
         raise ValueError(f"no rank runs stages {missing}; every stage between 0 and the last "

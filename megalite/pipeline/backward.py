@@ -41,7 +41,13 @@ class WeightGrad:
     def run(self) -> None:
         if self._output is not None:
             backward(self._output, self._grad)
-        for node, grads, params in self._splits:
+        for node, (grads, versions), params in self._splits:
+            if any(g is not None and g._version != v for g, v in zip(grads, versions)):
+                raise RuntimeError(
+                    f"{node.name()} changed the gradient it received in place during the "
+                    f"input-gradient pass, so its weight gradients cannot be computed later; "
+                    f"run this stage with B instead of I + W, or make that backward leave "
+                    f"its incoming gradient unchanged")
             edges = [GradientEdge(node, i) for i, g in enumerate(grads) if g is not None]
             values = [g for g in grads if g is not None]
             if edges:
@@ -120,7 +126,8 @@ def backward_input(output: torch.Tensor, grad: torch.Tensor | None,
         return [x.grad if x.requires_grad else None for x in inputs], WeightGrad()
 
     recorded = {}
-    handles = [n.register_prehook(lambda g, n=n: recorded.__setitem__(n, g))
+    handles = [n.register_prehook(lambda g, n=n: recorded.__setitem__(
+                   n, (g, [None if t is None else t._version for t in g])))
                for n, _ in splits]
     wanted = [x for x in inputs if x.requires_grad]
     try:
@@ -129,7 +136,9 @@ def backward_input(output: torch.Tensor, grad: torch.Tensor | None,
         for h in handles:
             h.remove()
     # W restarts at the split nodes: what lies between them and the output (e.g. the loss
-    # and its saved logits) is not needed any more, so let it go now.
-    output.detach_()
+    # and its saved logits) is not needed any more, so let it go now (a view cannot be
+    # detached in place; its graph then lives until W).
+    if output._base is None:
+        output.detach_()
     return ([next(grads) if x.requires_grad else None for x in inputs],
             WeightGrad(splits=[(n, recorded[n], below) for n, below in splits if n in recorded]))

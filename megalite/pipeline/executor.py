@@ -134,7 +134,7 @@ def run_schedule(schedule: Union[Schedule, Sequence[str]], stages: Stages, ps, *
             p2p.send(tensor, dst, label, release)
 
     actions = parsed[me]
-    for i, a in enumerate(actions):
+    for a in actions:
         s, mb, label = a.stage, a.microbatch, str(a)
         need = consumes(a, num_stages)
         received = None if need is None else take(need, label)
@@ -176,9 +176,7 @@ def run_schedule(schedule: Union[Schedule, Sequence[str]], stages: Stages, ps, *
             live -= 1
         if trace:
             spans.append((me, label, a.kind, start, clock()))
-        if i + 1 == len(actions) or consumes(actions[i + 1], num_stages) is None or \
-                owner[consumes(actions[i + 1], num_stages)[1]] == me:
-            p2p.flush()
+        p2p.reap()
     p2p.wait_all()
     if held or local:
         raise RuntimeError(f"rank {ps.rank}: work left over after the schedule "

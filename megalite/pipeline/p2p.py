@@ -1,17 +1,17 @@
 """Point-to-point transfers between pipeline ranks.
 
-Sends never block the compute loop: an output is queued, and the queue is posted together
-with the next receive in one ``batch_isend_irecv`` (Megatron's send-forward-recv-backward
-pairing, which NCCL needs so that a send and the matching receive of the peer run in the
-same group), or on its own when the next action receives nothing.
+Each direction between two neighbouring pipeline ranks has its own process group
+(``ParallelState.p2p_groups``), so it is a one-way queue: messages arrive in the order they
+were sent, and a send that waits for its receive (as NCCL's do) holds up only later sends
+the same way, never traffic in the other direction or the compute stream.
 
-Receives are posted in the order the *peer sends*, which every rank knows from the whole
-schedule (``incoming``): messages between two ranks are matched in posting order (NCCL has
-no tags), so a rank that needs a later message first posts the receives for the earlier
-ones too and keeps them until their action runs. Any order of consumption is then exact,
-and a schedule that the validator's replay finishes cannot hang here. A sent tensor's
-storage is released once its send completes (``release`` callback), so the stage keeps the
-autograd graph but not the activation.
+Sends are posted as soon as the tensor is produced (``isend``) and never waited on by the
+compute loop. Receives are posted in the order the *peer sends*, which every rank knows from
+the whole schedule (``incoming``): a rank that needs a later message first posts the
+receives for the earlier ones too and keeps them until their action runs. Any order of
+consumption is then exact, and a schedule that the validator's replay finishes cannot hang
+here. A sent tensor's storage is released once its send completes (``release`` callback),
+so the stage keeps the autograd graph but not the activation.
 """
 from __future__ import annotations
 
@@ -30,8 +30,11 @@ class StageP2P:
         self._incoming = incoming
         self._posted = {src: 0 for src in incoming}   # how many of incoming[src] are posted
         self._pending: dict = {}                      # message -> (buffer, work)
-        self._queued: list[tuple] = []      # (tensor, peer, label, release)
-        self._in_flight: list[tuple] = []   # (work, tensor, release)
+        self._in_flight: list[tuple] = []             # (work, tensor, release)
+
+    def _group(self, src: int, dst: int):
+        # Non-neighbouring pairs (possible in a hand-written table) share the pp group.
+        return self.ps.p2p_groups.get((src, dst), self.ps.pp_group)
 
     def _log(self, what: str, peer: int, label: str, tensor: torch.Tensor) -> None:
         if self.verbose:
@@ -39,51 +42,32 @@ class StageP2P:
                   f"rank {peer} shape={tuple(tensor.shape)} dtype={tensor.dtype}", flush=True)
 
     def send(self, tensor: torch.Tensor, dst: int, label: str, release=None) -> None:
-        """Queue ``tensor`` for pipeline rank ``dst``; ``release()`` runs once it is sent."""
-        self._queued.append((tensor.contiguous(), self.ps.pp_ranks[dst], label, release))
-
-    def _post(self, recvs: list[tuple]) -> list:
-        ops, sent = [], []
-        for tensor, peer, label, release in self._queued:
-            self._log("send", peer, label, tensor)
-            ops.append(dist.P2POp(dist.isend, tensor, peer, self.ps.pp_group))
-            sent.append((tensor, release))
-        for buffer, peer in recvs:
-            ops.append(dist.P2POp(dist.irecv, buffer, peer, self.ps.pp_group))
-        self._queued = []
-        if not ops:
-            return []
-        works = dist.batch_isend_irecv(ops)
-        for work, (tensor, release) in zip(works, sent):
-            self._in_flight.append((work, tensor, release))
-        return works[len(sent):]
-
-    def flush(self) -> None:
-        """Post queued sends now (the next action receives nothing)."""
+        """Send ``tensor`` to pipeline rank ``dst`` now; ``release()`` runs once it is sent."""
         start = self.clock()
-        if self._queued:
-            self._post([])
-            self._span("send", start)
-        self._reap()
+        tensor = tensor.contiguous()
+        peer = self.ps.pp_ranks[dst]
+        self._log("send", peer, label, tensor)
+        work = dist.isend(tensor, peer, group=self._group(self.ps.pp_rank, dst))
+        self._in_flight.append((work, tensor, release))
+        self._span("send", start, label)
 
     def recv(self, message, src: int, shape, dtype, device, label: str) -> torch.Tensor:
-        """The tensor ``message`` from pipeline rank ``src``: posts queued sends and the
-        receives of ``src``'s messages up to this one in one batch, then waits for it."""
+        """The tensor ``message`` from pipeline rank ``src``: posts the receives of ``src``'s
+        messages up to this one (in ``src``'s order), then waits for this one."""
         start = self.clock()
+        peer = self.ps.pp_ranks[src]
         if message not in self._pending:
             order = self._incoming.get(src, [])
             if message not in order[self._posted.get(src, 0):]:
                 raise RuntimeError(f"rank {self.rank}: {label} is not among the messages rank "
-                                   f"{self.ps.pp_ranks[src]} will send; validate the schedule")
+                                   f"{peer} will send; validate the schedule")
             upto = order.index(message, self._posted[src]) + 1
-            todo = order[self._posted[src]:upto]
+            group = self._group(src, self.ps.pp_rank)
+            for msg in order[self._posted[src]:upto]:
+                buffer = torch.empty(shape, dtype=dtype, device=device)
+                self._pending[msg] = (buffer, dist.irecv(buffer, peer, group=group))
             self._posted[src] = upto
-            peer = self.ps.pp_ranks[src]
-            buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in todo]
-            works = self._post([(b, peer) for b in buffers])
-            self._pending.update(zip(todo, zip(buffers, works)))
         buffer, work = self._pending.pop(message)
-        peer = self.ps.pp_ranks[src]
         try:
             work.wait()
         except RuntimeError as e:
@@ -91,7 +75,7 @@ class StageP2P:
                                f"(shape {tuple(shape)}) failed: {e}") from e
         self._log("recv", peer, label, buffer)
         self._span("recv", start, label)
-        self._reap()
+        self.reap()
         return buffer
 
     def _span(self, kind: str, start: float, label: str = "") -> None:
@@ -99,7 +83,7 @@ class StageP2P:
             self.spans.append((self.ps.pp_rank, f"{kind} {label}".strip(), kind, start,
                                self.clock()))
 
-    def _reap(self) -> None:
+    def reap(self) -> None:
         """Release the storage of sends that have completed."""
         still = []
         for work, tensor, release in self._in_flight:
@@ -112,7 +96,6 @@ class StageP2P:
         self._in_flight = still
 
     def wait_all(self) -> None:
-        self.flush()
         for work, _, release in self._in_flight:
             work.wait()
             if release is not None:

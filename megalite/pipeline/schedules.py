@@ -22,6 +22,7 @@ import csv
 import functools
 import io
 import json
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -261,8 +262,8 @@ def load_schedule(path, num_ranks: int | None = None,
     """Read a user's schedule table and validate it.
 
     JSON: ``{"0": ["0F0", ...], "1": [...]}`` or a list of lists (row i = rank i).
-    CSV: one row per rank, one action per cell (an optional first cell "rank 0" / "0:" is
-    skipped; empty cells are ignored). Placement is what the table says (which rank lists
+    CSV: one row per rank, one action per cell, empty cells ignored; a first cell "rank N"
+    (or "N:") on every row says which rank the row is, else rows are ranks 0, 1, ... Placement is what the table says (which rank lists
     which stage). With num_ranks / num_microbatches the table must match them.
     """
     path = Path(path)
@@ -277,13 +278,21 @@ def load_schedule(path, num_ranks: int | None = None,
             if isinstance(data, dict) and sorted(int(k) for k in data) != list(range(len(data))):
                 raise ValueError(f"ranks {sorted(data)} must be 0..{len(data) - 1}")
         elif path.suffix.lower() == ".csv":
-            rows = []
+            labels, rows = [], []
             for row in csv.reader(io.StringIO(text)):
                 cells = [c.strip() for c in row if c.strip()]
-                if cells and (cells[0].lower().startswith("rank") or cells[0].endswith(":")):
+                if not cells:
+                    continue
+                label = re.fullmatch(r"(?:rank\s*)?(\d+):?", cells[0], re.IGNORECASE)
+                if label and (cells[0].lower().startswith("rank") or cells[0].endswith(":")):
+                    labels.append(int(label.group(1)))
                     cells = cells[1:]
-                if cells:
-                    rows.append(cells)
+                rows.append(cells)
+            if labels:  # "rank N" cells say which row is which rank
+                if len(labels) != len(rows) or sorted(labels) != list(range(len(rows))):
+                    raise ValueError(f"rank labels {labels} must number the {len(rows)} rows "
+                                     f"0..{len(rows) - 1}, each once; label every row or none")
+                rows = [row for _, row in sorted(zip(labels, rows))]
         else:
             raise ValueError("use a .json or .csv file")
         schedule = {r: [str(a) for a in row] for r, row in enumerate(rows)}

@@ -175,7 +175,8 @@ def main(argv=None) -> None:
     ap.add_argument("--i-cost", type=float, default=1.0)
     ap.add_argument("--w-cost", type=float, default=1.0)
     ap.add_argument("--comm-cost", type=float, default=0.0)
-    ap.add_argument("--all", action="store_true", help="table of every schedule")
+    ap.add_argument("--all", action="store_true",
+                    help="table of every schedule (default virtual stages, no comm cost)")
     ap.add_argument("--png", help="write a timeline plot here (with --all: a directory)")
     ap.add_argument("--trace", help="write a Chrome-trace JSON here (open in ui.perfetto.dev)")
     args = ap.parse_args(argv)
@@ -196,6 +197,8 @@ def main(argv=None) -> None:
     print(f"\nmakespan {r.makespan:g}  bubble {r.bubble_total:.3f}")
     for rank in sorted(r.timeline):
         print(f"rank {rank}: bubble {r.bubble[rank]:.3f}  peak live activations {r.peak_live[rank]}")
+    m = 1 + max(a.microbatch for items in r.timeline.values() for _, _, a in
+                ((t0, t1, Action.parse(n)) for t0, t1, n in items))
     title = f"{label} p={len(schedule)} m={m} (F:I:W = {args.f_cost:g}:{args.i_cost:g}:" \
             f"{args.w_cost:g}, comm={args.comm_cost:g}): bubble {r.bubble_total:.1%}"
     if args.png:

@@ -153,6 +153,7 @@ _EXCLUDES = {"B": ("I", "W"), "I": ("B",), "W": ("B",)}
 
 def _check_work(parsed: Mapping[int, list[Action]], num_stages: int, m: int) -> None:
     seen: dict[Action, int] = {}  # action -> its index in its rank's list
+    rank_of = {a.stage: r for r, lst in parsed.items() for a in lst}
     for r, lst in parsed.items():
         for i, a in enumerate(lst):
             where = f"rank {r}, action {i} ({a})"
@@ -172,17 +173,20 @@ def _check_work(parsed: Mapping[int, list[Action]], num_stages: int, m: int) -> 
     for s in range(num_stages):
         missing_f = [mb for mb in range(m) if Action(s, "F", mb) not in seen]
         if missing_f:
-            raise ValueError(f"stage {s} has no F for microbatches {missing_f}; every microbatch "
+            raise ValueError(f"rank {rank_of.get(s)}: stage {s} has no F for microbatches "
+                             f"{missing_f}; every microbatch "
                              f"needs one F and one backward (B, or I then W) on every stage")
         no_backward = [mb for mb in range(m) if Action(s, "B", mb) not in seen
                        and Action(s, "I", mb) not in seen]
         if no_backward:
-            raise ValueError(f"stage {s} has no B for microbatches {no_backward}; every "
+            raise ValueError(f"rank {rank_of.get(s)}: stage {s} has no B for microbatches "
+                             f"{no_backward}; every "
                              f"microbatch needs one F and one backward (B, or I then W)")
         no_w = [mb for mb in range(m) if Action(s, "I", mb) in seen
                 and Action(s, "W", mb) not in seen]
         if no_w:
-            raise ValueError(f"stage {s} has no W for microbatches {no_w} after their I; add "
+            raise ValueError(f"rank {rank_of.get(s)}: stage {s} has no W for microbatches "
+                             f"{no_w} after their I; add "
                              f"{s}W{no_w[0]} (the weight gradients) after {s}I{no_w[0]}")
 
 

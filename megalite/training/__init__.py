@@ -1,16 +1,25 @@
-"""Training: the 3D step, optimizer, mixed precision, data, checkpoints, metrics."""
+"""Training: the 3D step, optimizer, mixed precision, data, checkpoints, metrics, and how a
+run stops (signals, limits, watchdog, one-line errors)."""
 from megalite.training.checkpoint import (latest_checkpoint, load_checkpoint,
                                           read_checkpoint_meta, save_checkpoint)
+from megalite.training.checkpoint_dir import (find_resume_checkpoint, list_checkpoints,
+                                              prune_checkpoints, verify_checkpoint)
+from megalite.training.errors import RunStopped, UsageError, run_cli
+from megalite.training.fault import StepWatchdog, Stopper, StopSignals
 from megalite.training.data import (ShardedSampler, TokenDataset, default_corpus_path, get_batch,
                                     read_metadata)
 from megalite.training.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from megalite.training.optim import build_optimizer, build_scheduler, param_groups
 from megalite.training.precision import DynamicLossScaler, autocast
-from megalite.training.step import StepResult, forward_backward, train_step
+from megalite.training.step import StepResult, check_placement, forward_backward, train_step
 from megalite.training.tokenizer import get_tokenizer
 
 __all__ = ["ShardedSampler", "TokenDataset", "default_corpus_path", "get_batch",
            "read_metadata", "build_optimizer", "build_scheduler", "param_groups",
-           "DynamicLossScaler", "autocast", "StepResult", "forward_backward", "train_step",
+           "DynamicLossScaler", "autocast", "StepResult", "check_placement", "forward_backward",
+           "train_step",
            "get_tokenizer", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "read_checkpoint_meta", "MetricsLogger", "peak_flops", "peak_memory_gb"]
+           "read_checkpoint_meta", "MetricsLogger", "peak_flops", "peak_memory_gb",
+           "find_resume_checkpoint", "list_checkpoints", "prune_checkpoints",
+           "verify_checkpoint", "RunStopped", "UsageError", "run_cli", "StepWatchdog",
+           "Stopper", "StopSignals"]

@@ -12,7 +12,9 @@ A checkpoint is one directory ``ROOT/step_XXXXXXXX`` holding
                                  ``{name}.exp_avg_sq``, ``{name}.step``, gathered the same way
     rng_rank{r:05d}.safetensors  RNG states of global rank r (CPU, CUDA, TP tracker streams)
 
-and ``ROOT/latest`` names the newest one. No tensor depends on the saving layout: a loading
+and ``ROOT/latest`` names the newest one. meta.json records the sha256 and size of every
+file; :func:`verify_checkpoint` checks them (ranks share the work) and loading refuses a
+checkpoint whose files do not match. No tensor depends on the saving layout: a loading
 rank reads the names its stage holds from whichever files hold them and keeps its TP shard.
 Optimizer state is keyed by parameter name, as optimizer indices differ from stage to stage.
 
@@ -25,11 +27,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 import time
 import uuid
-from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -39,11 +39,12 @@ from megalite.parallel.comm import agree
 from megalite.parallel.random import get_rng_tracker
 from megalite.parallel.sharding import gather_full, shard_full
 from megalite.parallel.state import global_rank
+from megalite.training.checkpoint_dir import (FORMAT, VERSION, _LEFTOVER, _fsync,  # noqa: F401
+                                              _write_atomic, file_checksum, latest_checkpoint,
+                                              list_checkpoints, prune_checkpoints,
+                                              read_checkpoint_meta, verify_checkpoint)
 
-FORMAT, VERSION = "megalite-checkpoint", 1
 _RNG_FILE = "rng_rank{:05d}.safetensors"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-_LEFTOVER = re.compile(r"^(step_\d{8}\.(tmp|old)|latest\.tmp)-[0-9a-f]+$")
 # GPTConfig fields that change no saved tensor (layout, kernels, regularization, init):
 # a checkpoint loads across them. Every other field must match.
 _FREE_FIELDS = {"dropout", "kernels", "sequence_parallel", "layers_per_stage", "master_init",
@@ -52,80 +53,24 @@ _FREE_FIELDS = {"dropout", "kernels", "sequence_parallel", "layers_per_stage", "
 
 # ----------------------------------------------------------------------------- files
 
-def _fsync(path: str) -> None:
-    """Flush a file or directory to disk, so a rename never publishes unwritten data."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def _save_tensors(tensors: dict, path: str) -> None:
+def _save_tensors(tensors: dict, path: str) -> dict:
+    """Write and flush a safetensors file; returns its checksum entry for meta.json."""
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path,
               metadata={"format": FORMAT})
     _fsync(path)
-
-
-def latest_checkpoint(root: str) -> str | None:
-    """The newest complete checkpoint under ``root`` (or ``root`` itself if it is one);
-    None when there is none. Directories without meta.json (interrupted saves) never count."""
-    if not os.path.isdir(root):
-        return None
-    if os.path.isfile(os.path.join(root, "meta.json")):
-        return root
-    pointer = Path(root, "latest")
-    name = pointer.read_text().strip() if pointer.is_file() else ""
-    if _STEP_DIR.match(name) and os.path.isfile(os.path.join(root, name, "meta.json")):
-        return os.path.join(root, name)
-    # No (valid) pointer, e.g. a crash between the rename and the pointer update.
-    steps = [(int(m.group(1)), d) for d in os.listdir(root) if (m := _STEP_DIR.match(d))
-             and os.path.isfile(os.path.join(root, d, "meta.json"))]
-    return os.path.join(root, max(steps)[1]) if steps else None
-
-
-def read_checkpoint_meta(path: str) -> dict:
-    """meta.json of a checkpoint (or of the newest one under a root): step, layout, config
-    (``GPTConfig(**meta["config"])`` rebuilds the model), extra, ..."""
-    if not os.path.exists(path):
-        raise ValueError(f"checkpoint {path!r} does not exist; pass the directory given to "
-                         f"--save (or one of its step_XXXXXXXX subdirectories)")
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
-        raise ValueError(f"{path!r} holds no complete checkpoint (no meta.json in it or in a "
-                         f"step_XXXXXXXX below it; killed saves leave only *.tmp-* dirs)")
-    meta_path = os.path.join(ckpt, "meta.json")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if (meta.get("format"), meta.get("version")) != (FORMAT, VERSION):
-            raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')!r}; "
-                             f"this megalite reads {FORMAT!r} version {VERSION}")
-        missing = {"step", "layout", "config", "files", "optimizer", "scheduler"} - set(meta)
-        if missing:
-            raise ValueError(f"no {sorted(missing)} entries")
-    except (ValueError, OSError, AttributeError) as e:
-        raise ValueError(f"corrupt checkpoint metadata {meta_path!r}: {e}") from None
-    meta["path"] = ckpt
-    return meta
+    return file_checksum(path)
 
 
 # ----------------------------------------------------------------------------- save
 
 def save_checkpoint(root: str, step: int, model, optimizer, scheduler, sampler, scaler=None,
-                    extra=None) -> str:
+                    extra=None, keep_last: int = 0) -> str:
     """Write a checkpoint of ``step`` to ``root/step_XXXXXXXX``; returns its path.
 
     Collective over all ranks; no rank returns before the checkpoint is complete and
-    ``root/latest`` names it. ``extra`` is stored as JSON (other values as strings)."""
+    ``root/latest`` names it. ``extra`` is stored as JSON (other values as strings).
+    ``keep_last`` > 0 then deletes all but the newest ``keep_last`` checkpoints. A failure
+    on any rank raises on every rank and leaves the previous checkpoint as ``latest``."""
     ps, rank = model.ps, model.ps.rank
     name = f"step_{int(step):08d}"
     error, tmp = None, None
@@ -137,32 +82,38 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, sampler, 
             error = e
     tmp = agree(error, f"creating {root}", tmp)[0]  # rank 0's name, on every rank
 
-    files, error = {}, None
+    files, sums, error = {}, {}, None
     try:
-        files = _write_stage(tmp, model, optimizer, ps)
-        _save_tensors(_rng_states(ps), os.path.join(tmp, _RNG_FILE.format(rank)))
+        files, sums = _write_stage(tmp, model, optimizer, ps)
+        rng_file = _RNG_FILE.format(rank)
+        sums[rng_file] = _save_tensors(_rng_states(ps), os.path.join(tmp, rng_file))
     except Exception as e:  # noqa: BLE001 - every rank must learn of it, see agree
         error = e
-    all_files = {}
-    for rank_files in agree(error, f"saving checkpoint {tmp}", files):
+    all_files, all_sums = {}, {}
+    for rank_files, rank_sums in agree(error, f"saving checkpoint {tmp}", (files, sums)):
         all_files.update(rank_files)
+        all_sums.update(rank_sums)
 
     error, final = None, os.path.join(root, name)
     if rank == 0:
         try:
             meta = _meta(step, model, optimizer, scheduler, sampler, scaler, extra, all_files)
+            meta["checksums"] = dict(sorted(all_sums.items()))
             _commit(root, tmp, final, meta)
+            if keep_last:
+                prune_checkpoints(root, keep_last)
         except Exception as e:  # noqa: BLE001
             error = e
     agree(error, f"committing checkpoint {final}")  # also the final barrier
     return final
 
 
-def _write_stage(tmp: str, model, optimizer, ps) -> dict[str, list[str]]:
+def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
     """Gather this stage's full parameters and optimizer state (collective over TP); the
-    stage's (tp_rank 0, dp_rank 0) rank writes them. Returns {file: names} of what it wrote."""
+    stage's (tp_rank 0, dp_rank 0) rank writes them. Returns {file: names} of what it wrote
+    and {file: checksum}."""
     if ps.dp_rank != 0:  # dp replicas hold identical values: replica 0 writes
-        return {}
+        return {}, {}
     params, states = {}, {}
     for name, p in model.named_parameters():
         if getattr(p, "pipeline_duplicate", False):
@@ -174,13 +125,13 @@ def _write_stage(tmp: str, model, optimizer, ps) -> dict[str, list[str]]:
             else:  # per-parameter scalars: AdamW's step
                 states[f"{name}.{key}"] = torch.as_tensor(value).detach().clone()
     if ps.tp_rank != 0:
-        return {}
-    written = {}
+        return {}, {}
+    written, sums = {}, {}
     for kind, tensors in (("model", params), ("optim", states)):
         fname = f"{kind}_stage{ps.pp_rank}.safetensors"
-        _save_tensors(tensors, os.path.join(tmp, fname))
+        sums[fname] = _save_tensors(tensors, os.path.join(tmp, fname))
         written[fname] = sorted(tensors)
-    return written
+    return written, sums
 
 
 def _rng_states(ps) -> dict[str, torch.Tensor]:
@@ -217,6 +168,11 @@ def _commit(root: str, tmp: str, final: str, meta: dict) -> None:
     _fsync(tmp)
     if os.path.exists(final):  # saving a step again (a rerun): move the old one aside
         os.rename(final, f"{final}.old-{uuid.uuid4().hex[:8]}")
+    # Checkpoints of later steps belong to an abandoned history (e.g. a run restarted from
+    # an older checkpoint): set them aside so `latest` is always the newest step directory.
+    for step, path in list_checkpoints(root):
+        if step > meta["step"]:
+            os.rename(path, f"{path}.abandoned-{uuid.uuid4().hex[:8]}")
     os.rename(tmp, final)
     _write_atomic(os.path.join(root, "latest"), os.path.basename(final) + "\n")
     _fsync(root)
@@ -228,12 +184,17 @@ def _commit(root: str, tmp: str, final: str, meta: dict) -> None:
 # ----------------------------------------------------------------------------- load
 
 def load_checkpoint(path: str, model, optimizer=None, scheduler=None, sampler=None,
-                    scaler=None) -> int:
+                    scaler=None, verify: bool = True) -> int:
     """Restore a checkpoint (a step directory, or a root: its newest one) into this rank's
     model and whichever of optimizer, scheduler, sampler and scaler are given, for any
     (tp, pp, dp) layout of the same model. Returns the checkpoint's step. RNG states are
-    restored only when resuming training (an optimizer is given). Collective: every rank
-    raises if one fails."""
+    restored only when resuming training (an optimizer is given). ``verify`` first checks
+    every file against meta.json's checksums (``verify=False``: the caller just did).
+    Collective: every rank raises if one fails."""
+    problems = verify_checkpoint(latest_checkpoint(path) or path) if verify else []
+    if problems:
+        raise ValueError(f"checkpoint {path!r} is corrupt: {'; '.join(problems)}; load an "
+                         f"earlier checkpoint (a step_XXXXXXXX directory) or save again")
     error, step = None, 0
     try:
         meta = read_checkpoint_meta(path)

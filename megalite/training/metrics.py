@@ -116,7 +116,7 @@ class MetricsLogger:
         if row.get("peak_mem_gb") is not None:
             parts.append(f"mem {row['peak_mem_gb']:.2f} GB")
         if row.get("skipped"):
-            parts.append("(fp16 overflow: step skipped)")
+            parts.append(f"(step skipped: {row.get('skip_reason', 'fp16 overflow')})")
         return "\r" + " | ".join(parts) if sys.stdout.isatty() else " | ".join(parts)
 
     def summary(self) -> str:

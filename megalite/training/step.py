@@ -5,6 +5,7 @@ The same function trains every layout: a single process is pp = 1 with a schedul
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,8 @@ class StepResult:
     grad_norm: float        # before clipping
     peak_live: int          # most in-flight microbatches on this stage
     spans: list = field(default_factory=list)
-    skipped: bool = False   # fp16 overflow: the optimizer step was skipped
+    skipped: bool = False   # the optimizer step was skipped (fp16 overflow or nonfinite)
+    nonfinite: bool = False  # skipped for a NaN/inf loss or gradient norm (not fp16 overflow)
 
 
 def split_microbatches(tokens: torch.Tensor, micro_batch_size: int) -> list[torch.Tensor]:
@@ -91,18 +93,21 @@ def finalize_grads(model) -> None:
 
 def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
                schedule="1f1b", max_grad_norm: float = 1.0, grad_scaler=None,
-               dtype: str = "fp32", verbose=False, trace=False) -> StepResult:
+               dtype: str = "fp32", verbose=False, trace=False, loss_fn=None) -> StepResult:
     """Forward and backward over this dp rank's ``tokens``/``targets`` ``[batch, seq]``,
     gradient sync, clipping and the optimizer step. Gradients are left in the parameters
     (zeroed at the start of the next step) for inspection. ``dtype`` "bf16"/"fp16" runs the
-    forward under autocast with fp32 weights; fp16 needs a ``grad_scaler``."""
+    forward under autocast with fp32 weights; fp16 needs a ``grad_scaler``. A non-finite
+    loss or gradient norm skips the update on every rank (both are global values, so all
+    ranks decide alike) and sets ``nonfinite``. ``loss_fn`` defaults to ``model.loss``."""
     ps = model.ps
     if dtype == "fp16" and grad_scaler is None:
         raise ValueError("fp16 training needs a DynamicLossScaler (grad_scaler=...)")
     optimizer.zero_grad(set_to_none=True)
-    loss_fn = model.loss
+    loss_fn = loss_fn or model.loss
     if grad_scaler is not None:  # fp16: scale the loss so small gradients stay representable
-        loss_fn = lambda out, tgt: grad_scaler.scale(model.loss(out, tgt))  # noqa: E731
+        unscaled_fn = loss_fn
+        loss_fn = lambda out, tgt: grad_scaler.scale(unscaled_fn(out, tgt))  # noqa: E731
     with autocast(dtype, ps.device):
         # The residual stream stays fp32 under autocast (fp32 embeddings + 16-bit branches).
         result = forward_backward(model, tokens, targets, micro_batch_size=micro_batch_size,
@@ -115,10 +120,14 @@ def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
         loss = loss / grad_scaler.scale_value
         skipped = not grad_scaler.unscale_(model.parameters(), ps)
     norm = clip_grad_norm_(model.parameters(), 0.0 if skipped else max_grad_norm, ps)
+    loss = comm.all_reduce(loss.reshape(1).clone(), ps.dp_group)[0] / ps.dp
+    # One host sync for both; they are global, so every rank skips (or not) alike.
+    loss_value, norm_value = torch.stack([loss.reshape(()), norm.float().reshape(())]).tolist()
+    nonfinite = not skipped and not (math.isfinite(loss_value) and math.isfinite(norm_value))
+    skipped = skipped or nonfinite
     if not skipped:
         optimizer.step()
     if grad_scaler is not None:
         grad_scaler.update(found_inf=skipped)
-    loss = comm.all_reduce(loss.reshape(1).clone(), ps.dp_group)[0] / ps.dp
-    return StepResult(loss=loss.item(), grad_norm=norm.item(), peak_live=result.peak_live,
-                      spans=result.spans, skipped=skipped)
+    return StepResult(loss=loss_value, grad_norm=norm_value, peak_live=result.peak_live,
+                      spans=result.spans, skipped=skipped, nonfinite=nonfinite)

@@ -57,8 +57,10 @@ class TiktokenTokenizer:
             if str(blobpath).startswith(("http://", "https://")):
                 raise FileNotFoundError(
                     f"tiktoken encoding {name!r} is not cached locally and megalite never "
-                    f"downloads (wanted {blobpath}). Copy the cache to a folder and set "
-                    "TIKTOKEN_CACHE_DIR to it, or use --tokenizer byte.")
+                    f"downloads (wanted {blobpath}). Fetch it once where there is network: "
+                    f"TIKTOKEN_CACHE_DIR=$HOME/.tiktoken python -c \"import tiktoken; "
+                    f"tiktoken.get_encoding('{name}')\", then run with the same "
+                    "TIKTOKEN_CACHE_DIR; or use --tokenizer byte.")
             return real_read(blobpath)
 
         tiktoken.load.read_file = local_only

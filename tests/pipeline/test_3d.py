@@ -12,7 +12,7 @@ from megalite import parallel
 from megalite.models import GPT, GPTConfig
 from megalite.parallel import ParallelState
 from megalite.parallel.sharding import gather_full
-from megalite.pipeline import build_schedule, rank_stages, schedule_info
+from megalite.pipeline import build_schedule, rank_stages
 from megalite.pipeline.simulate import peak_live_activations
 from megalite.training.step import train_step
 from world import run_world

@@ -238,13 +238,28 @@ def test_clear_errors(single, tmp_path):
         del tensors["final_norm.weight"]
         save_file(tensors, os.path.join(path, model_file))
 
+    # The checksums in meta.json catch damage before any tensor is read...
     for name, damage, message in [
-            ("truncated", truncate, "corrupt checkpoint file .*truncated.*model_stage0"),
-            ("garbage", garbage, "corrupt checkpoint file .*garbage.*model_stage0"),
-            ("no_tensor", drop_tensor, "no_tensor.*final_norm.weight"),
+            ("truncated", truncate, "truncated' is corrupt: model_stage0.safetensors has "
+                                    r"\d+ bytes, meta.json says \d+"),
+            ("garbage", garbage, "garbage' is corrupt: model_stage0.safetensors has 1000 "
+                                 "bytes"),
+            ("no_tensor", drop_tensor, "no_tensor' is corrupt: model_stage0.safetensors "
+                                       "(does not match its sha256|has)"),
+            ("missing", lambda p: os.remove(os.path.join(p, "optim_stage0.safetensors")),
+             "missing' is corrupt: optim_stage0.safetensors is missing"),
             ("no_meta", lambda p: os.remove(os.path.join(p, "meta.json")),
              "no_meta.*no complete checkpoint"),
             ("bad_meta", lambda p: open(os.path.join(p, "meta.json"), "w").write("{oops"),
              "corrupt checkpoint metadata .*bad_meta")]:
         with pytest.raises(ValueError, match=message):
             load_into(broken(name, damage))
+    # ... and without them (verify=False, or a checkpoint saved before checksums existed)
+    # reading the damaged file still fails clearly.
+    for name, message in [("truncated", "corrupt checkpoint file .*truncated.*model_stage0"),
+                          ("garbage", "corrupt checkpoint file .*garbage.*model_stage0"),
+                          ("no_tensor", "no_tensor.*final_norm.weight")]:
+        run = _build(single.data, single.ps, cfg=single.model.cfg)
+        with pytest.raises(ValueError, match=message):
+            load_checkpoint(str(tmp_path / name), run.model, run.opt, run.sched, run.sampler,
+                            verify=False)
