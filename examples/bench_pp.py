@@ -23,7 +23,8 @@ from torch.distributed.pipelining import schedules as torch_schedules
 
 from megalite import parallel
 from megalite.models import GPT, GPTConfig
-from megalite.pipeline import build_schedule, plot_timeline, rank_stages, schedule_info
+from megalite.pipeline import (build_schedule, gather_spans, plot_timeline, rank_stages,
+                               schedule_info)
 from megalite.training.step import forward_backward
 
 # our name -> torch's class (None: no torch counterpart run)
@@ -168,13 +169,8 @@ def main():
         if args.timeline_dir:
             for name in names:
                 dist.barrier()
-                _, spans = runs[(name, "megalite")][0](trace=True)
-                gathered = [None] * ps.pp
-                dist.all_gather_object(gathered, spans, group=ps.pp_group)
-                if ps.rank == 0:
-                    spans = [s for part in gathered for s in part]
-                    t0 = min(s[3] for s in spans)
-                    spans = [(r, n, k, a - t0, b - t0) for r, n, k, a, b in spans]
+                spans = gather_spans(runs[(name, "megalite")][0](trace=True)[1], ps)
+                if spans is not None:
                     os.makedirs(args.timeline_dir, exist_ok=True)
                     plot_timeline(spans, os.path.join(args.timeline_dir, f"{name}_m{m}.png"),
                                   f"{name}, pp={ps.pp}, m={m}: measured step (seconds)")

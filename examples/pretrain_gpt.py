@@ -23,15 +23,14 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 
 from megalite import parallel
 from megalite.kernels import HAS_TRITON, interpreting
 from megalite.models import GPT, GPTConfig
 from megalite.parallel.comm import agree
 from megalite.parallel import check_layout
-from megalite.pipeline import (SCHEDULE_NAMES, build_schedule, layers_per_stage, load_schedule,
-                               plot_timeline, rank_stages, write_chrome_trace)
+from megalite.pipeline import (SCHEDULE_NAMES, build_schedule, gather_spans, layers_per_stage,
+                               load_schedule, plot_timeline, rank_stages, write_chrome_trace)
 from megalite.training import inject
 from megalite.training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from megalite.training.checkpoint_dir import (find_resume_checkpoint, list_checkpoints,
@@ -398,14 +397,8 @@ def main(argv=None) -> int:
 def write_timeline(directory: str, spans: list, ps, schedule: str) -> None:
     """Gather every pipeline rank's spans of the last step; rank 0 writes trace and PNG."""
     os.makedirs(directory, exist_ok=True)
-    gathered = [spans]
-    if ps.pp > 1:
-        gathered = [None] * ps.pp
-        dist.all_gather_object(gathered, spans, group=ps.pp_group)
-    if ps.rank == 0:
-        all_spans = [s for rank_spans in gathered for s in rank_spans]
-        t0 = min(s[3] for s in all_spans)
-        all_spans = [(r, n, k, a - t0, b - t0) for r, n, k, a, b in all_spans]
+    all_spans = gather_spans(spans, ps)
+    if all_spans is not None:
         write_chrome_trace(all_spans, os.path.join(directory, "timeline.json"), unit_us=1e6)
         plot_timeline(all_spans, os.path.join(directory, "timeline.png"),
                       f"{schedule}, pp={ps.pp}: measured step (seconds)")

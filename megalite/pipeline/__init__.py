@@ -1,18 +1,18 @@
 """Pipeline parallelism: schedules as data, their validator and simulator, one executor."""
 from megalite.pipeline.actions import Action, parse_action, rank_stages, stage_to_rank
 from megalite.pipeline.schedules import (SCHEDULE_NAMES, build_schedule, format_schedule,
-                                         load_schedule, placement, save_schedule,
+                                         load_schedule, save_schedule,
                                          schedule_info)
 from megalite.pipeline.validate import validate_schedule
 from megalite.parallel.partition import layers_per_stage, stage_layers
 from megalite.pipeline.executor import PipelineResult, run_schedule
-from megalite.pipeline.timeline import plot_timeline, write_chrome_trace
+from megalite.pipeline.timeline import gather_spans, plot_timeline, write_chrome_trace
 
 __all__ = ["Action", "SCHEDULE_NAMES", "build_schedule", "format_schedule", "load_schedule",
-           "parse_action", "placement", "rank_stages", "save_schedule", "schedule_info",
+           "parse_action", "rank_stages", "save_schedule", "schedule_info",
            "stage_to_rank", "validate_schedule", "SimResult", "simulate_schedule",
            "layers_per_stage", "stage_layers", "PipelineResult", "run_schedule",
-           "plot_timeline", "write_chrome_trace"]
+           "gather_spans", "plot_timeline", "write_chrome_trace"]
 
 
 def __getattr__(name):

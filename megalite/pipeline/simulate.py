@@ -197,8 +197,7 @@ def main(argv=None) -> None:
     print(f"\nmakespan {r.makespan:g}  bubble {r.bubble_total:.3f}")
     for rank in sorted(r.timeline):
         print(f"rank {rank}: bubble {r.bubble[rank]:.3f}  peak live activations {r.peak_live[rank]}")
-    m = 1 + max(a.microbatch for items in r.timeline.values() for _, _, a in
-                ((t0, t1, Action.parse(n)) for t0, t1, n in items))
+    m = 1 + max(Action.parse(a).microbatch for row in schedule.values() for a in row)
     title = f"{label} p={len(schedule)} m={m} (F:I:W = {args.f_cost:g}:{args.i_cost:g}:" \
             f"{args.w_cost:g}, comm={args.comm_cost:g}): bubble {r.bubble_total:.1%}"
     if args.png:

@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
+import torch.distributed
+
 
 class Span(NamedTuple):
     rank: int
@@ -27,6 +29,20 @@ COMPUTE_KINDS = ("F", "B", "I", "W")
 COLORS = {"F": "#4C72B0", "B": "#55A868", "I": "#2A9D8F", "W": "#8172B2", "send": "#DD8452",
           "recv": "#C44E52"}
 OTHER_COLOR = "#999999"
+
+
+def gather_spans(spans: list, ps) -> list | None:
+    """Every pipeline rank's measured spans of one step, times from the earliest start (in
+    the clock's unit); on global rank 0, None elsewhere. Collective over the pp group."""
+    gathered = [spans]
+    if ps.pp > 1:
+        gathered = [None] * ps.pp
+        torch.distributed.all_gather_object(gathered, spans, group=ps.pp_group)
+    if ps.rank != 0:
+        return None
+    every = [s for rank_spans in gathered for s in rank_spans]
+    t0 = min(s[3] for s in every)
+    return [(r, n, k, a - t0, b - t0) for r, n, k, a, b in every]
 
 
 def _spans(spans: Iterable) -> list[Span]:

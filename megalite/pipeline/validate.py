@@ -44,12 +44,6 @@ def produces(a: Action, num_stages: int) -> tuple[str, int, int] | None:
     return None
 
 
-def message_name(msg: tuple[str, int, int]) -> str:
-    kind, stage, mb = msg
-    return f"{'activation' if kind == 'act' else 'input gradient'} of stage {stage} " \
-           f"microbatch {mb}"
-
-
 def replay(actions: Mapping[int, Sequence[Action]], num_stages: int,
            duration: Callable[[Action], float], comm: Callable[[Action], float]):
     """Return (timeline, stuck).
