@@ -17,6 +17,7 @@ stay on the device until the end, and waits are on receives only.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, Union
@@ -56,6 +57,17 @@ def _incoming(parsed, owner, me: int, num_stages: int) -> dict[int, list]:
     return incoming
 
 
+@functools.lru_cache(maxsize=16)
+def _plan(table: tuple, m: int, me: int):
+    """Validate a schedule and derive this rank's view of it: (parsed lists, {stage: rank},
+    incoming messages per peer). Cached, since a training loop runs the same table every
+    step (an invalid one raises and is not cached)."""
+    schedule = dict(table)
+    parsed = validate_schedule(schedule, None, m)
+    owner = stage_to_rank(parsed)
+    return parsed, owner, _incoming(parsed, owner, me, len(owner))
+
+
 Stages = Union[torch.nn.Module, Callable, Mapping[int, Callable]]
 
 
@@ -88,8 +100,8 @@ def run_schedule(schedule: Union[Schedule, Sequence[str]], stages: Stages, ps, *
     if sorted(schedule) != list(range(ps.pp)):
         raise ValueError(f"the schedule has ranks {sorted(schedule)} but the pipeline has "
                          f"{ps.pp}; build it for pp={ps.pp}")
-    parsed = validate_schedule(schedule, None, m)
-    owner = stage_to_rank(schedule)
+    table = tuple((r, tuple(str(a) for a in schedule[r])) for r in sorted(schedule))
+    parsed, owner, incoming = _plan(table, m, me)
     num_stages = len(owner)
     mine = sorted(s for s, r in owner.items() if r == me)
     if not isinstance(stages, Mapping):
@@ -109,7 +121,7 @@ def run_schedule(schedule: Union[Schedule, Sequence[str]], stages: Stages, ps, *
 
     spans: list = []
     clock = time.time  # comparable across processes (and, roughly, nodes) for traces
-    p2p = StageP2P(ps, _incoming(parsed, owner, me, num_stages), verbose=verbose,
+    p2p = StageP2P(ps, incoming, verbose=verbose,
                    spans=spans if trace else None, clock=clock)
     device = ps.device
     held: dict[tuple[int, int], tuple] = {}  # (stage, mb) -> (input, output) until backward
