@@ -16,6 +16,7 @@ from .attention import attention
 from .cross_entropy import cross_entropy, shard_grad_, shard_stats
 from .layer_norm import layer_norm
 from .linear import ACTIVATIONS, linear
+from .linear_cross_entropy import linear_cross_entropy
 from .rms_norm import rms_norm
 from .rope import apply_rope
 from .softmax import scaled_causal_softmax, scaled_masked_softmax
@@ -29,5 +30,6 @@ cross_entropy.shard_grad_ = shard_grad_
 __all__ = [
     "scaled_causal_softmax", "scaled_masked_softmax", "attention", "rms_norm", "layer_norm",
     "cross_entropy", "shard_stats", "shard_grad_", "swiglu", "apply_rope", "linear",
+    "linear_cross_entropy",
     "ACTIVATIONS", "BACKENDS", "HAS_TRITON", "interpreting", "use_triton",
 ]

@@ -35,6 +35,7 @@ class GPTConfig:
     layers_per_stage: list[int] | None = None   # pipeline split; None: even (see partition)
     master_init: bool = True           # False: init each shard locally (huge models)
     pad_vocab_to: int = 1              # pad the vocab to a multiple of tp * this
+    fused_loss: bool = True            # training loss fuses head + cross-entropy (no logits)
 
     def __post_init__(self):
         if self.n_kv_heads is None:

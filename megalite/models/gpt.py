@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from megalite import kernels
 from megalite.models.config import GPTConfig
 from megalite.parallel import comm
-from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megalite.parallel.cross_entropy import (vocab_parallel_cross_entropy,
+                                             vocab_parallel_linear_cross_entropy)
 from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                       VocabParallelEmbedding, init_rows,
                                       padded_vocab_size)
@@ -174,6 +176,15 @@ class Block(nn.Module):
         return x + self._drop(self.mlp(self.mlp_norm(x)))
 
 
+@dataclass
+class HeadInput:
+    """What the last stage hands ``GPT.loss`` in training when ``cfg.fused_loss``: the
+    final-normed hidden states (this rank's sequence shard under sequence parallelism),
+    not logits, so that the loss can fuse the output head and never store ``[tokens, V]``.
+    ``GPT.logits(head_input)`` turns it into the logits ``model(tokens)`` returns."""
+    hidden: torch.Tensor
+
+
 class GPT(nn.Module):
     """This rank's pipeline stages of a GPT, TP-sharded.
 
@@ -189,6 +200,11 @@ class GPT(nn.Module):
     rank's vocabulary shard), the others hidden states. ``stage`` may be omitted when the
     rank owns one stage. ``loss(logits, targets)`` is the mean cross-entropy over the real
     vocabulary. Works in one process without torch.distributed.
+
+    Training (``stage_modules(head_input=True)``, what ``training.forward_backward`` uses
+    with ``model.loss`` when ``cfg.fused_loss``) makes the last stage return a
+    :class:`HeadInput` instead of logits, and ``loss`` then runs the head and the
+    cross-entropy as one chunked op (``parallel.vocab_parallel_linear_cross_entropy``).
     """
 
     def __init__(self, cfg: GPTConfig, state: ParallelState | None = None,
@@ -248,9 +264,12 @@ class GPT(nn.Module):
             if self.head.weight is not None:
                 self.head.weight.tp_real_size = cfg.vocab_size
 
-    def stage_modules(self) -> dict:
-        """{stage: callable running that stage}, for ``pipeline.run_schedule``."""
-        return {s: (lambda x, s=s: self(x, stage=s)) for s in self.stages}
+    def stage_modules(self, head_input: bool = False) -> dict:
+        """{stage: callable running that stage}, for ``pipeline.run_schedule``.
+        ``head_input``: the last stage returns a :class:`HeadInput` for ``loss`` (the fused
+        head) instead of logits."""
+        return {s: (lambda x, s=s: self(x, stage=s, head_input=head_input))
+                for s in self.stages}
 
     # ------------------------------------------------------------------ forward
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -271,7 +290,8 @@ class GPT(nn.Module):
                 x = F.dropout(x, self.cfg.dropout, training=True)
         return x
 
-    def forward(self, x: torch.Tensor, stage: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stage: int | None = None,
+                head_input: bool = False) -> torch.Tensor | HeadInput:
         if stage is None:
             if len(self.stages) != 1:
                 raise ValueError(f"this rank holds stages {self.stages}: call model(x, stage=s)")
@@ -286,23 +306,47 @@ class GPT(nn.Module):
         if stage != self.num_stages - 1:
             return x
         x = self.final_norm(x)
-        weight = self.embed.weight if self.cfg.tie_embeddings else None
-        return self.head(x, weight)
+        if head_input:
+            return HeadInput(x)
+        return self.logits(x)
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-             inplace_backward: bool = True) -> torch.Tensor:
+    def head_weight(self) -> torch.Tensor:
+        """This rank's [V_padded/tp, d] output weight: the embedding table when tied."""
+        return self.embed.weight if self.cfg.tie_embeddings else self.head.weight
+
+    def logits(self, x: torch.Tensor | HeadInput) -> torch.Tensor:
+        """The output head on final-normed hidden states (or a :class:`HeadInput`)."""
+        x = x.hidden if isinstance(x, HeadInput) else x
+        return self.head(x, self.embed.weight if self.cfg.tie_embeddings else None)
+
+    def loss(self, logits: torch.Tensor | HeadInput, targets: torch.Tensor,
+             ignore_index: int = -100, inplace_backward: bool = True) -> torch.Tensor:
         """Mean cross-entropy over the non-ignored targets (vocabulary padding masked).
+
+        ``logits`` is this rank's logits shard (``model(tokens)``) or, in training, the last
+        stage's :class:`HeadInput`: then the head and the cross-entropy run fused, chunk by
+        chunk, and the logits are never stored (``cfg.fused_loss=False`` computes them and
+        calls the unfused loss instead).
 
         Training steps average this per microbatch, so with ``ignore_index`` targets a step's
         loss is a mean of microbatch means (as in Megatron), not a mean over all its tokens.
 
         By default the backward pass writes the logits' gradient into the logits buffer
         (no second [tokens, vocab/tp] buffer): keep a copy if you need logits afterwards."""
+        if isinstance(logits, HeadInput):
+            if self.cfg.fused_loss:
+                return vocab_parallel_linear_cross_entropy(
+                    logits.hidden, self.head_weight(), targets, self.cfg.vocab_size,
+                    ignore_index, sequence_parallel=self.sequence_parallel, state=self.ps,
+                    backend=self.cfg.kernels)
+            logits = self.logits(logits)
         per_token = vocab_parallel_cross_entropy(
             logits, targets, self.cfg.vocab_size, ignore_index, state=self.ps,
             inplace_backward=inplace_backward, backend=self.cfg.kernels)
         count = (targets != ignore_index).sum().clamp(min=1)
         return per_token.sum() / count
+
+    loss.accepts_head_input = True  # training.forward_backward may pass a HeadInput
 
     def shared_embedding_params(self) -> list[nn.Parameter]:
         """Parameters duplicated on the first and last stage's ranks (tied embeddings with

@@ -8,7 +8,8 @@ from megalite.parallel.comm import (copy_to_tp_region, reduce_from_tp_region,
                                     reduce_scatter_to_sequence_parallel_region, count_comm)
 from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                       VocabParallelEmbedding, padded_vocab_size)
-from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megalite.parallel.cross_entropy import (vocab_parallel_cross_entropy,
+                                            vocab_parallel_linear_cross_entropy)
 from megalite.parallel.random import RNGTracker, get_rng_tracker, model_parallel_seed
 from megalite.parallel import grads, sharding
 from megalite.parallel.grads import allreduce_data_parallel, clip_grad_norm_
@@ -21,6 +22,7 @@ __all__ = [
     "gather_from_sequence_parallel_region", "reduce_scatter_to_sequence_parallel_region",
     "count_comm", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
     "padded_vocab_size", "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
     "RNGTracker", "get_rng_tracker", "model_parallel_seed", "grads", "sharding",
     "allreduce_data_parallel", "clip_grad_norm_",
 ]

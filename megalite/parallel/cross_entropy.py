@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from megalite import kernels
+from megalite.kernels.linear_cross_entropy import LinearCrossEntropyFunction, check_inputs
 from megalite.parallel import comm
 from megalite.parallel.layers import check_ids_in_range
 from megalite.parallel.state import ParallelState, get_state
@@ -87,3 +88,51 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
                        f"use ids of the real vocabulary, or ignore_index={ignore_index}")
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_size, ignore_index,
                                             label_smoothing, group, inplace_backward, backend)
+
+
+def _combine_over(group):
+    """Merge one chunk's per-rank statistics: logsumexp of the logsumexps, sum of the
+    target logits (only the owning rank's is non-zero). One all-gather per chunk."""
+    def combine(lse, target_logit):
+        both = comm.all_gather(torch.stack([lse, target_logit]).unsqueeze(0), group, dim=0)
+        return torch.logsumexp(both[:, 0], dim=0), both[:, 1].sum(dim=0)
+    return combine
+
+
+def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
+                                        target: torch.Tensor, vocab_size: int | None = None,
+                                        ignore_index: int = -100, *,
+                                        sequence_parallel: bool = False,
+                                        reduction: str = "mean",
+                                        chunk_size: int | None = None,
+                                        state: ParallelState | None = None,
+                                        backend: str = "auto") -> torch.Tensor:
+    """The output head (``ColumnParallelLinear`` without bias, weight split by vocabulary
+    rows) and the cross-entropy in one op: no rank ever holds the ``[tokens, V/tp]`` logits.
+
+    hidden: ``[..., d]`` on every TP rank (``[b, s/tp, d]`` with ``sequence_parallel``: it is
+    all-gathered along the sequence first, as the head does); weight: this rank's
+    ``[V_padded/tp, d]`` shard; target: ``[...]`` global ids for the gathered tokens. Tokens
+    are processed in chunks (``kernels.linear_cross_entropy``); per chunk each rank computes
+    its shard's logits and statistics, and one all-gather over the TP group merges them.
+    Returns the fp32 loss, mean over non-ignored targets (or ``reduction="sum"``); columns
+    >= ``vocab_size`` (padding) are masked out.
+    """
+    group = (state or get_state()).tp_group
+    tp = comm.group_size(group)
+    full = weight.shape[0] * tp
+    vocab_size = full if vocab_size is None else vocab_size
+    if not 0 < vocab_size <= full:
+        raise ValueError(f"vocab_size={vocab_size} must be in (0, {full}] (the padded vocab "
+                         f"is {weight.shape[0]} rows x tp={tp})")
+    if sequence_parallel:
+        hidden = comm.gather_from_sequence_parallel_region(hidden, group)
+    else:
+        hidden = comm.copy_to_tp_region(hidden, group)
+    check_inputs(hidden, weight, target, reduction, "vocab_parallel_linear_cross_entropy")
+    check_ids_in_range(target.masked_fill(target == ignore_index, 0), vocab_size, "targets",
+                       f"use ids of the real vocabulary, or ignore_index={ignore_index}")
+    vocab_start = comm.group_rank(group) * weight.shape[0]
+    return LinearCrossEntropyFunction.apply(
+        hidden, weight, target, ignore_index, reduction, chunk_size, backend, vocab_start,
+        vocab_size, _combine_over(group) if tp > 1 else None)

@@ -72,4 +72,5 @@ def poison_loss(loss_fn, step: int, rank: int):
         loss = loss_fn(*args, **kwargs)
         calls.append(1)
         return loss * float("nan") if len(calls) == 1 else loss
+    poisoned.accepts_head_input = getattr(loss_fn, "accepts_head_input", False)
     return poisoned

@@ -72,17 +72,21 @@ def forward_backward(model, tokens, targets, *, micro_batch_size: int, schedule=
                      activation_dtype=torch.float32, loss_fn=None, verbose=False, trace=False):
     """Run the pipeline schedule (a name such as "1f1b", "interleaved-1f1b", "zbv", or a
     {pipeline rank: actions} table) over this rank's batch; gradients accumulate in
-    ``model``. ``loss_fn(logits, targets)`` defaults to ``model.loss``."""
+    ``model``. ``loss_fn(logits, targets)`` defaults to ``model.loss``. A ``loss_fn`` marked
+    ``accepts_head_input`` (``model.loss`` is) gets the last stage's ``HeadInput`` instead
+    of logits, so the fused head + loss never stores them."""
     ps = model.ps
+    loss_fn = loss_fn or model.loss
     inputs = split_microbatches(tokens, micro_batch_size)
     labels = split_microbatches(targets, micro_batch_size)
     m = len(inputs)
     table = pipeline_schedule(model, schedule, m)
-    return run_schedule(table, model.stage_modules(), ps, num_microbatches=m,
+    head_input = getattr(loss_fn, "accepts_head_input", False)
+    return run_schedule(table, model.stage_modules(head_input), ps, num_microbatches=m,
                         activation_shape=activation_shape(model, micro_batch_size,
                                                           tokens.shape[1]),
                         activation_dtype=activation_dtype, inputs=inputs, targets=labels,
-                        loss_fn=loss_fn or model.loss, verbose=verbose, trace=trace)
+                        loss_fn=loss_fn, verbose=verbose, trace=trace)
 
 
 def finalize_grads(model) -> None:
@@ -108,6 +112,7 @@ def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
     if grad_scaler is not None:  # fp16: scale the loss so small gradients stay representable
         unscaled_fn = loss_fn
         loss_fn = lambda out, tgt: grad_scaler.scale(unscaled_fn(out, tgt))  # noqa: E731
+        loss_fn.accepts_head_input = getattr(unscaled_fn, "accepts_head_input", False)
     with autocast(dtype, ps.device):
         # The residual stream stays fp32 under autocast (fp32 embeddings + 16-bit branches).
         result = forward_backward(model, tokens, targets, micro_batch_size=micro_batch_size,

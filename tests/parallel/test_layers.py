@@ -226,6 +226,33 @@ def check_embedding_and_cross_entropy(ps):
                                               torch.full((3, 5), vocab), vocab)
 
 
+def check_linear_cross_entropy(ps):
+    """Fused head + loss on vocab shards vs the dense head and F.cross_entropy, with and
+    without sequence parallelism; the vocab (13) needs padding at tp = 2 and 4."""
+    tp, r = ps.tp, ps.tp_rank
+    vocab, dim, b, s = 13, 6, 2, 4 * tp
+    padded = -(-vocab // tp) * tp
+    weight_full = seeded(50, padded, dim)
+    hidden = seeded(51, b, s, dim)
+    target = torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(52))
+    target[0, 1] = target[1, -1] = -100
+    ref_h = hidden.clone().requires_grad_()
+    ref_w = weight_full.clone().requires_grad_()
+    ref = F.cross_entropy((ref_h @ ref_w[:vocab].t()).reshape(-1, vocab), target.reshape(-1))
+    ref.backward()
+    for sp in (False, True):
+        w = weight_full.chunk(tp, 0)[r].clone().requires_grad_()
+        h = (hidden.chunk(tp, 1)[r] if sp else hidden).clone().requires_grad_()
+        loss = parallel.vocab_parallel_linear_cross_entropy(
+            h, w, target, vocab, sequence_parallel=sp, chunk_size=3)
+        loss.backward()
+        close(loss, ref, f"fused linear CE loss (sp={sp})")
+        close(h.grad, ref_h.grad.chunk(tp, 1)[r] if sp else ref_h.grad,
+              f"fused linear CE hidden grad (sp={sp})")
+        close(w.grad, ref_w.grad.chunk(tp, 0)[r], f"fused linear CE weight grad (sp={sp})")
+        assert w.grad[max(0, vocab - r * w.shape[0]):].abs().sum() == 0, "padding rows"
+
+
 def check_rng_tracker(ps):
     torch.manual_seed(0)
     tracker = parallel.model_parallel_seed(1234)
@@ -246,6 +273,7 @@ def _layers_world(rank, world):
         check_comm_ops(ps)
         check_linear_layers(ps)
         check_embedding_and_cross_entropy(ps)
+        check_linear_cross_entropy(ps)
         check_rng_tracker(ps)
     # The bytes a column->row pair sends per step: one all-reduce of b*s*h each way.
     ps = parallel.initialize(tp=4)
@@ -280,6 +308,7 @@ def test_layers_single_process_without_distributed():
     check_comm_ops(ps)
     check_linear_layers(ps)
     check_embedding_and_cross_entropy(ps)
+    check_linear_cross_entropy(ps)
     parallel.destroy()
 
 
