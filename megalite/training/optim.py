@@ -26,11 +26,41 @@ def param_groups(model: torch.nn.Module, weight_decay: float,
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+_FUSED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def fused_supported(params) -> bool:
+    """Whether torch's single-kernel AdamW (``fused=True``) runs these parameters: floating
+    dtypes, on one device type that torch ships the fused kernel for (CUDA, and the CPU
+    since torch 2.4)."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+    params = list(params)
+    devices = {p.device.type for p in params}
+    return (len(devices) <= 1 and devices <= set(_get_fused_kernels_supported_devices())
+            and all(p.dtype in _FUSED_DTYPES for p in params))
+
+
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
                     betas=(0.9, 0.95), eps: float = 1e-8,
-                    decay_embeddings: bool = False) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay, decay_embeddings), lr=lr,
-                             betas=betas, eps=eps)
+                    decay_embeddings: bool = False,
+                    fused: bool | None = None) -> torch.optim.AdamW:
+    """A ``torch.optim.AdamW`` over ``param_groups``. ``fused=None`` (default) uses torch's
+    fused kernel (one launch per step for all parameters) where it supports the
+    parameters' device and dtype, else the ``foreach`` (multi-tensor) path; ``True``
+    insists on the fused kernel; ``False`` is torch's default implementation."""
+    groups = param_groups(model, weight_decay, decay_embeddings)
+    params = [p for g in groups for p in g["params"]]
+    supported = fused_supported(params)
+    if fused and not supported:
+        raise ValueError(f"fused AdamW is not available for parameters on "
+                         f"{sorted({p.device.type for p in params})} with dtypes "
+                         f"{sorted({str(p.dtype) for p in params})}; pass fused=None to fall "
+                         f"back to the foreach implementation")
+    if fused is None:
+        kind = {"fused": True} if supported else {"foreach": True}
+    else:
+        kind = {"fused": True} if fused else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kind)
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, decay: str = "cosine",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megalite import parallel
-from megalite.models import GPT, GPTConfig
+from megalite.models import GPT, GPTConfig, HeadInput
 from megalite.parallel import ParallelState
 from megalite.parallel.sharding import gather_full
 from world import run_world
@@ -57,6 +57,15 @@ def compare_with_tp1(cfg, ps, atol=1e-5):
         grad = gather_full(p, tensor=p.grad)
         err = (grad - ref_params[name].grad).abs().max().item()
         assert err < atol, f"grad of {name} differs by {err:.2e} ({where})"
+    # The training path: the fused head + loss (vocab-parallel, chunked) matches the same
+    # tp=1 reference, which took the unfused path through the logits.
+    model.zero_grad()
+    fused = model.loss(model(tokens, head_input=True), targets)
+    fused.backward()
+    assert abs(fused.item() - ref_loss.item()) < atol, f"fused loss differs ({where})"
+    for name, p in model.named_parameters():
+        err = (gather_full(p, tensor=p.grad) - ref_params[name].grad).abs().max().item()
+        assert err < atol, f"fused-loss grad of {name} differs by {err:.2e} ({where})"
 
 
 def _gpt_world(rank, world):
@@ -101,6 +110,19 @@ def test_gpt_runs_in_one_process_without_distributed(preset):
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) == model.cfg.num_params()
+    # The fused training loss (no logits stored) gives the same loss and gradients; with
+    # fused_loss=False a HeadInput goes through the logits.
+    unfused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for fused_loss in (True, False):
+        model.cfg.fused_loss = fused_loss
+        model.zero_grad()
+        out = model(tokens, head_input=True)
+        assert isinstance(out, HeadInput)
+        fused = model.loss(out, targets)
+        fused.backward()
+        assert abs(fused.item() - loss.item()) < 1e-5
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, unfused[n], atol=1e-5, rtol=1e-5, msg=n)
 
 
 def test_config_errors_are_clear():
