@@ -42,6 +42,7 @@ from megalite.training.fault import StepWatchdog, Stopper, StopSignals
 from megalite.training.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from megalite.training.optim import build_optimizer, build_scheduler
 from megalite.training.precision import DynamicLossScaler
+from megalite.training import profiling
 from megalite.training import check_placement, train_step
 
 
@@ -131,6 +132,10 @@ def parse_args(argv=None):
                           "scratch and delete --save's checkpoints newer than that start")
     out.add_argument("--trace", default=None,
                      help="directory for a Chrome trace + PNG timeline of the last step")
+    out.add_argument("--profile", default=None, metavar="DIR",
+                     help="profile the last step (after the others as warm-up): a torch "
+                          "profiler Chrome trace per rank in DIR and a table of time by "
+                          "category (matmul, attention, copies, ...) at the end")
     out.add_argument("--verbose-p2p", action="store_true", help="log every pipeline send/recv")
     out.add_argument("--debug", action="store_true",
                      help="print full tracebacks (also MEGALITE_DEBUG=1)")
@@ -336,7 +341,7 @@ def main(argv=None) -> int:
                             startup_s=args.comm_timeout)
     if args.step_timeout != 0:
         watchdog.start()
-    result, stop, saved = None, None, None
+    result, stop, saved, profiled = None, None, None, None
     for step in range(start_step + 1, args.steps + 1):
         watchdog.step_started(step)
         inject.at_step_start(step, ps.rank)  # test-only faults (MEGALITE_FAULT)
@@ -347,12 +352,19 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
-        result = train_step(model, optimizer, tokens, targets,
-                            micro_batch_size=args.micro_batch_size, schedule=table,
-                            max_grad_norm=args.clip_grad, grad_scaler=scaler, dtype=args.dtype,
-                            verbose=args.verbose_p2p,
-                            trace=bool(args.trace) and step == args.steps,
-                            loss_fn=inject.poison_loss(model.loss, step, ps.rank))
+
+        def run_step():
+            return train_step(model, optimizer, tokens, targets,
+                              micro_batch_size=args.micro_batch_size, schedule=table,
+                              max_grad_norm=args.clip_grad, grad_scaler=scaler,
+                              dtype=args.dtype, verbose=args.verbose_p2p,
+                              trace=bool(args.trace) and step == args.steps,
+                              loss_fn=inject.poison_loss(model.loss, step, ps.rank))
+        if args.profile and step == args.steps:
+            result, profiled = profiling.profile_step(
+                run_step, args.profile, ps.device, f"trace_rank{ps.rank}.json")
+        else:
+            result = run_step()
         scheduler.step()
         if ps.device.type == "cuda":
             torch.cuda.synchronize()
@@ -382,6 +394,13 @@ def main(argv=None) -> int:
     if args.trace and result is not None and stop is None:
         write_timeline(args.trace, result.spans, ps, schedule_name)
     say(logger.summary() + (f"; checkpoint {saved}" if saved else ""), flush=True)
+    if args.profile and profiled is not None:
+        rows, total = profiling.breakdown(profiled, ps.device.type)
+        copies = profiling.count_calls(profiled)
+        say(f"profile of step {args.steps} on rank 0 (traces in {args.profile}/):\n"
+            + profiling.format_table(rows, total, ps.device.type) + "\ncopy calls: "
+            + ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in copies.items()),
+            flush=True)
     if stop:  # the last line: what stopped the run and what to do next
         line = f"{stop.message} after step {step}; " + (
             "nothing saved (no --save)" if not saved else f"saved {saved}; {stop.advice}")
