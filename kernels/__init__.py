@@ -20,7 +20,7 @@ from .linear_cross_entropy import linear_cross_entropy
 from .rms_norm import rms_norm
 from .rope import apply_rope
 from .softmax import scaled_causal_softmax, scaled_masked_softmax
-from .swiglu import swiglu
+from .swiglu import swiglu, swiglu_packed
 
 # Let the DESIGN-style spelling kernels.cross_entropy.shard_stats(...) work even though the
 # package attribute ``cross_entropy`` is the op, not its module.
@@ -29,7 +29,7 @@ cross_entropy.shard_grad_ = shard_grad_
 
 __all__ = [
     "scaled_causal_softmax", "scaled_masked_softmax", "attention", "rms_norm", "layer_norm",
-    "cross_entropy", "shard_stats", "shard_grad_", "swiglu", "apply_rope", "linear",
+    "cross_entropy", "shard_stats", "shard_grad_", "swiglu", "swiglu_packed", "apply_rope", "linear",
     "linear_cross_entropy",
     "ACTIVATIONS", "BACKENDS", "HAS_TRITON", "interpreting", "use_triton",
 ]

@@ -45,7 +45,8 @@ def shard_stats_reference(logits, target, vocab_start=0, vocab_size=None, ignore
     V = x.shape[-1]
     limit = _limit(V, vocab_start, vocab_size)
     valid = torch.arange(V, device=x.device) < limit
-    x = x.masked_fill(~valid, float("-inf"))
+    if limit < V:  # padding columns (else no copy)
+        x = x.masked_fill(~valid, float("-inf"))
     lse = torch.logsumexp(x, dim=-1)  # -inf for a shard made only of padding
     local, hit = _in_shard(target, vocab_start, limit, ignore_index)
     xt = x.gather(-1, local.clamp(0, V - 1).unsqueeze(-1)).squeeze(-1)

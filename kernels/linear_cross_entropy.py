@@ -25,7 +25,7 @@ Chunk size: by default each chunk's logits are about as large as ``x`` itself
 import torch
 
 from ._backend import cdiv, next_pow2, use_triton
-from .cross_entropy import shard_grad_, shard_stats
+from .cross_entropy import shard_grad_, shard_grad_reference, shard_stats
 
 REDUCTIONS = ("mean", "sum")
 
@@ -55,25 +55,40 @@ def chunked_loss_and_grads(x, weight, target, *, vocab_start=0, vocab_size=None,
     """
     n, d = x.shape
     chunk = chunk_size or default_chunk_size(n, weight.shape[0], d)
-    loss = torch.empty(n, dtype=torch.float32, device=x.device)
     dx = torch.empty_like(x)
+    # Under autocast, cast x and the weight once, not once per chunk (autocast would).
+    if torch.is_autocast_enabled(x.device.type):
+        compute = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(compute), weight.to(compute)
+    triton = use_triton(backend, x, target)
+    losses = []
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
         if weight_grad else None
-    for start in range(0, n, chunk):
-        xc, tc = x[start:start + chunk], target[start:start + chunk]
-        logits = xc @ weight.t()  # [chunk, V_local]: the only vocabulary-sized buffer
-        lse, xt, _ = shard_stats(logits, tc, vocab_start, vocab_size, ignore_index,
-                                 backend=backend)
-        if combine is not None:
-            lse, xt = combine(lse, xt)
-        loss[start:start + chunk] = torch.where(tc == ignore_index, 0.0, lse - xt)
-        ones = torch.ones_like(lse)  # d(sum of losses)/d(loss[n]); ignored rows get 0 inside
-        grad = shard_grad_(logits, tc, lse, ones, vocab_start, vocab_size, ignore_index,
-                           backend=backend)  # written into the logits' buffer
-        dx[start:start + chunk] = grad @ weight
-        if weight_grad:
-            dw.add_(grad.t() @ xc)
-    return loss, dx, dw
+    with torch.autocast(x.device.type, enabled=False):
+        for start in range(0, n, chunk):
+            xc, tc = x[start:start + chunk], target[start:start + chunk]
+            logits = xc @ weight.t()  # [chunk, V_local]: the only vocabulary-sized buffer
+            lse, xt, _ = shard_stats(logits, tc, vocab_start, vocab_size, ignore_index,
+                                     backend=backend)
+            if combine is not None:
+                lse, xt = combine(lse, xt)
+            losses.append(torch.where(tc == ignore_index, 0.0, lse - xt))
+            ones = torch.ones_like(lse)  # d(sum of losses)/d(loss[n]); ignored rows: 0
+            if triton:  # the gradient overwrites the logits in their own buffer
+                grad = shard_grad_(logits, tc, lse, ones, vocab_start, vocab_size,
+                                   ignore_index, backend=backend)
+            else:
+                grad = shard_grad_reference(logits, tc, lse, ones, vocab_start, vocab_size,
+                                            ignore_index)
+            if grad.dtype == dx.dtype:
+                torch.mm(grad, weight, out=dx[start:start + chunk])
+            else:
+                dx[start:start + chunk] = grad @ weight
+            if weight_grad and dw.dtype == grad.dtype:
+                dw.addmm_(grad.t(), xc)
+            elif weight_grad:  # 16-bit matmul, accumulated in fp32
+                dw.add_(grad.t() @ xc)
+    return torch.cat(losses), dx, dw
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):

@@ -15,7 +15,8 @@ MAX_COLS = 65536  # rows wider than this exceed a program's registers: reference
 
 def rms_norm_reference(x, weight, eps=1e-6):
     xf = upcast(x)
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    # xf * xf, not xf.pow(2): the same values, and pow's backward copies x (x.pow(1)).
+    y = xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + eps)
     return (y * weight.to(xf.dtype)).to(x.dtype)
 
 

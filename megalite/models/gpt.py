@@ -147,9 +147,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.up(x)
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = kernels.swiglu(gate, up, backend=self.backend)
+        if self.activation == "swiglu":  # h = [gate | up]: one buffer, one gradient
+            h = kernels.swiglu_packed(h, backend=self.backend)
         else:
             h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
         return self.down(h)

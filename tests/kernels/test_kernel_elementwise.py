@@ -3,9 +3,9 @@ import pytest
 import torch
 from kernel_testing import check_op
 
-from megalite.kernels import apply_rope, swiglu
+from megalite.kernels import apply_rope, swiglu, swiglu_packed
 from megalite.kernels.rope import apply_rope_reference
-from megalite.kernels.swiglu import swiglu_reference
+from megalite.kernels.swiglu import swiglu_packed_reference, swiglu_reference
 
 DTYPES = [torch.float32, torch.float16]
 
@@ -15,6 +15,15 @@ DTYPES = [torch.float32, torch.float16]
 def test_swiglu_matches_reference(shape, dtype):
     gate, up = torch.randn(shape, dtype=dtype) * 3, torch.randn(shape, dtype=dtype)
     check_op(lambda g, u: swiglu(g, u, backend="triton"), swiglu_reference, [gate, up], dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(13, 246), (2, 3, 10)])
+def test_swiglu_packed_matches_reference(shape, dtype, backend):
+    gate_up = torch.randn(shape, dtype=dtype) * 3
+    check_op(lambda h: swiglu_packed(h, backend=backend), swiglu_packed_reference, [gate_up],
+             dtype)
 
 
 def rope_tables(s, d):
@@ -44,6 +53,8 @@ def test_rope_strided_input_and_table_grads():
 def test_shape_errors():
     with pytest.raises(ValueError, match="same shape"):
         swiglu(torch.randn(3, 4), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="even"):
+        swiglu_packed(torch.randn(3, 5))
     x = torch.randn(1, 2, 5, 8)
     with pytest.raises(ValueError, match=r"\[s, d\]"):
         apply_rope(x, torch.randn(6, 8), torch.randn(6, 8))
