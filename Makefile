@@ -24,10 +24,28 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
-# On a CUDA machine: GPU tests and the kernel benchmark sweep (about 8 minutes).
-gpu-check: $(VENV)/.installed
-	$(PY) -m pytest -q -m gpu tests
-	$(PY) -m megalite.kernels.bench --out bench-results
+# On a CUDA machine that already has torch and triton (no package registry needed): installs
+# megalite into $(PYTHON) without dependencies, then the GPU tests, the kernel table,
+# llama-1b's speed/MFU/memory beside Hugging Face's (if transformers is there), each part
+# under its own time limit (about 8 minutes in all); figures in $(GPU_OUT)/. Without CUDA
+# the same command runs what the CPU can: the GPU tests skip, the sweep and the llama
+# comparison shrink to smoke checks (`make gpu-check PYTHON=.venv/bin/python`).
+GPU_OUT ?= gpu-results
+gpu-check:
+	$(PYTHON) -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation --no-index -e .
+	mkdir -p $(GPU_OUT)
+	-timeout 120 $(PYTHON) -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -n 15
+	-timeout 210 $(PYTHON) -m megalite.kernels.bench --quick --budget-s 150 --compile-budget-s 100 \
+		--out $(GPU_OUT)/kernels 2>&1 | tail -n 60
+	-if $(PYTHON) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+		timeout 150 $(PYTHON) examples/bench_llama.py --model llama-1b --steps 8 \
+			--json $(GPU_OUT)/llama-1b.json; \
+	else \
+		timeout 150 $(PYTHON) examples/bench_llama.py --model tiny --seq-len 64 --steps 2 \
+			--json $(GPU_OUT)/tiny-cpu.json; \
+	fi
+	@echo "gpu-check figures: $(GPU_OUT)/kernels/table.md, $(GPU_OUT)/*.json"
 
 clean:
-	rm -rf $(VENV) runs bench-results
+	rm -rf $(VENV) runs bench-results gpu-results

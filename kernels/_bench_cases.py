@@ -19,13 +19,13 @@ import importlib
 
 # The package re-exports each op under its module's name, so `from . import rms_norm` would
 # give the function; fetch the modules themselves.
-_attn, _ce, _ln, _lin, _rms, _rope, _sm, _sw = (
+_attn, _ce, _ln, _lin, _rms, _rope, _sm, _sw, _lce = (
     importlib.import_module(f"{__package__}.{name}") for name in
     ("attention", "cross_entropy", "layer_norm", "linear", "rms_norm", "rope", "softmax",
-     "swiglu"))
+     "swiglu", "linear_cross_entropy"))
 
 OPS = ("softmax", "rms_norm", "layer_norm", "attention", "cross_entropy", "swiglu", "rope",
-       "linear")
+       "linear", "linear_cross_entropy")
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Case:
     make_inputs: object            # () -> list of tensors (float ones get requires_grad)
     providers: dict = field(default_factory=dict)  # name -> fn(*inputs) -> tensor
     measure_memory: bool = False   # record peak memory of fwd+bwd (cross-entropy)
+    cpu_providers: tuple = ("torch",)  # the providers worth timing on the CPU
 
 
 _COMPILED = {}
@@ -46,6 +47,10 @@ _COMPILED = {}
 def compiled(op, fn):
     """One torch.compile per op (dynamic shapes), shared by all sizes of the sweep."""
     if op not in _COMPILED:
+        # The backward rows call autograd.grad on a graph kept with retain_graph; AOT
+        # autograd's donated buffers refuse that ("compiled with non-empty donated buffers").
+        import torch._functorch.config
+        torch._functorch.config.donated_buffer = False
         _COMPILED[op] = torch.compile(fn, dynamic=True)
     return _COMPILED[op]
 
@@ -190,6 +195,20 @@ def cases(op, device, dtype, quick=False):
                 "triton": lambda x, w, b: _lin.linear(x, w, b, act, backend="triton"),
                 "torch": lambda x, w, b: _lin.linear_reference(x, w, b, act),
                 "compile": lambda x, w, b: compiled(op, _lin.linear_reference)(x, w, b, act)}))
+    elif op == "linear_cross_entropy":
+        # (tokens, d_model, vocab): the output head + loss of llama-1b at 16,384 tokens.
+        sizes = [(1024, 64, 8192)] if tiny else [(16384, 2048, 128256), (8192, 4096, 32000)]
+        for n, d, v in sizes[:1] if quick else sizes:
+            t = torch.randint(0, v, (n,), device=device)
+            mm = 2 * n * d * v  # one [n, d] x [d, v] matmul; fwd 1, bwd 2 (unfused)
+            out.append(Case(op, f"{n}x{d}x{v}", dtype, "TFLOP/s",
+                            {"fwd": mm, "bwd": 2 * mm, "fwd+bwd": 3 * mm},
+                            lambda n=n, d=d, v=v: [r(n, d), r(v, d, scale=d ** -0.5)], {
+                "fused": lambda x, w, t=t: _lce.linear_cross_entropy(x, w, t),
+                "torch": lambda x, w, t=t: F.cross_entropy((x @ w.t()).float(), t),
+                "compile": lambda x, w, t=t: compiled(op, _lce.linear_cross_entropy_reference)(
+                    x, w, t)},
+                measure_memory=True, cpu_providers=("torch", "fused")))
     else:
         raise ValueError(f"unknown op {op!r}; choose from {OPS}")
     return out

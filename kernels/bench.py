@@ -9,8 +9,13 @@ sizes (kernels/_bench_cases.py), then:
     DIR/table.md and one plot per op, DIR/<op>.png.
 Cross-entropy rows also record the peak memory of a forward+backward.
 
-On CUDA the timings come from triton.testing.do_bench (median). Without CUDA the script says
-so, times only the torch references on the CPU at tiny sizes (for a smoke check), and exits 0.
+On CUDA the timings come from triton.testing.do_bench: the L2 cache is flushed before every
+repetition, 300 ms of repetitions after 50 ms of warm-up, and the median is reported with the
+20th-80th percentile spread (``spread`` = (p80 - p20) / median, in %): a row whose spread is
+large was disturbed and should be rerun. Without CUDA the script says so, times only the
+torch references on the CPU at tiny sizes (for a smoke check; the fused output head too,
+since its chunked path is the CPU path), and exits 0. Peak memory of fwd+bwd is recorded
+for the loss ops, on the CPU too (megalite.kernels.memory).
 """
 import argparse
 import json
@@ -23,6 +28,7 @@ import time
 import torch
 
 from ._bench_cases import OPS, cases
+from .memory import peak_bytes
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 
@@ -56,8 +62,9 @@ def timer(device):
         from triton.testing import do_bench
 
         def run(fn, grads_to_none):
-            return do_bench(fn, warmup=25, rep=100, grad_to_none=grads_to_none,
-                            return_mode="median")
+            p20, p50, p80 = do_bench(fn, warmup=50, rep=300, grad_to_none=grads_to_none,
+                                     quantiles=[0.2, 0.5, 0.8])
+            return p50, (p80 - p20) / p50
         return run
 
     def run_cpu(fn, grads_to_none):
@@ -67,7 +74,8 @@ def timer(device):
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(samples)
+        q = statistics.quantiles(samples, n=5)
+        return statistics.median(samples), (q[3] - q[0]) / statistics.median(samples)
     return run_cpu
 
 
@@ -78,7 +86,7 @@ def copy_bandwidth(device):
     n = 1 << 29  # 1 GiB of bf16
     src = torch.empty(n, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
-    ms = timer(device)(lambda: dst.copy_(src), None)
+    ms, _ = timer(device)(lambda: dst.copy_(src), None)
     del src, dst
     return 2 * n * 2 / ms / 1e6
 
@@ -87,35 +95,36 @@ def measure(case, name, fn, mode, run, device):
     inputs = case.make_inputs()
     leaves = [t for t in inputs if t.requires_grad]
     if mode == "fwd":
-        ms = run(lambda: fn(*inputs), leaves)
+        ms, spread = run(lambda: fn(*inputs), leaves)
     elif mode == "bwd":
         y = fn(*inputs)
         dy = torch.randn_like(y)
-        ms = run(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), leaves)
+        ms, spread = run(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), leaves)
     else:
         y = fn(*inputs)
         dy = torch.randn_like(y)
         del y
-        ms = run(lambda: torch.autograd.grad(fn(*inputs), leaves, dy), leaves)
+        ms, spread = run(lambda: torch.autograd.grad(fn(*inputs), leaves, dy), leaves)
     peak = None
     if case.measure_memory and mode == "fwd+bwd":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        torch.autograd.grad(fn(*inputs), leaves, dy)
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return ms, peak
+        peak = peak_bytes(lambda: torch.autograd.grad(fn(*inputs), leaves, dy),
+                          device) / 2**20
+    return ms, spread, peak
 
 
 # ----------------------------------------------------------------------------- sweep
-def sweep(ops, device, quick, out_rows, budget_s, copy_gbps, spec, dev_name, vers):
+def sweep(ops, device, quick, out_rows, budget_s, copy_gbps, spec, dev_name, vers,
+          total_budget_s=None):
     run = timer(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     start = time.time()
     for op in ops:
+        if total_budget_s and time.time() - start > total_budget_s:
+            print(f"  [skip] {op}: past the --budget-s {total_budget_s:.0f}s of the sweep")
+            continue
         for case in cases(op, device, dtype, quick):
-            providers = case.providers if device == "cuda" else {"torch": case.providers["torch"]}
+            providers = case.providers if device == "cuda" else \
+                {k: case.providers[k] for k in case.cpu_providers}
             for name, fn in providers.items():
                 if name == "compile" and time.time() - start > budget_s:
                     print(f"  [skip] {op} {case.shape} compile: past the {budget_s:.0f}s budget")
@@ -125,14 +134,15 @@ def sweep(ops, device, quick, out_rows, budget_s, copy_gbps, spec, dev_name, ver
                            "dtype": str(dtype).replace("torch.", ""), "unit": case.unit,
                            "device": dev_name, **vers}
                     try:
-                        ms, peak = measure(case, name, fn, mode, run, device)
+                        ms, spread, peak = measure(case, name, fn, mode, run, device)
                     except Exception as exc:  # one failing provider must not stop the sweep
                         row.update(ms=None, error=f"{type(exc).__name__}: {exc}"[:300])
                         out_rows.append(row)
                         print(f"  [error] {op} {case.shape} {name} {mode}: {row['error']}")
                         break
                     value = case.work[mode] / ms / (1e6 if case.unit == "GB/s" else 1e9)
-                    row.update(ms=round(ms, 4), value=round(value, 2))
+                    row.update(ms=round(ms, 4), value=round(value, 2),
+                               spread_pct=round(100 * spread, 1))
                     if case.unit == "GB/s" and copy_gbps:
                         row["pct_copy_bw"] = round(100 * value / copy_gbps, 1)
                     if spec[case.unit]:
@@ -154,11 +164,12 @@ def add_speedups(rows):
 
 
 def table(rows):
-    head = ["op", "shape", "mode", "provider", "ms", "value", "unit", "%copy", "%spec",
-            "x eager", "peak MB"]
+    head = ["op", "shape", "mode", "provider", "ms", "spread %", "value", "unit", "%copy",
+            "%spec", "x eager", "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["op"], r["shape"], r["mode"], r["provider"], r.get("ms"), r.get("value"),
+        cells = [r["op"], r["shape"], r["mode"], r["provider"], r.get("ms"),
+                 r.get("spread_pct"), r.get("value"),
                  r["unit"], r.get("pct_copy_bw", ""), r.get("pct_spec_peak", ""),
                  r.get("speedup_vs_eager", ""), r.get("peak_mem_mb", "")]
         if r.get("error"):
@@ -207,6 +218,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="one size per op")
     p.add_argument("--compile-budget-s", type=float, default=240.0,
                    help="skip torch.compile providers once the sweep has run this long")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new op after the sweep has run this long (the table and "
+                        "files are still written)")
     args = p.parse_args(argv)
     ops = args.ops or list(OPS)
     for op in ops:
@@ -229,7 +243,7 @@ def main(argv=None):
     rows = []
     t0 = time.time()
     sweep(ops, device, args.quick or device == "cpu", rows, args.compile_budget_s, copy_gbps,
-          spec, dev_name, vers)
+          spec, dev_name, vers, args.budget_s)
     add_speedups(rows)
     md = table(rows)
     print(md)

@@ -13,7 +13,9 @@ from megalite.kernels.linear import linear_reference
 from megalite.kernels.rms_norm import rms_norm_reference
 from megalite.kernels.rope import apply_rope_reference
 from megalite.kernels.softmax import causal_softmax_reference, masked_softmax_reference
-from megalite.kernels.swiglu import swiglu_reference
+from megalite.kernels.linear_cross_entropy import linear_cross_entropy_reference
+from megalite.kernels.memory import peak_bytes
+from megalite.kernels.swiglu import swiglu_packed_reference, swiglu_reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -111,6 +113,8 @@ def test_vocab_shards_gpu(dtype):
 def test_elementwise_gpu(dtype):
     g, u = rnd(4096, 11008, dtype=dtype), rnd(4096, 11008, dtype=dtype)
     compare(lambda g, u: K.swiglu(g, u, backend="triton"), swiglu_reference, [g, u], dtype)
+    h = rnd(4096, 2 * 5504, dtype=dtype)
+    compare(lambda h: K.swiglu_packed(h, backend="triton"), swiglu_packed_reference, [h], dtype)
     x = rnd(2, 32, 2048, 128, dtype=dtype)
     ang = torch.rand(2048, 64, device="cuda") * 6
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
@@ -126,3 +130,27 @@ def test_linear_gpu(dtype, activation):
         rnd(3000, dtype=dtype)
     compare(lambda x, w, b: K.linear(x, w, b, activation, backend="triton"),
             lambda x, w, b: linear_reference(x, w, b, activation), [x, w, b], dtype)
+
+
+def test_linear_cross_entropy_gpu_llama_head():
+    """The fused head + loss at a llama vocabulary under bf16 autocast, against the unfused
+    fp32 head, and its peak memory against the unfused bf16 path (logits never stored)."""
+    N, d, V = 4096, 1024, 128256
+    x, w = rnd(N, d, dtype=torch.float32), rnd(V, d, dtype=torch.float32, scale=d ** -0.5)
+    t = torch.randint(0, V, (N,), device="cuda")
+    t[::9] = -100
+
+    def fused(x, w):
+        with torch.autocast("cuda", torch.bfloat16):
+            return K.linear_cross_entropy(x, w, t)
+    compare(fused, lambda x, w: linear_cross_entropy_reference(x, w, t), [x, w],
+            torch.bfloat16)
+
+    def unfused(x, w):
+        with torch.autocast("cuda", torch.bfloat16):
+            return F.cross_entropy((x @ w.t()).float(), t)
+    mem = {}
+    for name, fn in (("fused", fused), ("unfused", unfused)):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        mem[name] = peak_bytes(lambda: fn(xl, wl).backward(), "cuda")
+    assert mem["fused"] <= mem["unfused"] / 4, mem
