@@ -150,6 +150,8 @@ def test_linear_cross_entropy_gpu_llama_head():
         with torch.autocast("cuda", torch.bfloat16):
             return F.cross_entropy((x @ w.t()).float(), t)
     mem = {}
+    x = rnd(16384, d, dtype=torch.float32)  # the 16,384 tokens
+    t = torch.randint(0, V, (16384,), device="cuda")
     for name, fn in (("fused", fused), ("unfused", unfused)):
         xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
         mem[name] = peak_bytes(lambda: fn(xl, wl).backward(), "cuda")

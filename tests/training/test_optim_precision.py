@@ -137,3 +137,30 @@ def test_fp16_autocast_with_scaler_trains():
     losses = [train_step(model, opt, tokens, targets, micro_batch_size=2, dtype="fp16",
                          grad_scaler=scaler).loss for _ in range(5)]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_profile_categories_add_up_and_name_the_ops():
+    """The --profile table's categorization on a hand-made workload: each op lands in its
+    category and the rows sum to the profiled total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from megalite.training import profiling
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        c = a @ b
+        d = torch.cat([c, a])
+        e = (d * 2).to(torch.float64)
+        torch.nn.functional.layer_norm(e, (64,))
+    rows, total = profiling.breakdown(prof, "cpu")
+    ms = {cat: t for cat, t, _ in rows}
+    assert [cat for cat, _, _ in rows] == profiling.ORDER
+    assert abs(sum(ms.values()) - total) < 1e-6 and total > 0
+    assert ms["matmul"] > 0 and ms["copies/casts"] > 0 and ms["norms"] > 0
+    for name, cat in (("aten::mm", "matmul"), ("aten::cat", "copies/casts"),
+                      ("aten::_to_copy", "copies/casts"), ("aten::mul", "elementwise"),
+                      ("_fused_adamw_", "optimizer"), ("ncclDevKernel_AllReduce", "communication"),
+                      ("_attn_fwd_kernel", "attention"), ("_rms_fwd_kernel", "norms"),
+                      ("sm90_xmma_gemm_bf16", "matmul"), ("aten::native_layer_norm", "norms"),
+                      ("_stats_kernel", "elementwise")):
+        assert profiling.category(name) == cat, name
+    assert profiling.count_calls(prof)["aten::cat"] == 1

@@ -37,10 +37,20 @@ def losses(rows):
 
 
 def test_layouts_resume_and_reshard_through_the_command_line(tmp_path):
-    single, out = run(tmp_path, "single", "--steps", "4")
+    single, out = run(tmp_path, "single", "--steps", "4", "--profile", "prof")
     assert [r["step"] for r in single] == [1, 2, 3, 4]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec"} <= set(single[0])
     assert "done:" in out and single[-1]["loss"] < single[0]["loss"]
+    # --profile: a Chrome trace of the last step and a table whose categories sum to the
+    # profiled total (and the profiled step trains like the others: the tp2pp2 check below).
+    trace = json.loads((tmp_path / "prof" / "trace_rank0.json").read_text())
+    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
+    table = dict(re.findall(r"^([a-z/]+) +([0-9.]+) +[0-9.]+% +\d+$", out, re.M))
+    assert set(table) == {"matmul", "attention", "copies/casts", "optimizer", "elementwise",
+                          "norms", "communication", "other"}, out
+    total = float(re.search(r"^total +([0-9.]+)", out, re.M).group(1))
+    assert float(table["matmul"]) > 0 and abs(sum(map(float, table.values())) - total) < 0.05
+    assert re.search(r"copy calls: copy_ \d+, to \d+, _to_copy \d+, cat \d+", out)
 
     # tp=2, pp=2 on 4 processes: the single-process losses; save at step 2, then at 4.
     tp2pp2, _ = run(tmp_path, "tp2pp2", "--tp", "2", "--pp", "2", "--steps", "4",
