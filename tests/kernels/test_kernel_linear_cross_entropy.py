@@ -82,3 +82,17 @@ def test_logits_are_not_stored(no_interpreter):
     logits = 1024 * 8192 * 4
     assert unfused >= logits, (unfused, logits)  # the measurement does see the logits
     assert fused <= unfused / 4, (fused, unfused)
+
+
+def test_under_bf16_autocast_matches_the_unfused_autocast_head(no_interpreter):
+    """Under autocast the matmuls run in bf16 like the unfused head's F.linear; the
+    softmax math stays fp32. Same loss and gradients up to bf16 rounding."""
+    x, w, t = problem(40, 32, 150)
+    with torch.autocast("cpu", torch.bfloat16):
+        ref = grads(lambda x, w, t: torch.nn.functional.cross_entropy(
+            (x @ w.t()).float(), t), x, w, t)
+        got = grads(lambda x, w, t: kernels.linear_cross_entropy(x, w, t, chunk_size=16),
+                    x, w, t)
+    for a, b, what in zip(got, ref, ("loss", "dx", "dw")):
+        assert a.dtype == torch.float32, what
+        close(a, b, torch.bfloat16, what=what)
