@@ -12,6 +12,7 @@ after this import), so import module-level helpers by name, e.g.
 blocks are also exported here and reachable as ``kernels.cross_entropy.shard_stats``.
 """
 from ._backend import BACKENDS, HAS_TRITON, interpreting, use_triton
+from .add_rms_norm import add_rms_norm
 from .attention import attention
 from .cross_entropy import cross_entropy, shard_grad_, shard_stats
 from .layer_norm import layer_norm
@@ -28,7 +29,7 @@ cross_entropy.shard_stats = shard_stats
 cross_entropy.shard_grad_ = shard_grad_
 
 __all__ = [
-    "scaled_causal_softmax", "scaled_masked_softmax", "attention", "rms_norm", "layer_norm",
+    "scaled_causal_softmax", "scaled_masked_softmax", "attention", "rms_norm", "add_rms_norm", "layer_norm",
     "cross_entropy", "shard_stats", "shard_grad_", "swiglu", "swiglu_packed", "apply_rope", "linear",
     "linear_cross_entropy",
     "ACTIVATIONS", "BACKENDS", "HAS_TRITON", "interpreting", "use_triton",

@@ -156,3 +156,12 @@ def test_linear_cross_entropy_gpu_llama_head():
         xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
         mem[name] = peak_bytes(lambda: fn(xl, wl).backward(), "cuda")
     assert mem["fused"] <= mem["unfused"] / 4, mem
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_gpu(dtype):
+    from megalite.kernels.add_rms_norm import add_rms_norm_reference
+    x, res, w = rnd(8192, 2048, dtype=dtype), rnd(8192, 2048, dtype=dtype), \
+        1 + rnd(2048, dtype=dtype, scale=0.1)
+    compare(lambda x, r, w: K.add_rms_norm(x, r, w, backend="triton")[0],
+            lambda x, r, w: add_rms_norm_reference(x, r, w)[0], [x, res, w], dtype)

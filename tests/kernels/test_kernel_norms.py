@@ -1,6 +1,6 @@
 import pytest
 import torch
-from kernel_testing import check_op
+from kernel_testing import check_op, close
 
 from megalite.kernels import layer_norm, rms_norm
 from megalite.kernels.layer_norm import layer_norm_reference
@@ -59,3 +59,31 @@ def test_reference_gradcheck_fp64():
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: rms_norm_reference(x, w), (x, w))
     assert torch.autograd.gradcheck(lambda x, w, b: layer_norm_reference(x, w, b), (x, w, b))
+
+
+@pytest.mark.parametrize("with_ds", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(7, 123), (2, 5, 64)])
+def test_add_rms_norm_matches_add_then_norm(shape, dtype, with_ds):
+    """Both outputs (normed, sum) and the gradients of x, residual and weight against the
+    reference (add, then RMSNorm) in fp32; the residual stream may be fp32 while x is not."""
+    from megalite.kernels import add_rms_norm
+    from megalite.kernels.add_rms_norm import add_rms_norm_reference
+    x = torch.randn(shape, dtype=dtype)
+    res = torch.randn(shape)          # fp32 residual stream
+    w = 1 + 0.1 * torch.randn(shape[-1])
+    dy, ds = torch.randn(shape), torch.randn(shape)
+    outs = {}
+    for name, fn, cast in (("triton", lambda *a: add_rms_norm(*a, backend="triton"), False),
+                           ("ref", add_rms_norm_reference, True)):
+        leaves = [(t.float() if cast else t).clone().requires_grad_() for t in (x, res, w)]
+        y, s = fn(*leaves)
+        assert s.dtype == torch.float32 and y.dtype == torch.float32
+        grads = torch.autograd.grad([y, s] if with_ds else [y], leaves,
+                                    [dy, ds] if with_ds else [dy])
+        outs[name] = (y, s, *grads)
+    for a, b, what in zip(outs["triton"], outs["ref"], ("y", "s", "dx", "dres", "dw")):
+        close(a, b, dtype, scale=4.0 if what == "dw" else 1.0, what=what)
+    assert outs["triton"][2].dtype == dtype
+    with pytest.raises(ValueError, match="same shape"):
+        add_rms_norm(x, res[..., :-1], w)

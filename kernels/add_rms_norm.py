@@ -1,0 +1,122 @@
+"""Residual add + RMSNorm in one pass: ``s = x + residual``, ``y = rms_norm(s, weight)``.
+
+What is fused and why: a pre-norm block does ``h = h + branch`` and then normalizes ``h`` for
+the next branch. Eager PyTorch (and the two separate kernels) write the sum, read it back
+for the norm, and in the backward add the norm's input gradient to the residual gradient in
+a third pass. Here the forward reads ``x`` and ``residual`` once and writes both ``s`` and
+``y``; the backward reads ``s``, ``dy`` and ``ds`` once and writes the summed gradient once
+(it is the gradient of both ``x`` and ``residual``), plus the usual per-program ``dweight``
+partial sums.
+
+    ds_total = ds + (w * dy - s_hat * mean(w * dy * s_hat)) * rstd,   s_hat = s * rstd
+"""
+import torch
+
+from ._backend import cdiv, jit, num_sms, tl, use_triton
+from .rms_norm import MAX_COLS, check_norm_args, rms_norm_reference, row_config
+
+
+def add_rms_norm_reference(x, residual, weight, eps=1e-6):
+    s = x + residual
+    return rms_norm_reference(s, weight, eps), s
+
+
+@jit
+def _add_rms_fwd_kernel(x_ptr, r_ptr, w_ptr, s_ptr, y_ptr, rstd_ptr, M, N, eps,
+                        ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    inb = (rows[:, None] < M) & (cols[None, :] < N)
+    offs = rows[:, None] * N + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    # The sum is rounded to its storage dtype first, so y normalizes exactly the s returned.
+    s = (x + r).to(s_ptr.dtype.element_ty)
+    tl.store(s_ptr + offs, s, mask=inb)
+    s = s.to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + eps)
+    tl.store(y_ptr + offs, (s * rstd[:, None] * w[None, :]).to(y_ptr.dtype.element_ty),
+             mask=inb)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < M)
+
+
+@jit
+def _add_rms_bwd_kernel(s_ptr, w_ptr, dy_ptr, ds_ptr, rstd_ptr, dsum_ptr, dw_part_ptr, M, N,
+                        HAS_DS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    for tile in tl.range(pid, tl.cdiv(M, ROWS), G):
+        rows = tile * ROWS + tl.arange(0, ROWS).to(tl.int64)
+        inb = (rows[:, None] < M) & (cols[None, :] < N)
+        offs = rows[:, None] * N + cols[None, :]
+        s = tl.load(s_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
+        s_hat = s * rstd[:, None]
+        wdy = dy * w[None, :]
+        c = tl.sum(wdy * s_hat, axis=1) / N
+        d = (wdy - s_hat * c[:, None]) * rstd[:, None]
+        if HAS_DS:
+            d += tl.load(ds_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        tl.store(dsum_ptr + offs, d.to(dsum_ptr.dtype.element_ty), mask=inb)
+        dw += tl.sum(dy * s_hat, axis=0)
+    tl.store(dw_part_ptr + pid * N + cols, dw, mask=cols < N)
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        shape = x.shape
+        dtype = torch.result_type(x, residual)
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        r2 = residual.reshape(-1, shape[-1]).contiguous()
+        M, N = x2.shape
+        s = torch.empty(M, N, dtype=dtype, device=x.device)
+        y = torch.empty_like(s)
+        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+        block, rows, warps = row_config(N)
+        _add_rms_fwd_kernel[(cdiv(M, rows),)](x2, r2, weight, s, y, rstd, M, N, float(eps),
+                                              ROWS=rows, BLOCK=block, num_warps=warps)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.dtypes = (x.dtype, residual.dtype)
+        return y.view(shape), s.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        s, weight, rstd = ctx.saved_tensors
+        M, N = s.shape
+        dy2 = s.new_zeros(M, N) if dy is None else dy.reshape(M, N).contiguous()
+        ds2 = None if ds is None else ds.reshape(M, N).contiguous()
+        dsum = torch.empty_like(s)
+        block, rows, warps = row_config(N)
+        G = max(1, min(cdiv(M, rows), 2 * num_sms(s)))
+        dw_part = torch.empty(G, N, dtype=torch.float32, device=s.device)
+        _add_rms_bwd_kernel[(G,)](s, weight, dy2, dy2 if ds2 is None else ds2, rstd, dsum,
+                                  dw_part, M, N, HAS_DS=ds2 is not None, ROWS=rows,
+                                  BLOCK=block, num_warps=warps)
+        dw = dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        shape = (dy if dy is not None else ds).shape
+        x_dtype, r_dtype = ctx.dtypes
+        dsum = dsum.view(shape)
+        return dsum.to(x_dtype), dsum.to(r_dtype), dw, None
+
+
+def add_rms_norm(x, residual, weight, eps=1e-6, *, backend="auto"):
+    """``(rms_norm(x + residual, weight), x + residual)`` in one pass; the sum has the
+    promoted dtype of x and residual (an fp32 residual stream stays fp32), fp32 math."""
+    if x.shape != residual.shape:
+        raise ValueError(f"add_rms_norm: x {tuple(x.shape)} and residual "
+                         f"{tuple(residual.shape)} must have the same shape")
+    check_norm_args(x, {"weight": weight}, "add_rms_norm")
+    if not use_triton(backend, x, residual, weight):
+        return add_rms_norm_reference(x, residual, weight, eps)
+    if x.shape[-1] > MAX_COLS:
+        if backend == "triton":
+            raise ValueError(f"Triton add_rms_norm supports hidden <= {MAX_COLS}, got "
+                             f"{x.shape[-1]}; use backend='torch'")
+        return add_rms_norm_reference(x, residual, weight, eps)
+    return _AddRMSNorm.apply(x, residual, weight, eps)
