@@ -244,7 +244,7 @@ def check_linear_cross_entropy(ps):
         w = weight_full.chunk(tp, 0)[r].clone().requires_grad_()
         h = (hidden.chunk(tp, 1)[r] if sp else hidden).clone().requires_grad_()
         loss = parallel.vocab_parallel_linear_cross_entropy(
-            h, w, target, vocab, sequence_parallel=sp, chunk_size=3)
+            h, w, target, vocab, sequence_parallel=sp, chunk_size=6)
         loss.backward()
         close(loss, ref, f"fused linear CE loss (sp={sp})")
         close(h.grad, ref_h.grad.chunk(tp, 1)[r] if sp else ref_h.grad,
