@@ -252,6 +252,22 @@ class GPT(nn.Module):
         """{stage: callable running that stage}, for ``pipeline.run_schedule``."""
         return {s: (lambda x, s=s: self(x, stage=s)) for s in self.stages}
 
+    def stage_parameters(self) -> dict[int, list[nn.Parameter]]:
+        """{stage: the parameters its forward uses}; a tied table serving both ends of this
+        rank is listed under both stages. Tells data parallelism when gradients are final."""
+        out = {}
+        for s in self.stages:
+            params = [p for i in self.stage_layers[s] for p in self.layers[str(i)].parameters()]
+            if s == 0:
+                params += list(self.embed.parameters())
+                params += [self.pos_embed] if hasattr(self, "pos_embed") else []
+            if s == self.num_stages - 1:
+                params += list(self.final_norm.parameters()) + list(self.head.parameters())
+                if self.cfg.tie_embeddings and s != 0:
+                    params += list(self.embed.parameters())
+            out[s] = params
+        return out
+
     # ------------------------------------------------------------------ forward
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         s = tokens.shape[1]

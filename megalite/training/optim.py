@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from megalite.training.step import distributed_optimizer
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float,
                  decay_embeddings: bool = False) -> list[dict]:
@@ -27,10 +29,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float,
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
-                    betas=(0.9, 0.95), eps: float = 1e-8,
-                    decay_embeddings: bool = False) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay, decay_embeddings), lr=lr,
-                             betas=betas, eps=eps)
+                    betas=(0.9, 0.95), eps: float = 1e-8, decay_embeddings: bool = False,
+                    distributed: bool = False) -> torch.optim.Optimizer:
+    """AdamW over ``model``'s decay / no-decay groups. ``distributed=True`` shards its state
+    over the data-parallel group (ZeRO-1, :func:`megalite.training.step.distributed_optimizer`)."""
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay, decay_embeddings), lr=lr,
+                                  betas=betas, eps=eps)
+    return distributed_optimizer(optimizer, model) if distributed else optimizer
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, decay: str = "cosine",
