@@ -111,6 +111,11 @@ def parse_args(argv=None):
     opt.add_argument("--decay", choices=["cosine", "linear", "constant"], default="cosine")
     opt.add_argument("--weight-decay", type=float, default=0.1)
     opt.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+    opt.add_argument("--distributed-optimizer", action="store_true",
+                     help="shard the AdamW state over the dp group (ZeRO-1, docs/memory.md)")
+    opt.add_argument("--no-overlap-grad-reduce", action="store_true",
+                     help="reduce gradients over dp after the whole backward instead of "
+                          "bucket by bucket during the last microbatch's")
     opt.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     opt.add_argument("--tf32", action="store_true",
                      help="fp32 matmuls on TF32 tensor cores (GPU; fp32 MFU assumes it)")
@@ -301,7 +306,9 @@ def main(argv=None) -> int:
     model = GPT(cfg, stages=stages[ps.pp_rank], num_stages=sum(map(len, stages.values())))
     dataset = TokenDataset(args.data or default_corpus_path(), args.seq_len)
     sampler = ShardedSampler(len(dataset), args.global_batch_size, ps.dp_rank, ps.dp, args.seed)
-    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    # At dp=1 the distributed optimizer warns (on rank 0) that it shards nothing.
+    optimizer = build_optimizer(model, args.lr, args.weight_decay,
+                                distributed=args.distributed_optimizer)
     warmup = args.warmup if args.warmup is not None else default_warmup(args.steps)
     # The schedule always spans --steps, so a run stopped and resumed any number of times
     # follows the same learning rates as one that ran through.
@@ -322,7 +329,9 @@ def main(argv=None) -> int:
     say(f"megalite: {args.model} ({cfg.num_params() / 1e6:.2f}M params) on {ps.world_size} "
         f"{ps.device.type} processes: tp={ps.tp} pp={ps.pp} dp={ps.dp}, "
         f"{num_microbatches} microbatches of {args.micro_batch_size} x {args.seq_len}, "
-        f"{schedule_name}, {args.dtype}; steps {start_step + 1}..{args.steps}"
+        f"{schedule_name}, {args.dtype}"
+        + (", distributed optimizer" if args.distributed_optimizer else "")
+        + f"; steps {start_step + 1}..{args.steps}"
         + (f" (resumed from {resume_from})" if resume_from else ""), flush=True)
 
     # Saved with every checkpoint: generate.py finds the tokenizer here.
@@ -350,6 +359,7 @@ def main(argv=None) -> int:
         result = train_step(model, optimizer, tokens, targets,
                             micro_batch_size=args.micro_batch_size, schedule=table,
                             max_grad_norm=args.clip_grad, grad_scaler=scaler, dtype=args.dtype,
+                            overlap_grad_reduce=not args.no_overlap_grad_reduce,
                             verbose=args.verbose_p2p,
                             trace=bool(args.trace) and step == args.steps,
                             loss_fn=inject.poison_loss(model.loss, step, ps.rank))
