@@ -18,8 +18,8 @@ checkpoint whose files do not match. No tensor depends on the saving layout: a l
 rank reads the names its stage holds from whichever files hold them and keeps its TP shard.
 Optimizer state is keyed by parameter name, as optimizer indices differ from stage to stage.
 The distributed optimizer's dp-sharded state is gathered whole to save and re-sharded on
-load (:func:`_param_state`, ``DistributedOptimizer.load_full_state``), so either kind of optimizer loads
-either kind of checkpoint.
+load (:func:`_param_state`, ``DistributedOptimizer.load_full_state``), so either kind of
+optimizer loads either kind of checkpoint.
 
 Atomic: ranks write under ``ROOT/step_XXXXXXXX.tmp-<id>``; once all succeeded, rank 0 adds
 meta.json, publishes the directory with one rename and then replaces ``latest``. A killed

@@ -20,7 +20,8 @@ import torch
 from megalite.parallel import comm
 from megalite.parallel.distributed_optimizer import DistributedOptimizer
 from megalite.parallel.grad_buffer import GradBuffer
-from megalite.parallel.grads import allreduce_data_parallel, allreduce_shared, clip_grad_norm_
+from megalite.parallel.grads import (DEFAULT_BUCKET_BYTES, allreduce_data_parallel,
+                                     allreduce_shared, clip_grad_norm_)
 from megalite.pipeline import build_schedule, run_schedule, stage_to_rank
 from megalite.training.precision import autocast
 
@@ -97,7 +98,8 @@ def forward_backward(model, tokens, targets, *, micro_batch_size: int, schedule=
                         final_backward=final_backward)
 
 
-def attach_grad_buffer(model, shard: bool = False) -> GradBuffer:
+def attach_grad_buffer(model, shard: bool = False,
+                       bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> GradBuffer:
     """The model's flat gradient buffer (``model.grad_buffer``), made on first use;
     ``shard=True`` for the distributed optimizer (replaces an unsharded one)."""
     old = getattr(model, "grad_buffer", None)
@@ -110,13 +112,15 @@ def attach_grad_buffer(model, shard: bool = False) -> GradBuffer:
     else:  # unknown per-stage use: overlap only where one stage holds everything
         stage_params = {s: list(model.parameters()) for s in model.stages}
     model.grad_buffer = GradBuffer(stage_params, model.ps, shard=shard,
+                                   bucket_bytes=bucket_bytes,
                                    hold_back=model.shared_embedding_params())
     return model.grad_buffer
 
 
 def distributed_optimizer(optimizer: torch.optim.Optimizer, model) -> DistributedOptimizer:
     """Shard ``optimizer`` (any elementwise torch optimizer over ``model``'s parameters, not
-    stepped yet) over the data-parallel group: ZeRO-1, :mod:`megalite.parallel.distributed_optimizer`."""
+    stepped yet) over the data-parallel group: ZeRO-1, see
+    :mod:`megalite.parallel.distributed_optimizer`."""
     return DistributedOptimizer(optimizer, attach_grad_buffer(model, shard=True))
 
 
