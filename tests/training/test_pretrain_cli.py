@@ -29,7 +29,7 @@ def run(tmp_path, name, *args, nproc=1):
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return rows, proc.stdout
+    return rows, proc.stdout + proc.stderr
 
 
 def losses(rows):
@@ -43,18 +43,21 @@ def test_layouts_resume_and_reshard_through_the_command_line(tmp_path):
     assert "done:" in out and single[-1]["loss"] < single[0]["loss"]
 
     # tp=2, pp=2 on 4 processes: the single-process losses; save at step 2, then at 4.
-    tp2pp2, _ = run(tmp_path, "tp2pp2", "--tp", "2", "--pp", "2", "--steps", "4",
-                    "--save", "ckpt", "--save-every", "2", nproc=4)
+    # The distributed optimizer at dp=1 runs and says it shards nothing.
+    tp2pp2, out = run(tmp_path, "tp2pp2", "--tp", "2", "--pp", "2", "--steps", "4",
+                      "--save", "ckpt", "--save-every", "2", "--distributed-optimizer", nproc=4)
+    assert out.count("dp=1 shards nothing") == 1, out
     for step, loss in losses(single).items():
         assert abs(losses(tp2pp2)[step] - loss) < 1e-4, (step, loss, losses(tp2pp2)[step])
 
-    # Interrupted after step 4 but last saved at 2, resumed in another layout (pp=2, dp=2):
-    # same curve, and the metrics file holds each step once.
+    # Interrupted after step 4 but last saved at 2, resumed in another layout (pp=2, dp=2)
+    # without the distributed optimizer, reducing gradients after the backward: same curve,
+    # and the metrics file holds each step once.
     shutil.rmtree(tmp_path / "ckpt" / "step_00000004")
     cut_off = '{"step": 5, "loss": 2.'        # the dying run stopped mid-line
     (tmp_path / "resumed.jsonl").write_text((tmp_path / "tp2pp2.jsonl").read_text() + cut_off)
     resumed, out = run(tmp_path, "resumed", "--pp", "2", "--steps", "4", "--load", "ckpt",
-                       nproc=4)
+                       "--no-overlap-grad-reduce", nproc=4)
     assert "resumed from" in out
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     resumed = resumed[2:]
