@@ -73,10 +73,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
     defaults = property(lambda self: self.optimizer.defaults,
                         lambda self, v: setattr(self.optimizer, "defaults", v))
 
-    def shard_parameters(self) -> list[torch.nn.Parameter]:
-        """This rank's views (with their owned gradients): what clipping and fp16 unscaling
-        act on."""
-        return [view for _, view, _, _ in self._shards.values()]
+    def shard_parameters(self, params=None) -> list[torch.nn.Parameter]:
+        """This rank's views (with their owned gradients) of ``params`` (default: all), in
+        that order: what clipping and fp16 unscaling act on. In the model's parameter order
+        the global norm sums as without sharding."""
+        params = self.grad_buffer.params if params is None else params
+        return [self._shards[id(p)][1] for p in params if id(p) in self._shards]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.grad_buffer.zero_grad()  # the gradients are views: always zeroed, never None

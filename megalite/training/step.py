@@ -129,10 +129,13 @@ def _grad_buffer(model, optimizer, overlap: bool) -> GradBuffer | None:
     overlap without the distributed optimizer: the bucketed all-reduce after the schedule)."""
     buffer = getattr(model, "grad_buffer", None)
     distributed = isinstance(optimizer, DistributedOptimizer)
-    if buffer is not None and buffer.shard != distributed:
-        raise ValueError("the model's gradient buffer is sharded for a distributed optimizer "
-                         "but this optimizer is not one (or the reverse): build the optimizer "
-                         "with build_optimizer(..., distributed=...) once per model")
+    if distributed and optimizer.grad_buffer is not buffer:
+        raise ValueError("this DistributedOptimizer shards another gradient buffer than the "
+                         "model's (built for another model, or a newer one replaced it): "
+                         "build one optimizer per model and train with that one")
+    if not distributed and buffer is not None and buffer.shard:
+        raise ValueError("the model's gradients are sharded for a DistributedOptimizer: "
+                         "train it with that optimizer")
     if distributed or (overlap and model.ps.dp > 1):
         return attach_grad_buffer(model, shard=distributed)
     return None
@@ -154,7 +157,9 @@ def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
                overlap_grad_reduce: bool = True) -> StepResult:
     """Forward and backward over this dp rank's ``tokens``/``targets`` ``[batch, seq]``,
     gradient sync, clipping and the optimizer step. Gradients are left in the parameters
-    (zeroed at the start of the next step) for inspection. ``dtype`` "bf16"/"fp16" runs the
+    (zeroed at the start of the next step) for inspection: with a gradient buffer (dp > 1)
+    they are views into it, reused every step, and with the distributed optimizer only this
+    rank's chunk is reduced (``optimizer.full_grad(p)`` gathers one). ``dtype`` "bf16"/"fp16" runs the
     forward under autocast with fp32 weights; fp16 needs a ``grad_scaler``. A non-finite
     loss or gradient norm skips the update on every rank (both are global values, so all
     ranks decide alike) and sets ``nonfinite``. ``loss_fn`` defaults to ``model.loss``.
@@ -183,7 +188,9 @@ def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
     finalize_grads(model, buffer)
     sharded = isinstance(optimizer, DistributedOptimizer)
     # With the distributed optimizer only this rank's shard of each gradient is reduced.
-    params = optimizer.shard_parameters() if sharded else list(model.parameters())
+    params = list(model.parameters())
+    if sharded:
+        params = optimizer.shard_parameters(params)
     loss = result.loss
     skipped = False
     if grad_scaler is not None:
