@@ -105,8 +105,9 @@ def speed_rows(cfg, args, world):
 
 def main():
     args = parse_args()
-    world = parallel.initialize().world_size
-    parallel.destroy()
+    # One default group for the whole run: each layout below builds its groups inside it.
+    torch.distributed.init_process_group("gloo")
+    world = torch.distributed.get_world_size()
     cfg = GPTConfig.preset(args.model, kernels="torch")
     mem, speed = memory_rows(cfg, args, world), speed_rows(cfg, args, world)
     if torch.distributed.get_rank() == 0:
@@ -132,6 +133,7 @@ def main():
             meta = {"torch": torch.__version__, "device": "cpu", "model": args.model}
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "memory": mem, "speed": speed}, f, indent=1)
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
