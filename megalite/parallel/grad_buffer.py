@@ -36,6 +36,10 @@ from megalite.parallel import comm
 from megalite.parallel.grads import DEFAULT_BUCKET_BYTES
 from megalite.parallel.state import ParallelState
 
+# torch 2.13 renamed the flat-tensor collectives (the old names warn); older torch has only those
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 @dataclass
 class Bucket:
@@ -147,7 +151,7 @@ class GradBuffer:
         if self.shard:
             b.out = torch.empty((b.end - b.start) // self.dp, dtype=flat.dtype,
                                 device=flat.device)
-            b.work = comm._run("reduce_scatter", flat, group, lambda: dist.reduce_scatter_tensor(
+            b.work = comm._run("reduce_scatter", flat, group, lambda: _reduce_scatter(
                 b.out, flat, group=group, async_op=True))
         else:
             b.work = comm._run("all_reduce", flat, group,
@@ -205,7 +209,7 @@ class GradBuffer:
                     at = self.offset[id(p)] - b.start
                     flat[at + lo:at + hi] = p.detach().reshape(-1)[lo:hi]
             full = torch.empty_like(flat)
-            comm._run("all_gather", full, self.ps.dp_group, lambda: dist.all_gather_into_tensor(
+            comm._run("all_gather", full, self.ps.dp_group, lambda: _all_gather(
                 full, mine, group=self.ps.dp_group))
             for p in b.params:
                 at = self.offset[id(p)] - b.start
