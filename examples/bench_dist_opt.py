@@ -7,7 +7,7 @@ rank's stage; the formula is 4 + 4 + 8 (plain) and 4 + 4 + 8/dp (distributed).
 Part 2, speed: at dp = world (tp = pp = 1) the median step time of plain / distributed
 optimizer, each with the gradient reduction after the backward or overlapped with it.
 
-    OMP_NUM_THREADS=1 torchrun --nproc-per-node 4 examples/bench_dist_opt.py --json dist-opt.json
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 4 examples/bench_dist_opt.py --steps 15
 """
 import argparse
 import json
