@@ -137,6 +137,12 @@ class GradBuffer:
         if stage is None or id(p) not in self._stages.get(stage, ()):
             return  # not the last microbatch: keep accumulating
         self._final_hits[id(p)] += 1
+        if self._final_hits[id(p)] > self._uses[id(p)]:  # its bucket may be reducing already
+            raise RuntimeError(
+                f"a parameter of shape {tuple(p.shape)} received two gradient accumulations in "
+                f"stage {stage}'s last backward action, so overlapped reduction cannot tell "
+                f"when it is final: train with overlap_grad_reduce=False "
+                f"(--no-overlap-grad-reduce), or run one backward per stage action")
         if self._final_hits[id(p)] == self._uses[id(p)]:
             self._bucket_of[id(p)].pending -= 1
             while (self._next < len(self.buckets) and self.buckets[self._next].hooked
