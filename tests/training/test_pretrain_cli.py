@@ -100,10 +100,13 @@ def test_schedules_virtual_stages_and_schedule_files(tmp_path):
                      "--virtual-stages", "2", "--steps", "2", "--save", "ckpt", *W1, nproc=2)
     assert "interleaved-1f1b (2 stages per rank)" in out
     # Checkpoints stay layout-free: resume the v=2 run at tp=2 pp=1, and at zbv (V placement).
+    # (with activation recomputation, which changes no number)
     resumed, _ = run(tmp_path, "resumed", "--tp", "2", "--steps", "4", "--load", "ckpt",
-                     *W1, nproc=2)
-    zbv, _ = run(tmp_path, "zbv", "--pp", "2", "--schedule", "zbv", "--steps", "4",
-                 "--load", "ckpt", "--trace", "trace", *W1, nproc=2)
+                     "--recompute", "selective", *W1, nproc=2)
+    zbv, out = run(tmp_path, "zbv", "--pp", "2", "--schedule", "zbv", "--steps", "4",
+                   "--load", "ckpt", "--trace", "trace", "--recompute", "full",
+                   "--recompute-layers", "1", *W1, nproc=2)
+    assert "recompute full (first 1 layers of each stage)" in out
     for rows in (inter, resumed[2:], zbv[2:]):
         for row in rows:
             assert abs(row["loss"] - losses(single)[row["step"]]) < 1e-4, (row, single)
