@@ -9,7 +9,7 @@ d_model, a heads, g kv heads, d head dim, f d_ff, t tp; e bytes per activation e
 tensor (who saves it)                  none                      kept by
 =====================================  ========================  ===========================
 layer input x (norm)                   e sbh / t_sp              all modes (full: only this)
-norm stats: rmsnorm normalized x +     e (sbh + sb) / t_sp       none
+norm stats: rmsnorm normalized x +     (e sbh + 4 sb) / t_sp     none
   rstd; layernorm mean + rstd          8 sb / t_sp
 norm output (qkv / up linear)          e sbh     (no SP)         none, selective
   with SP: the all-gathered output     e sbh
@@ -50,11 +50,13 @@ def saved_activation_bytes(cfg: GPTConfig, micro_batch: int, seq: int, tp: int =
                            act_bytes: int = 4, device_type: str = "cpu") -> int:
     """Bytes one layer saves for backward, for one microbatch on one TP rank.
 
-    ``act_bytes`` is the size of an activation element (4 for fp32; 2 for a model run in
-    16 bits). ``device_type`` matters for dropout masks only: CUDA's fused dropout saves a
-    bool mask, CPU's a float one. Under ``torch.autocast`` the mix differs (fp32 residual stream, 16-bit matmul
-    inputs saved as extra casts), so there this is an estimate. Assumes the torch reference
-    kernels (``cfg.kernels`` "torch", or "auto" without a GPU)."""
+    ``act_bytes`` is the size of an activation element: 4 for fp32, where the prediction is
+    exact (tests); 2 gives the same tensors at 16 bits, an estimate (the torch references
+    upcast inside norms, RoPE and SwiGLU and save some fp32 copies; the Triton kernels save
+    less in the norms and RoPE; under ``torch.autocast`` the residual stream stays fp32 and
+    16-bit casts of matmul inputs are saved). ``device_type`` matters for dropout masks
+    only: CUDA's fused dropout saves a bool mask, CPU's a float one. Assumes the torch
+    reference kernels (``cfg.kernels`` "torch", or "auto" without a GPU)."""
     if recompute not in RECOMPUTE_MODES:
         raise ValueError(f"recompute={recompute!r}; choose one of {RECOMPUTE_MODES}")
     b, s, h, t, e = micro_batch, seq, cfg.d_model, tp, act_bytes
