@@ -25,6 +25,8 @@ GELU: input, output                    e 2 sbf / t               none, selective
 =====================================  ========================  ===========================
 
 (t_sp = t with sequence parallelism, else 1; the second norm repeats the first's rows.)
+With the Triton kernels (GPU): RMSNorm keeps no normalized x, SwiGLU no silu(gate), and the
+attention output is saved twice ([b, a, s, d] by the kernel, [b, s, h] by proj) in none.
 No [b, a, s, s] term: ``F.scaled_dot_product_attention`` (the torch reference attention)
 runs a fused flash-style kernel on CPU and GPU, saving o and the logsumexp, and so does the
 Triton kernel. This is where we differ from Korthikanti et al. (arXiv 2205.05198), whose
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import torch
 
+from megalite.kernels.attention import HEAD_DIMS as ATTENTION_HEAD_DIMS
 from megalite.models.config import RECOMPUTE_MODES, GPTConfig
 from megalite.models.recompute import observe_kept_inputs
 
@@ -47,7 +50,8 @@ STAT_BYTES = 4  # norm statistics and the attention logsumexp are fp32
 
 def saved_activation_bytes(cfg: GPTConfig, micro_batch: int, seq: int, tp: int = 1,
                            sequence_parallel: bool = False, recompute: str = "none",
-                           act_bytes: int = 4, device_type: str = "cpu") -> int:
+                           act_bytes: int = 4, device_type: str = "cpu",
+                           kernels: str = "torch") -> int:
     """Bytes one layer saves for backward, for one microbatch on one TP rank.
 
     ``act_bytes`` is the size of an activation element: 4 for fp32, where the prediction is
@@ -55,10 +59,15 @@ def saved_activation_bytes(cfg: GPTConfig, micro_batch: int, seq: int, tp: int =
     upcast inside norms, RoPE and SwiGLU and save some fp32 copies; the Triton kernels save
     less in the norms and RoPE; under ``torch.autocast`` the residual stream stays fp32 and
     16-bit casts of matmul inputs are saved). ``device_type`` matters for dropout masks
-    only: CUDA's fused dropout saves a bool mask, CPU's a float one. Assumes the torch
-    reference kernels (``cfg.kernels`` "torch", or "auto" without a GPU)."""
+    only: CUDA's fused dropout saves a bool mask, CPU's a float one. ``kernels`` is the
+    path that runs: "torch" (the references: CPU, or ``cfg.kernels="torch"``) or "triton"
+    (GPU with ``cfg.kernels`` "auto"/"triton"): the Triton RMSNorm keeps no normalized
+    copy, SwiGLU no silu(gate), and the attention output is copied once more to [b, s, h]."""
     if recompute not in RECOMPUTE_MODES:
         raise ValueError(f"recompute={recompute!r}; choose one of {RECOMPUTE_MODES}")
+    if kernels not in ("torch", "triton"):
+        raise ValueError(f"kernels={kernels!r}; choose 'torch' or 'triton'")
+    triton = kernels == "triton"
     b, s, h, t, e = micro_batch, seq, cfg.d_model, tp, act_bytes
     a, g, d, f = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
     sp = sequence_parallel and tp > 1
@@ -71,8 +80,10 @@ def saved_activation_bytes(cfg: GPTConfig, micro_batch: int, seq: int, tp: int =
     def norm() -> int:
         held = residual                                       # its input
         if not selective:
-            held += residual + STAT_BYTES * rows if cfg.norm == "rmsnorm" \
-                else 2 * STAT_BYTES * rows
+            if cfg.norm == "rmsnorm":  # rstd (and the torch reference's normalized x)
+                held += STAT_BYTES * rows + (0 if triton else residual)
+            else:                      # mean and rstd
+                held += 2 * STAT_BYTES * rows
         return held + e * b * s * h                           # the (gathered) output
 
     qkv = e * b * s * (a + 2 * g) * d // t
@@ -80,10 +91,12 @@ def saved_activation_bytes(cfg: GPTConfig, micro_batch: int, seq: int, tp: int =
     attention = qkv + o
     if not selective:
         attention += STAT_BYTES * b * a * s // t              # logsumexp
+        if triton and cfg.head_dim in ATTENTION_HEAD_DIMS:    # o [b, a, s, d] and proj's copy
+            attention += o
         if cfg.position == "rope":
             attention += e * b * s * (a + g) * d // t         # rotated q and k
     if cfg.activation == "swiglu":
-        mlp = e * b * s * f * (3 if selective else 4) // t
+        mlp = e * b * s * f * (3 if selective or triton else 4) // t
     else:
         mlp = e * b * s * f * 2 // t
     mask = e if device_type == "cpu" else 1  # CPU's dropout saves its scaled float mask

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megalite import parallel
+from megalite.kernels import HAS_TRITON
 from megalite.models import GPT, GPTConfig
 from megalite.models.activation_memory import (count_saved_bytes, korthikanti_bytes,
                                                saved_activation_bytes)
@@ -73,10 +74,11 @@ def _block_bytes(cfg, ps, b, s, mode):
     return got
 
 
-def assert_saved_bytes_match(cfg, ps, b, s):
+def assert_saved_bytes_match(cfg, ps, b, s, kernels="torch"):
     got = {mode: _block_bytes(cfg, ps, b, s, mode) for mode in ("none", "selective", "full")}
     for mode, measured in got.items():
-        predicted = saved_activation_bytes(cfg, b, s, ps.tp, cfg.sequence_parallel, mode)
+        predicted = saved_activation_bytes(cfg, b, s, ps.tp, cfg.sequence_parallel, mode,
+                                           kernels=kernels)
         assert measured == predicted, \
             f"{mode} {cfg.norm} tp={ps.tp} sp={cfg.sequence_parallel} b={b} s={s}: " \
             f"measured {measured} B, predicted {predicted} B"
@@ -88,6 +90,16 @@ def assert_saved_bytes_match(cfg, ps, b, s):
                                      (LLAMA.replace(dropout=0.1, norm="layernorm"), 2, 5)])
 def test_saved_bytes_match_the_prediction(cfg, b, s):
     assert_saved_bytes_match(cfg, ParallelState(), b, s)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs the triton package (interpreter)")
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_saved_bytes_match_the_prediction_with_triton_kernels(cfg, monkeypatch):
+    # The GPU path's kernels, run by Triton's interpreter on CPU (head_dim 16: the Triton
+    # attention runs, not the fallback). Forward only, so it stays quick.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg = cfg.replace(kernels="triton", d_model=64, n_layers=1)
+    assert_saved_bytes_match(cfg, ParallelState(), 2, 20, kernels="triton")
 
 
 def test_korthikanti_formulas():
