@@ -341,7 +341,8 @@ def main(argv=None) -> int:
         f"{num_microbatches} microbatches of {args.micro_batch_size} x {args.seq_len}, "
         f"{schedule_name}, {args.dtype}"
         + (f", recompute {args.recompute}" if args.recompute != "none" else "")
-        + (f" (first {args.recompute_layers} layers of each stage)" if args.recompute_layers else "")
+        + (f" (first {args.recompute_layers} layers of each stage)"
+           if args.recompute_layers else "")
         + f"; steps {start_step + 1}..{args.steps}"
         + (f" (resumed from {resume_from})" if resume_from else ""), flush=True)
 
