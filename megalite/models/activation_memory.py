@@ -104,6 +104,19 @@ def saved_activation_bytes(cfg: GPTConfig, micro_batch: int, seq: int, tp: int =
     return 2 * norm() + attention + mlp + masks
 
 
+def stage_saved_bytes(cfg: GPTConfig, num_layers: int, micro_batch: int, seq: int,
+                      tp: int = 1, sequence_parallel: bool = False, **kwargs) -> int:
+    """Bytes the ``num_layers`` layers of one pipeline stage save for one microbatch, with
+    ``cfg.recompute`` and ``cfg.recompute_layers`` as GPT applies them (full recompute of
+    the first ``recompute_layers`` layers, the others none). Embeddings, final norm, head
+    and loss are not included. ``kwargs``: ``act_bytes``, ``device_type``, ``kernels``."""
+    def layer(mode):
+        return saved_activation_bytes(cfg, micro_batch, seq, tp, sequence_parallel, mode,
+                                      **kwargs)
+    n = num_layers if cfg.recompute_layers is None else min(cfg.recompute_layers, num_layers)
+    return n * layer(cfg.recompute) + (num_layers - n) * layer("none")
+
+
 def korthikanti_bytes(cfg: GPTConfig, micro_batch: int, seq: int, tp: int = 1,
                       sequence_parallel: bool = False, recompute: str = "none") -> int:
     """Korthikanti et al.'s activation bytes per layer (16-bit, their GPT layer, Table 2):

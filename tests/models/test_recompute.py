@@ -12,7 +12,7 @@ from megalite import parallel
 from megalite.kernels import HAS_TRITON
 from megalite.models import GPT, GPTConfig
 from megalite.models.activation_memory import (count_saved_bytes, korthikanti_bytes,
-                                               saved_activation_bytes)
+                                               saved_activation_bytes, stage_saved_bytes)
 from megalite.parallel import ParallelState
 from megalite.pipeline.backward import backward_input
 
@@ -90,6 +90,19 @@ def assert_saved_bytes_match(cfg, ps, b, s, kernels="torch"):
                                      (LLAMA.replace(dropout=0.1, norm="layernorm"), 2, 5)])
 def test_saved_bytes_match_the_prediction(cfg, b, s):
     assert_saved_bytes_match(cfg, ParallelState(), b, s)
+
+
+def test_stage_bytes_follow_recompute_layers():
+    # the middle one of 3 stages (2 layers): hidden states in, hidden states out
+    cfg = LLAMA.replace(n_layers=6, dropout=0.1)
+    for mode in ({}, *MODES):
+        mcfg = cfg.replace(**mode)
+        torch.manual_seed(0)
+        model = GPT(mcfg, state=ParallelState(), stages=[1], num_stages=3)
+        x = torch.randn(2, 9, cfg.d_model, requires_grad=True)
+        _, measured = count_saved_bytes(lambda h: model(h, stage=1), x,
+                                        exclude=[*model.parameters(), *model.buffers()])
+        assert measured == stage_saved_bytes(mcfg, 2, 2, 9), mode
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs the triton package (interpreter)")
