@@ -15,6 +15,7 @@ from megalite.models.activation_memory import (count_saved_bytes, korthikanti_by
                                                saved_activation_bytes, stage_saved_bytes)
 from megalite.parallel import ParallelState
 from megalite.pipeline.backward import backward_input
+from megalite.training.precision import autocast
 
 LLAMA = GPTConfig(vocab_size=61, n_layers=3, n_heads=4, n_kv_heads=2, d_model=32, d_ff=80,
                   max_seq_len=24, kernels="torch")
@@ -25,7 +26,7 @@ MODES = (dict(recompute="selective"), dict(recompute="full"),
          dict(recompute="full", recompute_layers=2))
 
 
-def _step(cfg, ps=None, b=2, s=12):
+def _step(cfg, ps=None, b=2, s=12, dtype="fp32"):
     """Loss, gradients and the RNG state after one forward + backward."""
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, cfg.vocab_size, (b, s + 1), generator=g)
@@ -35,18 +36,20 @@ def _step(cfg, ps=None, b=2, s=12):
         parallel.model_parallel_seed(5, ps)  # the same TP dropout stream for every mode
     else:
         torch.manual_seed(5)
-    loss = model.loss(model(tokens[:, :-1]), tokens[:, 1:])
+    with autocast(dtype, torch.device("cpu")):  # the recompute must replay it
+        logits = model(tokens[:, :-1])
+    loss = model.loss(logits.float(), tokens[:, 1:])
     loss.backward()
     streams = dict(parallel.get_rng_tracker().states)
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, \
         torch.get_rng_state(), streams
 
 
-def assert_bitwise_equal(cfg, ps=None):
-    ref_loss, ref_grads, ref_rng, ref_streams = _step(cfg, ps)
+def assert_bitwise_equal(cfg, ps=None, dtype="fp32"):
+    ref_loss, ref_grads, ref_rng, ref_streams = _step(cfg, ps, dtype=dtype)
     for mode in MODES:
-        loss, grads, rng, streams = _step(cfg.replace(**mode), ps)
-        where = f"{mode} {cfg.norm} dropout={cfg.dropout} sp={cfg.sequence_parallel}"
+        loss, grads, rng, streams = _step(cfg.replace(**mode), ps, dtype=dtype)
+        where = f"{mode} {cfg.norm} dropout={cfg.dropout} sp={cfg.sequence_parallel} {dtype}"
         assert torch.equal(loss, ref_loss), f"loss differs ({where})"
         for name, g in grads.items():
             assert torch.equal(g, ref_grads[name]), f"grad of {name} differs ({where})"
@@ -56,10 +59,12 @@ def assert_bitwise_equal(cfg, ps=None):
             all(torch.equal(streams[k], ref_streams[k]) for k in streams), where
 
 
-@pytest.mark.parametrize("cfg", [LLAMA.replace(dropout=0.2), GPT2.replace(dropout=0.2), LLAMA],
-                         ids=["llama-dropout", "gpt2-dropout", "llama"])
-def test_recompute_is_bitwise_exact(cfg):
-    assert_bitwise_equal(cfg, ParallelState())
+@pytest.mark.parametrize("cfg,dtype", [(LLAMA.replace(dropout=0.2), "fp32"),
+                                       (GPT2.replace(dropout=0.2), "fp32"), (LLAMA, "fp32"),
+                                       (LLAMA.replace(dropout=0.2), "bf16")],
+                         ids=["llama-dropout", "gpt2-dropout", "llama", "llama-bf16-autocast"])
+def test_recompute_is_bitwise_exact(cfg, dtype):
+    assert_bitwise_equal(cfg, ParallelState(), dtype)
 
 
 def _block_bytes(cfg, ps, b, s, mode):
