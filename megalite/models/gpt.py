@@ -31,7 +31,7 @@ from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                       padded_vocab_size)
 from megalite.parallel.random import get_rng_tracker
 from megalite.parallel.state import ParallelState, get_state
-from megalite.parallel.partition import stage_layers
+from megalite.parallel.partition import layers_per_stage, stage_layers
 
 
 class _Init:
@@ -184,9 +184,10 @@ class Block(nn.Module):
         self.recompute = "none"
 
     def set_recompute(self, mode: str) -> None:
-        """"none"; "full": keep only the layer's input, recompute the whole layer in
-        backward; "selective": recompute the cheap, memory-heavy parts (the norms, RoPE +
-        attention core, the MLP activation), keep the matmul inputs (docs/memory.md)."""
+        """Activation recomputation of this layer. "full": keep only the layer's input and
+        recompute the whole layer in backward; "selective": recompute the cheap,
+        memory-heavy parts (the norms, RoPE + attention core, the MLP activation) and keep
+        the matmul inputs; "none" (docs/memory.md)."""
         if mode not in RECOMPUTE_MODES:
             raise ValueError(f"recompute mode {mode!r}; choose one of {RECOMPUTE_MODES}")
         self.recompute = mode
@@ -207,11 +208,6 @@ class Block(nn.Module):
     def _layer(self, x, rope):
         x = x + self._drop(self.attn(self.attn_norm(x), rope))
         return x + self._drop(self.mlp(self.mlp_norm(x)))
-
-
-def _layer_counts(model) -> list[int]:
-    return [len(stage_layers(model.cfg.n_layers, model.num_stages, s, model.cfg.layers_per_stage))
-            for s in range(model.num_stages)]
 
 
 class GPT(nn.Module):
@@ -273,13 +269,14 @@ class GPT(nn.Module):
             self.pos_embed = nn.Parameter(table.to(ps.device))
         self.layers = nn.ModuleDict({str(i): Block(cfg, ps, init, i)
                                      for s in self.stages for i in self.stage_layers[s]})
-        for s in self.stages:
+        for s in self.stages:  # full recompute: the first recompute_layers of each stage
             layers = self.stage_layers[s]
             n = len(layers) if cfg.recompute_layers is None else cfg.recompute_layers
             if n > len(layers):
+                counts = layers_per_stage(cfg.n_layers, self.num_stages, cfg.layers_per_stage)
                 raise ValueError(f"recompute_layers={n} but stage {s} has {len(layers)} "
-                                 f"layers (layers per stage: {_layer_counts(self)}); use at "
-                                 f"most the fewest layers a stage has")
+                                 f"layers (layers per stage: {counts}); use at most the "
+                                 f"fewest layers a stage has")
             for j, i in enumerate(layers):
                 self.layers[str(i)].set_recompute(cfg.recompute if j < n else "none")
         if cfg.position == "rope" and len(self.layers):
