@@ -95,6 +95,13 @@ def parse_args(argv=None):
     model.add_argument("--model", default="tiny", help="GPTConfig preset")
     model.add_argument("--kernels", choices=["auto", "torch", "triton"], default="auto")
     model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
+                       help="activation recomputation (docs/memory.md): full keeps only each "
+                            "layer's input; selective recomputes norms, attention core and "
+                            "the MLP activation")
+    model.add_argument("--recompute-layers", type=POSITIVE, default=None, metavar="N",
+                       help="with --recompute full: only the first N layers of each stage "
+                            "(default: all)")
     data = p.add_argument_group("data")
     data.add_argument("--data", default=None,
                       help="token file prefix (python -m megalite.training.preprocess); "
@@ -192,12 +199,22 @@ def check_args(args, world_size: int):
         flag = "--schedule-file" if args.schedule_file else "--schedule/--virtual-stages"
         raise UsageError(f"{flag}: {e}") from None
     num_stages = sum(map(len, rank_stages(table).values()))
+    if args.recompute_layers is not None and args.recompute != "full":
+        raise UsageError(f"--recompute-layers {args.recompute_layers} applies to full "
+                         f"recompute: add --recompute full (it is {args.recompute}), or drop "
+                         f"--recompute-layers")
     try:
         cfg = GPTConfig.preset(args.model, sequence_parallel=args.sequence_parallel,
                                kernels=args.kernels, dropout=args.dropout)
-        layers_per_stage(cfg.n_layers, num_stages, cfg.layers_per_stage)
+        counts = layers_per_stage(cfg.n_layers, num_stages, cfg.layers_per_stage)
     except ValueError as e:
         raise UsageError(f"--model {args.model}: {e}") from None
+    if args.recompute_layers is not None and args.recompute_layers > min(counts):
+        raise UsageError(f"--recompute-layers {args.recompute_layers} exceeds the layers of a "
+                         f"stage: {args.model}'s {cfg.n_layers} layers over {num_stages} "
+                         f"stages are {counts} per stage; use --recompute-layers <= "
+                         f"{min(counts)}, or drop it to recompute every layer")
+    cfg = cfg.replace(recompute=args.recompute, recompute_layers=args.recompute_layers)
     if cfg.n_heads % args.tp or cfg.n_kv_heads % args.tp:
         raise UsageError(f"--tp {args.tp} must divide the {args.model} preset's n_heads "
                          f"{cfg.n_heads} and n_kv_heads {cfg.n_kv_heads}; lower --tp")
@@ -331,6 +348,9 @@ def main(argv=None) -> int:
         f"{num_microbatches} microbatches of {args.micro_batch_size} x {args.seq_len}, "
         f"{schedule_name}, {args.dtype}"
         + (", distributed optimizer" if args.distributed_optimizer else "")
+        + (f", recompute {args.recompute}" if args.recompute != "none" else "")
+        + (f" (first {args.recompute_layers} layers of each stage)"
+           if args.recompute_layers else "")
         + f"; steps {start_step + 1}..{args.steps}"
         + (f" (resumed from {resume_from})" if resume_from else ""), flush=True)
 

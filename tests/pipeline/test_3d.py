@@ -26,6 +26,10 @@ CFG = GPTConfig(vocab_size=97, n_layers=8, n_heads=4, n_kv_heads=2, d_model=32, 
                 max_seq_len=16, kernels="torch")
 GLOBAL_BATCH, MICRO_BATCH, SEQ, STEPS = 8, 1, 8, 3
 SCHEDULES = ("1f1b", "gpipe", "interleaved-1f1b", "zb-h1", "interleaved-zb", "zbv")
+# Activation recomputation rotates over the checks (no cross product), so every mode meets
+# loop and V placement and the split backward (zb-h1, interleaved-zb, zbv): see _world.
+RECOMPUTE = ({}, dict(recompute="selective"), dict(recompute="full"),
+             dict(recompute="full", recompute_layers=1))
 _REFERENCE = {}
 
 
@@ -70,8 +74,9 @@ def _train(cfg, state, schedule, global_batch, mode="overlap"):
 def _reference(cfg, global_batch):
     key = (cfg.tie_embeddings, global_batch)
     if key not in _REFERENCE:
-        _REFERENCE[key] = _train(cfg.replace(sequence_parallel=False), ParallelState(), "1f1b",
-                                 global_batch)[1]
+        _REFERENCE[key] = _train(cfg.replace(sequence_parallel=False, recompute="none",
+                                             recompute_layers=None),
+                                 ParallelState(), "1f1b", global_batch)[1]
     return _REFERENCE[key]
 
 
@@ -83,7 +88,7 @@ def check_layout(tp, pp, dp, schedule, cfg, global_batch=None, mode="overlap"):
     ref_records = _reference(cfg, global_batch)
     name = schedule if isinstance(schedule, str) else "file"
     where = f"(tp={tp}, pp={pp}, dp={dp}, {name}, tied={cfg.tie_embeddings}, " \
-            f"sp={cfg.sequence_parallel}, {mode})"
+            f"sp={cfg.sequence_parallel}, {mode}, recompute={cfg.recompute}:{cfg.recompute_layers})"
     for step, ((res, grads), (ref, ref_grads)) in enumerate(zip(records, ref_records)):
         assert abs(res.loss - ref.loss) < 1e-5 * max(1, ref.loss), \
             f"step {step} loss {res.loss} != {ref.loss} {where}"
@@ -107,11 +112,14 @@ def _world(rank, world, layouts):
             # dp > 1: every other schedule (fused B and split I/W alike) through the
             # distributed optimizer; the reduction after the schedule with sequence parallel
             mode = ("dist", "overlap")[(i + pp // 2) % 2] if dp > 1 else "overlap"
+            recompute = RECOMPUTE[(i + tp + pp) % len(RECOMPUTE)]
             for tied in ties:
-                check_layout(tp, pp, dp, schedule, CFG.replace(tie_embeddings=tied), mode=mode)
+                check_layout(tp, pp, dp, schedule, CFG.replace(tie_embeddings=tied, **recompute),
+                             mode=mode)
             if tp > 1 and (world <= 4 or i % 2 == 0):
                 check_layout(tp, pp, dp, schedule,
-                             CFG.replace(sequence_parallel=True, tie_embeddings=i % 2 == 1),
+                             CFG.replace(sequence_parallel=True, tie_embeddings=i % 2 == 1,
+                                         **recompute),
                              mode=("dist-after", "after")[(i + pp // 2) % 2] if dp > 1
                              else "overlap")
         if pp == 4 and world <= 4:  # fewer microbatches than stages: warmup clipped, exact
