@@ -96,6 +96,13 @@ def parse_args(argv=None):
     model.add_argument("--model", default="tiny", help="GPTConfig preset")
     model.add_argument("--kernels", choices=["auto", "torch", "triton"], default="auto")
     model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
+                       help="activation recomputation (docs/memory.md): full keeps only each "
+                            "layer's input; selective recomputes norms, attention core and "
+                            "the MLP activation")
+    model.add_argument("--recompute-layers", type=POSITIVE, default=None, metavar="N",
+                       help="with --recompute full: only the first N layers of each stage "
+                            "(default: all)")
     data = p.add_argument_group("data")
     data.add_argument("--data", default=None,
                       help="token file prefix (python -m megalite.training.preprocess); "
@@ -112,6 +119,11 @@ def parse_args(argv=None):
     opt.add_argument("--decay", choices=["cosine", "linear", "constant"], default="cosine")
     opt.add_argument("--weight-decay", type=float, default=0.1)
     opt.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+    opt.add_argument("--distributed-optimizer", action="store_true",
+                     help="shard the AdamW state over the dp group (ZeRO-1, docs/memory.md)")
+    opt.add_argument("--no-overlap-grad-reduce", action="store_true",
+                     help="reduce gradients over dp after the whole backward instead of "
+                          "bucket by bucket during the last microbatch's")
     opt.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     opt.add_argument("--tf32", action="store_true",
                      help="fp32 matmuls on TF32 tensor cores (GPU; fp32 MFU assumes it)")
@@ -192,12 +204,22 @@ def check_args(args, world_size: int):
         flag = "--schedule-file" if args.schedule_file else "--schedule/--virtual-stages"
         raise UsageError(f"{flag}: {e}") from None
     num_stages = sum(map(len, rank_stages(table).values()))
+    if args.recompute_layers is not None and args.recompute != "full":
+        raise UsageError(f"--recompute-layers {args.recompute_layers} applies to full "
+                         f"recompute: add --recompute full (it is {args.recompute}), or drop "
+                         f"--recompute-layers")
     try:
         cfg = GPTConfig.preset(args.model, sequence_parallel=args.sequence_parallel,
                                kernels=args.kernels, dropout=args.dropout)
-        layers_per_stage(cfg.n_layers, num_stages, cfg.layers_per_stage)
+        counts = layers_per_stage(cfg.n_layers, num_stages, cfg.layers_per_stage)
     except ValueError as e:
         raise UsageError(f"--model {args.model}: {e}") from None
+    if args.recompute_layers is not None and args.recompute_layers > min(counts):
+        raise UsageError(f"--recompute-layers {args.recompute_layers} exceeds the layers of a "
+                         f"stage: {args.model}'s {cfg.n_layers} layers over {num_stages} "
+                         f"stages are {counts} per stage; use --recompute-layers <= "
+                         f"{min(counts)}, or drop it to recompute every layer")
+    cfg = cfg.replace(recompute=args.recompute, recompute_layers=args.recompute_layers)
     if cfg.n_heads % args.tp or cfg.n_kv_heads % args.tp:
         raise UsageError(f"--tp {args.tp} must divide the {args.model} preset's n_heads "
                          f"{cfg.n_heads} and n_kv_heads {cfg.n_kv_heads}; lower --tp")
@@ -306,7 +328,9 @@ def main(argv=None) -> int:
     model = GPT(cfg, stages=stages[ps.pp_rank], num_stages=sum(map(len, stages.values())))
     dataset = TokenDataset(args.data or default_corpus_path(), args.seq_len)
     sampler = ShardedSampler(len(dataset), args.global_batch_size, ps.dp_rank, ps.dp, args.seed)
-    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    # At dp=1 the distributed optimizer warns (on rank 0) that it shards nothing.
+    optimizer = build_optimizer(model, args.lr, args.weight_decay,
+                                distributed=args.distributed_optimizer)
     warmup = args.warmup if args.warmup is not None else default_warmup(args.steps)
     # The schedule always spans --steps, so a run stopped and resumed any number of times
     # follows the same learning rates as one that ran through.
@@ -327,7 +351,12 @@ def main(argv=None) -> int:
     say(f"megalite: {args.model} ({cfg.num_params() / 1e6:.2f}M params) on {ps.world_size} "
         f"{ps.device.type} processes: tp={ps.tp} pp={ps.pp} dp={ps.dp}, "
         f"{num_microbatches} microbatches of {args.micro_batch_size} x {args.seq_len}, "
-        f"{schedule_name}, {args.dtype}; steps {start_step + 1}..{args.steps}"
+        f"{schedule_name}, {args.dtype}"
+        + (", distributed optimizer" if args.distributed_optimizer else "")
+        + (f", recompute {args.recompute}" if args.recompute != "none" else "")
+        + (f" (first {args.recompute_layers} layers of each stage)"
+           if args.recompute_layers else "")
+        + f"; steps {start_step + 1}..{args.steps}"
         + (f" (resumed from {resume_from})" if resume_from else ""), flush=True)
 
     # Saved with every checkpoint: generate.py finds the tokenizer here.
@@ -357,7 +386,9 @@ def main(argv=None) -> int:
             return train_step(model, optimizer, tokens, targets,
                               micro_batch_size=args.micro_batch_size, schedule=table,
                               max_grad_norm=args.clip_grad, grad_scaler=scaler,
-                              dtype=args.dtype, verbose=args.verbose_p2p,
+                              dtype=args.dtype,
+                              overlap_grad_reduce=not args.no_overlap_grad_reduce,
+                              verbose=args.verbose_p2p,
                               trace=bool(args.trace) and step == args.steps,
                               loss_fn=inject.poison_loss(model.loss, step, ps.rank))
         if args.profile and step == args.steps:

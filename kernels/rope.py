@@ -16,11 +16,8 @@ from ._backend import cdiv, jit, next_pow2, tl, upcast, use_triton
 
 
 def rotate_half(x):
-    """cat(-x2, x1) for x = [x1 | x2], as a flip of the two halves (one copy each way; the
-    cat of two slices costs a copy forward and two zero-filled slice gradients backward)."""
-    halves = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2)
-    sign = torch.tensor([[-1.0], [1.0]], dtype=x.dtype, device=x.device)
-    return (halves * sign).flatten(-2)
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
 def apply_rope_reference(x, cos, sin):

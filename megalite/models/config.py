@@ -9,7 +9,9 @@ _CHOICES = {
     "activation": ("swiglu", "gelu", "gelu_tanh"),
     "position": ("rope", "learned"),
     "kernels": ("auto", "torch", "triton"),
+    "recompute": ("none", "selective", "full"),
 }
+RECOMPUTE_MODES = _CHOICES["recompute"]
 
 
 @dataclass
@@ -36,6 +38,12 @@ class GPTConfig:
     master_init: bool = True           # False: init each shard locally (huge models)
     pad_vocab_to: int = 1              # pad the vocab to a multiple of tp * this
     fused_loss: bool = True            # training loss fuses head + cross-entropy (no logits)
+    # Activation recomputation (megalite.models.recompute, docs/memory.md): "full" keeps
+    # only each layer's input (only the first recompute_layers layers of each stage when
+    # set, all when None); "selective" recomputes norms, RoPE + attention core and the MLP
+    # activation.
+    recompute: str = "none"
+    recompute_layers: int | None = None
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -62,6 +70,14 @@ class GPTConfig:
                              f"among n_heads/n_kv_heads query heads)")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
+        if self.recompute_layers is not None:
+            if self.recompute != "full":
+                raise ValueError(f"recompute_layers={self.recompute_layers} applies to full "
+                                 f"recompute only: set recompute='full' (it is "
+                                 f"{self.recompute!r}) or drop recompute_layers")
+            if not 1 <= self.recompute_layers <= self.n_layers:
+                raise ValueError(f"recompute_layers must be in [1, n_layers={self.n_layers}], "
+                                 f"got {self.recompute_layers}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalite import kernels
-from megalite.models.config import GPTConfig
+from megalite.models.config import RECOMPUTE_MODES, GPTConfig
+from megalite.models.recompute import checkpoint
 from megalite.parallel import comm
 from megalite.parallel.cross_entropy import (vocab_parallel_cross_entropy,
                                              vocab_parallel_linear_cross_entropy)
@@ -32,7 +33,7 @@ from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                       padded_vocab_size)
 from megalite.parallel.random import get_rng_tracker
 from megalite.parallel.state import ParallelState, get_state
-from megalite.parallel.partition import stage_layers
+from megalite.parallel.partition import layers_per_stage, stage_layers
 
 
 class _Init:
@@ -73,8 +74,14 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(cfg.d_model, device=ps.device))
         self.bias = nn.Parameter(torch.zeros(cfg.d_model, device=ps.device)) \
             if cfg.norm == "layernorm" else None
+        self.selective_recompute = False  # set by Block.set_recompute
 
     def forward(self, x):
+        if self.selective_recompute:
+            return checkpoint(self._normalize, x)
+        return self._normalize(x)
+
+    def _normalize(self, x):
         weight, bias = self.weight, self.bias
         if self.group is not None:
             weight = comm.copy_to_tp_region(weight, self.group)
@@ -111,11 +118,19 @@ class Attention(nn.Module):
             q, cfg.d_model, bias=cfg.bias, sequence_parallel=sp,
             init_method=init.normal(prefix + "proj.weight", out_std),
             master_init=cfg.master_init, state=ps)
+        self.selective_recompute = False  # set by Block.set_recompute
 
     def forward(self, x, rope=None):
-        b = x.shape[0]
         qkv = self.qkv(x)  # [b, s, local q + 2 local kv] (full sequence)
-        s = qkv.shape[1]
+        if self.selective_recompute:
+            out = checkpoint(self._core, qkv, rope)
+        else:
+            out = self._core(qkv, rope)
+        return self.proj(out)
+
+    def _core(self, qkv, rope):
+        """RoPE and softmax(q k^T) v, from the fused qkv projection to the input of proj."""
+        b, s = qkv.shape[:2]
         hd = self.head_dim
         q, k, v = qkv.split([self.local_heads * hd, self.local_kv_heads * hd,
                              self.local_kv_heads * hd], dim=-1)
@@ -127,7 +142,7 @@ class Attention(nn.Module):
             q = kernels.apply_rope(q, cos, sin, backend=self.cfg.kernels)
             k = kernels.apply_rope(k, cos, sin, backend=self.cfg.kernels)
         out = kernels.attention(q, k, v, causal=True, backend=self.cfg.kernels)
-        return self.proj(out.transpose(1, 2).reshape(b, s, self.local_heads * hd))
+        return out.transpose(1, 2).reshape(b, s, self.local_heads * hd)
 
 
 class MLP(nn.Module):
@@ -144,14 +159,18 @@ class MLP(nn.Module):
             f, cfg.d_model, bias=cfg.bias, sequence_parallel=sp,
             init_method=init.normal(prefix + "down.weight", cfg.init_std / math.sqrt(2 * cfg.n_layers)),
             master_init=cfg.master_init, state=ps)
+        self.selective_recompute = False  # set by Block.set_recompute
 
     def forward(self, x):
         h = self.up(x)
+        if self.selective_recompute:
+            return self.down(checkpoint(self._activate, h))
+        return self.down(self._activate(h))
+
+    def _activate(self, h):
         if self.activation == "swiglu":  # h = [gate | up]: one buffer, one gradient
-            h = kernels.swiglu_packed(h, backend=self.backend)
-        else:
-            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
-        return self.down(h)
+            return kernels.swiglu_packed(h, backend=self.backend)
+        return F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
 
 
 class Block(nn.Module):
@@ -163,6 +182,18 @@ class Block(nn.Module):
         self.mlp_norm = Norm(cfg, ps)
         self.mlp = MLP(cfg, ps, init, prefix + "mlp.")
         self.dropout, self.sequence_parallel = cfg.dropout, cfg.sequence_parallel
+        self.recompute = "none"
+
+    def set_recompute(self, mode: str) -> None:
+        """Activation recomputation of this layer. "full": keep only the layer's input and
+        recompute the whole layer in backward; "selective": recompute the cheap,
+        memory-heavy parts (the norms, RoPE + attention core, the MLP activation) and keep
+        the matmul inputs; "none" (docs/memory.md)."""
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute mode {mode!r}; choose one of {RECOMPUTE_MODES}")
+        self.recompute = mode
+        for part in (self.attn_norm, self.attn, self.mlp_norm, self.mlp):
+            part.selective_recompute = mode == "selective"
 
     def _drop(self, x):
         if not self.training or self.dropout == 0.0:
@@ -171,6 +202,11 @@ class Block(nn.Module):
             return F.dropout(x, self.dropout, training=True)
 
     def forward(self, x, rope=None):
+        if self.recompute == "full":
+            return checkpoint(self._layer, x, rope)
+        return self._layer(x, rope)
+
+    def _layer(self, x, rope):
         x = x + self._drop(self.attn(self.attn_norm(x), rope))
         return x + self._drop(self.mlp(self.mlp_norm(x)))
 
@@ -248,6 +284,16 @@ class GPT(nn.Module):
             self.pos_embed = nn.Parameter(table.to(ps.device))
         self.layers = nn.ModuleDict({str(i): Block(cfg, ps, init, i)
                                      for s in self.stages for i in self.stage_layers[s]})
+        for s in self.stages:  # full recompute: the first recompute_layers of each stage
+            layers = self.stage_layers[s]
+            n = len(layers) if cfg.recompute_layers is None else cfg.recompute_layers
+            if n > len(layers):
+                counts = layers_per_stage(cfg.n_layers, self.num_stages, cfg.layers_per_stage)
+                raise ValueError(f"recompute_layers={n} but stage {s} has {len(layers)} "
+                                 f"layers (layers per stage: {counts}); use at most the "
+                                 f"fewest layers a stage has")
+            for j, i in enumerate(layers):
+                self.layers[str(i)].set_recompute(cfg.recompute if j < n else "none")
         if cfg.position == "rope" and len(self.layers):
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, ps.device)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -269,6 +315,22 @@ class GPT(nn.Module):
         head) instead of logits."""
         return {s: (lambda x, s=s: self(x, stage=s, head_input=head_input))
                 for s in self.stages}
+
+    def stage_parameters(self) -> dict[int, list[nn.Parameter]]:
+        """{stage: the parameters its forward uses}; a tied table serving both ends of this
+        rank is listed under both stages. Tells data parallelism when gradients are final."""
+        out = {}
+        for s in self.stages:
+            params = [p for i in self.stage_layers[s] for p in self.layers[str(i)].parameters()]
+            if s == 0:
+                params += list(self.embed.parameters())
+                params += [self.pos_embed] if hasattr(self, "pos_embed") else []
+            if s == self.num_stages - 1:
+                params += list(self.final_norm.parameters()) + list(self.head.parameters())
+                if self.cfg.tie_embeddings and s != 0:
+                    params += list(self.embed.parameters())
+            out[s] = params
+        return out
 
     # ------------------------------------------------------------------ forward
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

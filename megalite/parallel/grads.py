@@ -6,7 +6,11 @@
   stages (tied input/output embeddings on the first and last stage) so the copies stay equal.
 * :func:`clip_grad_norm_` computes the global norm of the *model's* gradient: TP-sharded
   parameters contribute their shard on every TP rank, TP-replicated ones only once, stage
-  duplicates only once, and the pipeline stages' sums are added.
+  duplicates only once, and the pipeline stages' sums are added. With the distributed
+  optimizer (``dp_sharded=True``) each dp rank holds a disjoint part of the gradient, so the
+  dp ranks' sums are added too.
+
+The overlapped reduction (during backward, into a flat buffer) is in :mod:`grad_buffer`.
 """
 from __future__ import annotations
 
@@ -65,8 +69,10 @@ def allreduce_shared(params: Iterable[torch.nn.Parameter], ps: ParallelState) ->
         _allreduce_coalesced(grads, ps.embedding_group, 1.0, DEFAULT_BUCKET_BYTES)
 
 
-def grad_norm(params: Iterable[torch.nn.Parameter], ps: ParallelState) -> torch.Tensor:
-    """Global L2 norm of the gradient of the whole model (all stages, all shards)."""
+def grad_norm(params: Iterable[torch.nn.Parameter], ps: ParallelState,
+              dp_sharded: bool = False) -> torch.Tensor:
+    """Global L2 norm of the gradient of the whole model (all stages, all shards).
+    ``dp_sharded``: ``params`` are this dp rank's part of the gradient (distributed optimizer)."""
     squares = torch.zeros(1, dtype=torch.float32, device=ps.device)
     for p in params:
         if p.grad is None or getattr(p, "pipeline_duplicate", False):
@@ -76,14 +82,16 @@ def grad_norm(params: Iterable[torch.nn.Parameter], ps: ParallelState) -> torch.
         squares += p.grad.detach().float().pow(2).sum()
     comm.all_reduce(squares, ps.tp_group)
     comm.all_reduce(squares, ps.pp_group)
+    if dp_sharded:
+        comm.all_reduce(squares, ps.dp_group)
     return squares.sqrt()[0]
 
 
 def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float,
-                    ps: ParallelState) -> torch.Tensor:
+                    ps: ParallelState, dp_sharded: bool = False) -> torch.Tensor:
     """Scale gradients so the global norm is at most ``max_norm``; returns the norm before."""
     params = list(params)
-    norm = grad_norm(params, ps)
+    norm = grad_norm(params, ps, dp_sharded)
     if max_norm > 0:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         for g in _grads(params):

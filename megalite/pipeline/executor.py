@@ -12,11 +12,17 @@ one fails everywhere before any transfer), then walks this rank's list in order:
 ``I``  the same for the input gradient only (:func:`backward.backward_input`), keeping
        what ``W`` needs; ``W`` then accumulates the weight gradients.
 
+``final_backward(stage)``, when given, is a context manager entered around each stage's
+last gradient-producing action (its last ``B`` or ``W`` in this rank's list): whatever the
+table's order, the stage's parameter gradients are final when it exits. Data parallelism
+uses it to start reducing gradients while the rest of backward runs.
+
 Transfers are in :mod:`p2p`. Nothing here synchronizes with the host per action: losses
 stay on the device until the end, and waits are on receives only.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass, field
@@ -78,7 +84,8 @@ def run_schedule(schedule: Union[Schedule, Sequence[str]], stages: Stages, ps, *
                  targets: Sequence | None = None,
                  loss_fn: Callable | None = None,
                  verbose: bool = False, trace: bool = False,
-                 free_outputs: bool = True) -> PipelineResult:
+                 free_outputs: bool = True,
+                 final_backward: Callable | None = None) -> PipelineResult:
     """Run this rank's part of ``schedule`` ({pipeline rank: ["0F0", "0F1", "0B0", ...]}).
 
     ``stages`` maps each stage this rank owns to a callable (a module, or one stage's view
@@ -89,7 +96,8 @@ def run_schedule(schedule: Union[Schedule, Sequence[str]], stages: Stages, ps, *
     gradient): outputs are checked against it, so a mismatch is an error, not a hang.
     Accumulates parameter gradients; returns the mean loss, known on every pipeline rank.
     ``free_outputs`` releases each sent activation's memory (the stage's last op must not
-    save its own output for backward, true of residual blocks).
+    save its own output for backward, true of residual blocks). ``final_backward``: see the
+    module docstring.
     """
     m, shape, me = num_microbatches, tuple(activation_shape), ps.pp_rank
     if not isinstance(schedule, Mapping):
@@ -146,7 +154,14 @@ def run_schedule(schedule: Union[Schedule, Sequence[str]], stages: Stages, ps, *
             p2p.send(tensor, dst, label, release)
 
     actions = parsed[me]
-    for a in actions:
+    last_grad_action = {a.stage: i for i, a in enumerate(actions) if a.kind in "BW"}
+
+    def grads_final(i, stage):
+        if final_backward is not None and last_grad_action[stage] == i:
+            return final_backward(stage)
+        return contextlib.nullcontext()
+
+    for i, a in enumerate(actions):
         s, mb, label = a.stage, a.microbatch, str(a)
         need = consumes(a, num_stages)
         received = None if need is None else take(need, label)
@@ -172,7 +187,8 @@ def run_schedule(schedule: Union[Schedule, Sequence[str]], stages: Stages, ps, *
         elif a.kind in "BI":
             x, y = held.pop((s, mb)) if a.kind == "B" else held[(s, mb)]
             if a.kind == "B":
-                backward(y, received)
+                with grads_final(i, s):
+                    backward(y, received)
                 x_grad = x.grad if s > 0 else None
                 live -= 1
             else:
@@ -183,7 +199,8 @@ def run_schedule(schedule: Union[Schedule, Sequence[str]], stages: Stages, ps, *
             if s > 0:
                 give(produces(a, num_stages), x_grad, label)
         else:  # "W"
-            weight_grads.pop((s, mb)).run()
+            with grads_final(i, s):
+                weight_grads.pop((s, mb)).run()
             held.pop((s, mb))
             live -= 1
         if trace:

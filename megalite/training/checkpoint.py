@@ -17,6 +17,9 @@ file; :func:`verify_checkpoint` checks them (ranks share the work) and loading r
 checkpoint whose files do not match. No tensor depends on the saving layout: a loading
 rank reads the names its stage holds from whichever files hold them and keeps its TP shard.
 Optimizer state is keyed by parameter name, as optimizer indices differ from stage to stage.
+The distributed optimizer's dp-sharded state is gathered whole to save and re-sharded on
+load (:func:`_param_state`, ``DistributedOptimizer.load_full_state``), so either kind of
+optimizer loads either kind of checkpoint.
 
 Atomic: ranks write under ``ROOT/step_XXXXXXXX.tmp-<id>``; once all succeeded, rank 0 adds
 meta.json, publishes the directory with one rename and then replaces ``latest``. A killed
@@ -36,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megalite.parallel.comm import agree
+from megalite.parallel.distributed_optimizer import DistributedOptimizer
 from megalite.parallel.random import get_rng_tracker
 from megalite.parallel.sharding import gather_full, shard_full
 from megalite.parallel.state import global_rank
@@ -48,7 +52,7 @@ _RNG_FILE = "rng_rank{:05d}.safetensors"
 # GPTConfig fields that change no saved tensor (layout, kernels, regularization, init):
 # a checkpoint loads across them. Every other field must match.
 _FREE_FIELDS = {"dropout", "kernels", "sequence_parallel", "layers_per_stage", "master_init",
-                "pad_vocab_to", "init_std"}
+                "pad_vocab_to", "init_std", "recompute", "recompute_layers"}
 
 
 # ----------------------------------------------------------------------------- files
@@ -112,19 +116,23 @@ def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
     """Gather this stage's full parameters and optimizer state (collective over TP); the
     stage's (tp_rank 0, dp_rank 0) rank writes them. Returns {file: names} of what it wrote
     and {file: checksum}."""
-    if ps.dp_rank != 0:  # dp replicas hold identical values: replica 0 writes
+    sharded = isinstance(optimizer, DistributedOptimizer)
+    if ps.dp_rank != 0 and not sharded:  # dp replicas hold identical values: replica 0 writes
         return {}, {}
     params, states = {}, {}
     for name, p in model.named_parameters():
         if getattr(p, "pipeline_duplicate", False):
             continue  # tied embedding copy on the last stage: the first stage saves it
+        state = _param_state(optimizer, p)  # collective over dp when sharded
+        if ps.dp_rank != 0:
+            continue
         params[name] = gather_full(p, ps)
-        for key, value in optimizer.state.get(p, {}).items():
+        for key, value in state.items():
             if torch.is_tensor(value) and value.shape == p.shape:  # exp_avg, exp_avg_sq
                 states[f"{name}.{key}"] = gather_full(p, ps, value)
             else:  # per-parameter scalars: AdamW's step
                 states[f"{name}.{key}"] = torch.as_tensor(value).detach().clone()
-    if ps.tp_rank != 0:
+    if ps.tp_rank != 0 or ps.dp_rank != 0:
         return {}, {}
     written, sums = {}, {}
     for kind, tensors in (("model", params), ("optim", states)):
@@ -132,6 +140,13 @@ def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
         sums[fname] = _save_tensors(tensors, os.path.join(tmp, fname))
         written[fname] = sorted(tensors)
     return written, sums
+
+
+def _param_state(optimizer, p) -> dict:
+    """``p``'s optimizer state, tensors shaped like ``p`` (this TP shard, all of dp)."""
+    if isinstance(optimizer, DistributedOptimizer):
+        return optimizer.gathered_state(p)
+    return optimizer.state.get(p, {})
 
 
 def _rng_states(ps) -> dict[str, torch.Tensor]:
@@ -288,6 +303,17 @@ def _load_optimizer(files: _TensorFiles, meta: dict, model, optimizer) -> None:
     if len(saved) != len(current):
         raise ValueError(f"checkpoint {files.dir!r} has {len(saved)} optimizer param groups, "
                          f"this optimizer {len(current)}; build it with build_optimizer")
+    if isinstance(optimizer, DistributedOptimizer):
+        for name, p in model.named_parameters():
+            saved_state = {k: files.get(f"{name}.{k}") for k in files.state_keys.get(name, [])}
+            if saved_state:
+                optimizer.load_full_state(p, {  # keeps this dp rank's range
+                    k: v if v.dim() == 0 else _shard(files, f"{name}.{k}", v, p, model.ps)
+                    for k, v in saved_state.items()})
+        for group, hyper in zip(optimizer.param_groups, saved):
+            group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v
+                          for k, v in hyper.items()})
+        return
     state, groups = {}, []
     for group, indices, hyper in zip(optimizer.param_groups, current, saved):
         for p, index in zip(group["params"], indices["params"]):

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from megalite.training.step import distributed_optimizer
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float,
                  decay_embeddings: bool = False) -> list[dict]:
@@ -41,13 +43,14 @@ def fused_supported(params) -> bool:
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
-                    betas=(0.9, 0.95), eps: float = 1e-8,
-                    decay_embeddings: bool = False,
-                    fused: bool | None = None) -> torch.optim.AdamW:
-    """A ``torch.optim.AdamW`` over ``param_groups``. ``fused=None`` (default) uses torch's
-    fused kernel (one launch per step for all parameters) where it supports the
-    parameters' device and dtype, else the ``foreach`` (multi-tensor) path; ``True``
-    insists on the fused kernel; ``False`` is torch's default implementation."""
+                    betas=(0.9, 0.95), eps: float = 1e-8, decay_embeddings: bool = False,
+                    distributed: bool = False, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW over ``model``'s decay / no-decay groups. ``distributed=True`` shards its state
+    over the data-parallel group (ZeRO-1, :func:`megalite.training.step.distributed_optimizer`).
+    ``fused=None`` (default) uses torch's fused kernel (one launch per step for all
+    parameters) where it supports the parameters' device and dtype, else the ``foreach``
+    (multi-tensor) path; ``True`` insists on the fused kernel; ``False`` is torch's default
+    implementation."""
     groups = param_groups(model, weight_decay, decay_embeddings)
     params = [p for g in groups for p in g["params"]]
     supported = fused_supported(params)
@@ -60,7 +63,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
         kind = {"fused": True} if supported else {"foreach": True}
     else:
         kind = {"fused": True} if fused else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kind)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kind)
+    return distributed_optimizer(optimizer, model) if distributed else optimizer
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, decay: str = "cosine",

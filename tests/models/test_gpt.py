@@ -10,6 +10,7 @@ from megalite import parallel
 from megalite.models import GPT, GPTConfig, HeadInput
 from megalite.parallel import ParallelState
 from megalite.parallel.sharding import gather_full
+from test_recompute import check_recompute_under_tp
 from world import run_world
 
 # 250 is not a multiple of 4: the vocabulary is padded at tp = 4.
@@ -76,6 +77,7 @@ def _gpt_world(rank, world):
                 compare_with_tp1(cfg.replace(sequence_parallel=sp), ps)
     # Local (shard-only) init: different from the master weights but trains the same way.
     ps = parallel.initialize(tp=2)
+    check_recompute_under_tp(ps)  # recompute exact with the TP dropout stream; saved bytes
     torch.manual_seed(0)
     model = GPT(LLAMA.replace(master_init=False))
     torch.manual_seed(0)

@@ -1,10 +1,13 @@
 """Every (tp, pp, dp) layout and every schedule trains the single-process model: same losses,
-same gradients.
+same gradients; with dp > 1 also through the distributed optimizer and with gradient
+reduction overlapped with backward or after it (rotating over the schedules).
 
 Each rank also trains the single-process reference itself (same seed, same global batch,
 pp = tp = dp = 1; computed once per world) and compares its own stages and shards with it
 after every step.
 """
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -14,7 +17,8 @@ from megalite.parallel import ParallelState
 from megalite.parallel.sharding import gather_full
 from megalite.pipeline import build_schedule, rank_stages
 from megalite.pipeline.simulate import peak_live_activations
-from megalite.training.step import train_step
+from megalite.training.optim import build_optimizer
+from megalite.training.step import distributed_optimizer, train_step
 from world import run_world
 
 # 8 layers: pp=4 with 2 stages per rank still gives every stage a layer.
@@ -22,6 +26,10 @@ CFG = GPTConfig(vocab_size=97, n_layers=8, n_heads=4, n_kv_heads=2, d_model=32, 
                 max_seq_len=16, kernels="torch")
 GLOBAL_BATCH, MICRO_BATCH, SEQ, STEPS = 8, 1, 8, 3
 SCHEDULES = ("1f1b", "gpipe", "interleaved-1f1b", "zb-h1", "interleaved-zb", "zbv")
+# Activation recomputation rotates over the checks (no cross product), so every mode meets
+# loop and V placement and the split backward (zb-h1, interleaved-zb, zbv): see _world.
+RECOMPUTE = ({}, dict(recompute="selective"), dict(recompute="full"),
+             dict(recompute="full", recompute_layers=1))
 _REFERENCE = {}
 
 
@@ -32,7 +40,10 @@ def _batches(global_batch):
         yield data[:, :-1], data[:, 1:]
 
 
-def _train(cfg, state, schedule, global_batch):
+# How gradients reach the optimizer: "overlap" (the default: dp reduction during the last
+# microbatch's backward), "after" (reduced after the schedule), "dist" (distributed optimizer,
+# overlapped), "dist-after".
+def _train(cfg, state, schedule, global_batch, mode="overlap"):
     torch.manual_seed(0)
     m = global_batch // (MICRO_BATCH * state.dp)
     if isinstance(schedule, str):
@@ -43,13 +54,19 @@ def _train(cfg, state, schedule, global_batch):
     model = GPT(cfg, state=state, stages=stages, num_stages=sum(map(len, rank_stages(table).values())))
     # SGD: Adam would turn float-reassociation noise in tiny gradients into lr-sized steps.
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    if mode.startswith("dist"):
+        opt = distributed_optimizer(opt, model)
     per_rank = global_batch // state.dp
     records = []
     for tokens, targets in _batches(global_batch):
         mine = slice(state.dp_rank * per_rank, (state.dp_rank + 1) * per_rank)
         result = train_step(model, opt, tokens[mine], targets[mine], micro_batch_size=MICRO_BATCH,
-                            schedule=schedule, max_grad_norm=0.5)
-        grads = {n: gather_full(p, state, p.grad) for n, p in model.named_parameters()}
+                            schedule=schedule, max_grad_norm=0.5,
+                            overlap_grad_reduce=not mode.endswith("after"))
+        # the distributed optimizer reduced only this rank's shard of each gradient; copies,
+        # as .grad are views into a buffer the next step reuses
+        full = opt.full_grad if mode.startswith("dist") else (lambda p: p.grad)
+        grads = {n: gather_full(p, state, full(p)).clone() for n, p in model.named_parameters()}
         records.append((result, grads))
     return table, records
 
@@ -57,20 +74,21 @@ def _train(cfg, state, schedule, global_batch):
 def _reference(cfg, global_batch):
     key = (cfg.tie_embeddings, global_batch)
     if key not in _REFERENCE:
-        _REFERENCE[key] = _train(cfg.replace(sequence_parallel=False), ParallelState(), "1f1b",
-                                 global_batch)[1]
+        _REFERENCE[key] = _train(cfg.replace(sequence_parallel=False, recompute="none",
+                                             recompute_layers=None),
+                                 ParallelState(), "1f1b", global_batch)[1]
     return _REFERENCE[key]
 
 
-def check_layout(tp, pp, dp, schedule, cfg, global_batch=None):
+def check_layout(tp, pp, dp, schedule, cfg, global_batch=None, mode="overlap"):
     # m = 4 microbatches per dp rank at pp <= 2 (2 at dp = 2), 8 at pp = 4 (4 at dp = 2)
     global_batch = global_batch or (GLOBAL_BATCH if pp == 4 else GLOBAL_BATCH // 2)
     ps = parallel.initialize(tp=tp, pp=pp, dp=dp)
-    table, records = _train(cfg, ps, schedule, global_batch)
+    table, records = _train(cfg, ps, schedule, global_batch, mode)
     ref_records = _reference(cfg, global_batch)
     name = schedule if isinstance(schedule, str) else "file"
     where = f"(tp={tp}, pp={pp}, dp={dp}, {name}, tied={cfg.tie_embeddings}, " \
-            f"sp={cfg.sequence_parallel})"
+            f"sp={cfg.sequence_parallel}, {mode}, recompute={cfg.recompute}:{cfg.recompute_layers})"
     for step, ((res, grads), (ref, ref_grads)) in enumerate(zip(records, ref_records)):
         assert abs(res.loss - ref.loss) < 1e-5 * max(1, ref.loss), \
             f"step {step} loss {res.loss} != {ref.loss} {where}"
@@ -91,15 +109,80 @@ def _world(rank, world, layouts):
         for i, schedule in enumerate(SCHEDULES if pp > 1 else ("1f1b", "zbv")):
             # untied and tied at tp = dp = 1; with tp or dp > 1, alternate between schedules
             ties = (False, True) if tp == dp == 1 else ((False, True)[(i + tp) % 2],)
+            # dp > 1: every other schedule (fused B and split I/W alike) through the
+            # distributed optimizer; the reduction after the schedule with sequence parallel
+            mode = ("dist", "overlap")[(i + pp // 2) % 2] if dp > 1 else "overlap"
+            recompute = RECOMPUTE[(i + tp + pp) % len(RECOMPUTE)]
             for tied in ties:
-                check_layout(tp, pp, dp, schedule, CFG.replace(tie_embeddings=tied))
+                check_layout(tp, pp, dp, schedule, CFG.replace(tie_embeddings=tied, **recompute),
+                             mode=mode)
             if tp > 1 and (world <= 4 or i % 2 == 0):
                 check_layout(tp, pp, dp, schedule,
-                             CFG.replace(sequence_parallel=True, tie_embeddings=i % 2 == 1))
+                             CFG.replace(sequence_parallel=True, tie_embeddings=i % 2 == 1,
+                                         **recompute),
+                             mode=("dist-after", "after")[(i + pp // 2) % 2] if dp > 1
+                             else "overlap")
         if pp == 4 and world <= 4:  # fewer microbatches than stages: warmup clipped, exact
             for schedule in ("1f1b", "gpipe", "zb-h1", "zbv"):
                 check_layout(tp, pp, dp, schedule, CFG, global_batch=2)
+    if world == 4:
+        check_adamw_distributed(1, 2, 2)
+        return optimizer_state_bytes(world)
     return True
+
+
+def check_adamw_distributed(tp, pp, dp):
+    """AdamW through the distributed optimizer makes the same updates as the plain one."""
+    ps = parallel.initialize(tp=tp, pp=pp, dp=dp)
+    cfg, per_rank = CFG.replace(tie_embeddings=True), GLOBAL_BATCH // dp
+    runs = []
+    for distributed in (False, True):
+        torch.manual_seed(0)
+        model = GPT(cfg, state=ps)
+        opt = build_optimizer(model, lr=1e-3, distributed=distributed)
+        losses = []
+        for tokens, targets in _batches(GLOBAL_BATCH):
+            mine = slice(ps.dp_rank * per_rank, (ps.dp_rank + 1) * per_rank)
+            losses.append(train_step(model, opt, tokens[mine], targets[mine],
+                                     micro_batch_size=MICRO_BATCH).loss)
+        runs.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (plain, plain_params), (dist, dist_params) = runs
+    assert all(abs(a - b) < 1e-5 * a for a, b in zip(plain, dist)), (plain, dist)
+    for name, p in plain_params.items():
+        err = (p - dist_params[name]).abs().max().item()
+        assert err < 1e-5, f"AdamW, distributed vs not: {name} off by {err:.2e}"
+    parallel.destroy()
+
+
+def optimizer_state_bytes(world):
+    """Bytes per parameter of this rank's optimizer state and gradient buffer, with AdamW
+    through the distributed optimizer at dp = 1, 2, 4 (pp = the rest), checked against
+    4 + 8/dp (gradient + sharded moments; buckets are padded to a multiple of dp)."""
+    table = {}
+    for dp in (1, 2, 4):
+        ps = parallel.initialize(tp=1, pp=world // dp, dp=dp)
+        torch.manual_seed(0)
+        model = GPT(CFG, state=ps)
+        says = dp == 1 and ps.rank == 0  # rank 0 warns that dp=1 shards nothing
+        with pytest.warns(UserWarning, match="dp=1 shards nothing") if says else nullcontext():
+            opt = build_optimizer(model, lr=1e-3, distributed=True)
+        tokens, targets = next(_batches(GLOBAL_BATCH))
+        per_rank = GLOBAL_BATCH // dp
+        mine = slice(ps.dp_rank * per_rank, (ps.dp_rank + 1) * per_rank)
+        train_step(model, opt, tokens[mine], targets[mine], micro_batch_size=MICRO_BATCH)
+        n = sum(p.numel() for p in model.parameters())
+        state = sum(v.numel() * v.element_size() for st in opt.state.values()
+                    for v in st.values() if torch.is_tensor(v) and v.dim())
+        buffer = model.grad_buffer
+        padding = dp * len(buffer.buckets)  # at most dp - 1 elements per bucket
+        # the dp ranks' shards are disjoint and cover every parameter exactly once
+        assert parallel.comm.all_reduce(torch.tensor([state]), ps.dp_group).item() == 8 * n
+        assert abs(state - 8 * n / dp) <= 8 * padding, (dp, state, n)
+        assert n * 4 <= buffer.data.numel() * 4 <= (n + padding) * 4
+        table[dp] = {"params": n, "optimizer_state_bytes": state,
+                     "grad_bytes": buffer.data.numel() * 4, "weight_bytes": 4 * n}
+        parallel.destroy()
+    return table
 
 
 @pytest.mark.parametrize("world,layouts", [
@@ -108,7 +191,14 @@ def _world(rank, world, layouts):
     (8, [(2, 2, 2), (2, 4, 1), (1, 4, 2)]),
 ])
 def test_layouts_and_schedules_train_like_one_process(world, layouts):
-    assert run_world(world, _world, layouts, timeout=600) == [True] * world
+    results = run_world(world, _world, layouts, timeout=600)
+    if world == 4:  # also: AdamW distributed vs not, and the optimizer-state bytes per rank
+        for rank, table in enumerate(results):
+            for dp, row in table.items():
+                per_param = row["optimizer_state_bytes"] / row["params"]
+                assert abs(per_param - 8 / dp) < 0.01, (rank, dp, per_param)
+    else:
+        assert results == [True] * world
 
 
 # A user's table: V placement with split backward, rank 1 consuming its activations in the

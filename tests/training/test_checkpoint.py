@@ -1,8 +1,10 @@
 """Checkpoints: exact resume, resharding across layouts, atomic saves, clear errors.
 
 One gloo world of 4 trains the uninterrupted (tp=2, pp=2, dp=1) run, saving at step 3, then
-resumes from that checkpoint in the same layout and at (tp=1, pp=2, dp=2); the test process
-itself then resumes it as a single process. Every resumed run must continue with the
+resumes from that checkpoint in the same layout and at (tp=1, pp=2, dp=2) with the
+distributed optimizer; the test process itself then resumes it as a single process. A world
+of 8 does the same from a distributed-optimizer checkpoint at (2, 2, 2): resumed without it,
+at (2, 1, 4) with it, and in one process. Every resumed run must continue with the
 uninterrupted run's losses.
 """
 import json
@@ -43,14 +45,14 @@ def _token_file(directory) -> str:
     return prefix
 
 
-def _build(data, ps, model_seed=0, cfg=CFG, warmup=2, total_steps=STEPS):
+def _build(data, ps, model_seed=0, cfg=CFG, warmup=2, total_steps=STEPS, distributed=False):
     """Everything a training run holds; a different ``model_seed`` gives other weights, so a
     resume that failed to load them would show."""
     parallel.model_parallel_seed(model_seed, ps)
     model = GPT(cfg, state=ps)
     dataset = TokenDataset(data, SEQ)
     sampler = ShardedSampler(len(dataset), GLOBAL_BATCH, ps.dp_rank, ps.dp, seed=DATA_SEED)
-    opt = build_optimizer(model, lr=3e-3, weight_decay=0.1)
+    opt = build_optimizer(model, lr=3e-3, weight_decay=0.1, distributed=distributed)
     sched = build_scheduler(opt, warmup_steps=warmup, total_steps=total_steps)
     return SimpleNamespace(model=model, opt=opt, sched=sched, sampler=sampler, dataset=dataset)
 
@@ -89,7 +91,7 @@ def _world_resume_and_reshard(rank, world, data, root):
     resumed = _train(fresh, STEPS - SAVE_AT)
 
     ps = parallel.initialize(tp=1, pp=2, dp=2)
-    other = _build(data, ps, model_seed=2)
+    other = _build(data, ps, model_seed=2, distributed=True)
     assert _load(path, other) == SAVE_AT
     resharded = _train(other, STEPS - SAVE_AT)
 
@@ -101,6 +103,41 @@ def _world_resume_and_reshard(rank, world, data, root):
         _save(root, STEPS, other)
     assert latest_checkpoint(root) == path
     return losses, resumed, resharded, path
+
+
+def _world_distributed_optimizer_checkpoint(rank, world, data, root):
+    ps = parallel.initialize(tp=2, pp=2, dp=2)
+    run = _build(data, ps, distributed=True)
+    losses = _train(run, SAVE_AT)
+    path = _save(root, SAVE_AT, run)
+    losses += _train(run, STEPS - SAVE_AT)  # the uninterrupted run
+    plain = _build(data, ps, model_seed=1)
+    assert _load(path, plain) == SAVE_AT
+    resumed_plain = _train(plain, STEPS - SAVE_AT)
+    ps = parallel.initialize(tp=2, pp=1, dp=4)
+    other = _build(data, ps, model_seed=2, distributed=True)
+    assert _load(path, other) == SAVE_AT
+    return losses, resumed_plain, _train(other, STEPS - SAVE_AT)
+
+
+def test_distributed_optimizer_checkpoint_resumes_anywhere(tmp_path):
+    data, root = _token_file(tmp_path), str(tmp_path / "ckpt")
+    losses, resumed_plain, resharded = run_world(
+        8, _world_distributed_optimizer_checkpoint, data, root, timeout=300)[0]
+    expected = losses[SAVE_AT:]
+    for name, curve in (("(2,2,2) without the distributed optimizer", resumed_plain),
+                        ("(2,1,4) distributed", resharded)):
+        assert np.allclose(curve, expected, rtol=0, atol=1e-5), \
+            f"{name} after loading a distributed (2,2,2) checkpoint: {curve} vs {expected}"
+    ps = parallel.initialize()  # this process alone: (1, 1, 1)
+    try:
+        single = _build(data, ps, model_seed=3)
+        assert _load(root, single) == SAVE_AT
+        continued = _train(single, STEPS - SAVE_AT)
+    finally:
+        parallel.destroy()
+    assert np.allclose(continued, expected, rtol=0, atol=1e-5), \
+        f"(1,1,1) after loading a distributed (2,2,2) checkpoint: {continued} vs {expected}"
 
 
 def _disk_full(tensors, path, metadata=None):
@@ -115,7 +152,7 @@ def test_resume_and_reshard(tmp_path):
     # Same layout: the same arithmetic on the same state, so the very same numbers.
     assert resumed == expected, f"resumed {resumed} != uninterrupted {expected}"
     assert np.allclose(resharded, expected, rtol=0, atol=1e-5), \
-        f"(1,2,2) after loading a (2,2,1) checkpoint: {resharded} vs {expected}"
+        f"(1,2,2) distributed after loading a (2,2,1) checkpoint: {resharded} vs {expected}"
 
     meta = json.load(open(os.path.join(path, "meta.json")))
     assert meta["layout"] == {"tp": 2, "pp": 2, "dp": 1, "world_size": 4}

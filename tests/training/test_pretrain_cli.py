@@ -29,7 +29,7 @@ def run(tmp_path, name, *args, nproc=1):
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return rows, proc.stdout
+    return rows, proc.stdout + proc.stderr
 
 
 def losses(rows):
@@ -53,18 +53,21 @@ def test_layouts_resume_and_reshard_through_the_command_line(tmp_path):
     assert re.search(r"copy calls: copy_ \d+, to \d+, _to_copy \d+, cat \d+", out)
 
     # tp=2, pp=2 on 4 processes: the single-process losses; save at step 2, then at 4.
-    tp2pp2, _ = run(tmp_path, "tp2pp2", "--tp", "2", "--pp", "2", "--steps", "4",
-                    "--save", "ckpt", "--save-every", "2", nproc=4)
+    # The distributed optimizer at dp=1 runs and says it shards nothing.
+    tp2pp2, out = run(tmp_path, "tp2pp2", "--tp", "2", "--pp", "2", "--steps", "4",
+                      "--save", "ckpt", "--save-every", "2", "--distributed-optimizer", nproc=4)
+    assert out.count("dp=1 shards nothing") == 1, out
     for step, loss in losses(single).items():
         assert abs(losses(tp2pp2)[step] - loss) < 1e-4, (step, loss, losses(tp2pp2)[step])
 
-    # Interrupted after step 4 but last saved at 2, resumed in another layout (pp=2, dp=2):
-    # same curve, and the metrics file holds each step once.
+    # Interrupted after step 4 but last saved at 2, resumed in another layout (pp=2, dp=2)
+    # without the distributed optimizer, reducing gradients after the backward: same curve,
+    # and the metrics file holds each step once.
     shutil.rmtree(tmp_path / "ckpt" / "step_00000004")
     cut_off = '{"step": 5, "loss": 2.'        # the dying run stopped mid-line
     (tmp_path / "resumed.jsonl").write_text((tmp_path / "tp2pp2.jsonl").read_text() + cut_off)
     resumed, out = run(tmp_path, "resumed", "--pp", "2", "--steps", "4", "--load", "ckpt",
-                       nproc=4)
+                       "--no-overlap-grad-reduce", nproc=4)
     assert "resumed from" in out
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     resumed = resumed[2:]
@@ -110,10 +113,13 @@ def test_schedules_virtual_stages_and_schedule_files(tmp_path):
                      "--virtual-stages", "2", "--steps", "2", "--save", "ckpt", *W1, nproc=2)
     assert "interleaved-1f1b (2 stages per rank)" in out
     # Checkpoints stay layout-free: resume the v=2 run at tp=2 pp=1, and at zbv (V placement).
+    # (with activation recomputation, which changes no number)
     resumed, _ = run(tmp_path, "resumed", "--tp", "2", "--steps", "4", "--load", "ckpt",
-                     *W1, nproc=2)
-    zbv, _ = run(tmp_path, "zbv", "--pp", "2", "--schedule", "zbv", "--steps", "4",
-                 "--load", "ckpt", "--trace", "trace", *W1, nproc=2)
+                     "--recompute", "selective", *W1, nproc=2)
+    zbv, out = run(tmp_path, "zbv", "--pp", "2", "--schedule", "zbv", "--steps", "4",
+                   "--load", "ckpt", "--trace", "trace", "--recompute", "full",
+                   "--recompute-layers", "1", *W1, nproc=2)
+    assert "recompute full (first 1 layers of each stage)" in out
     for rows in (inter, resumed[2:], zbv[2:]):
         for row in rows:
             assert abs(row["loss"] - losses(single)[row["step"]]) < 1e-4, (row, single)
@@ -136,7 +142,10 @@ def test_bad_schedule_flags_fail_before_any_process_group(tmp_path):
             (["--schedule-file", "none.json"], "cannot read schedule file"),
             (["--schedule", "1f1b", "--virtual-stages", "2"], "1f1b runs 1 stage"),
             (["--schedule", "interleaved-1f1b", "--virtual-stages", "1"],
-             "needs virtual stages >= 2")):
+             "needs virtual stages >= 2"),
+            (["--schedule", "zbv", "--recompute", "full", "--recompute-layers", "3"],
+             r"--recompute-layers 3 exceeds the layers of a stage: tiny's 4 layers over 2 "
+             r"stages are \[2, 2\] per stage; use --recompute-layers <= 2")):
         proc = subprocess.run([sys.executable, SCRIPT, "--steps", "1", "--global-batch-size",
                                "8", "--micro-batch-size", "2", *flags], env=env,
                               capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -165,6 +174,14 @@ def test_bad_arguments_fail_with_a_clear_message():
         with pytest.raises(ValueError) as error:  # UsageError: run_cli prints it once
             script.parse_args(argv)
         assert message in str(error.value)
+    for argv, world, message in (
+            (["--recompute", "selective", "--recompute-layers", "1"], 1,
+             "--recompute-layers 1 applies to full recompute: add --recompute full"),
+            (["--recompute-layers", "1"], 1, "add --recompute full \\(it is none\\)"),
+            (["--pp", "4", "--recompute", "full", "--recompute-layers", "2"], 4,
+             r"over 4 stages are \[1, 1, 1, 1\] per stage; use --recompute-layers <= 1")):
+        with pytest.raises(ValueError, match=message):  # before any process group
+            script.check_args(script.parse_args(argv), world_size=world)
     args = script.parse_args(["--global-batch-size", "6", "--micro-batch-size", "4"])
     with pytest.raises(ValueError, match="multiple of --micro-batch-size x dp = 4 x 1"):
         script.check_batch_sizes(args, dp=1)
