@@ -41,6 +41,8 @@ def test_layouts_resume_and_reshard_through_the_command_line(tmp_path):
     assert [r["step"] for r in single] == [1, 2, 3, 4]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec"} <= set(single[0])
     assert "done:" in out and single[-1]["loss"] < single[0]["loss"]
+    # the planner's prediction first, the measured figures next to it at the end
+    assert out.startswith("planner: peak ") and "measured vs planner: peak " in out
 
     # tp=2, pp=2 on 4 processes: the single-process losses; save at step 2, then at 4.
     tp2pp2, _ = run(tmp_path, "tp2pp2", "--tp", "2", "--pp", "2", "--steps", "4",
