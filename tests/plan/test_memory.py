@@ -132,6 +132,14 @@ def _world(rank, world):
 def test_predicted_memory_matches_measured_parts_on_six_layouts():
     results = run_world(4, _world, timeout=300)
     assert len(results) == 4 and all(len(r) == len(WORLD_LAYOUTS) for r in results)
+    # the figures of docs/benchmarks.md (pytest -s prints them): bytes, predicted / measured
+    print("\n| layout | rank | parameters | gradients | optimizer state | activations |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for i, layout in enumerate(WORLD_LAYOUTS):
+        name = _layout(*layout[:6]).describe() + (" tied" if layout[6] else "")
+        for rank, res in enumerate(results):
+            print(f"| {name} | {rank} | " + " | ".join(f"{p:,.0f} / {m:,}" for p, m in
+                                                        res[i].values()) + " |")
 
 
 def test_single_process_memory_and_saved_tensors_per_layer():
