@@ -304,7 +304,7 @@ def check_memory(args, dp: int, cfg, world_size: int) -> None:
     if reason:
         raise UsageError(f"--check-memory: {layout.describe()} {reason}; python -m "
                          f"megalite.plan --model {args.model} --gpus {world_size} "
-                         f"--gpu-memory {budget / 2**30:.0f}GiB --seq-len {args.seq_len} "
+                         f"--gpu-memory {budget / 2**30:.1f}GiB --seq-len {args.seq_len} "
                          f"--global-batch-size {args.global_batch_size} lists layouts that fit")
 
 

@@ -31,7 +31,7 @@ from megalite.plan.activations import compute_bytes
 from megalite.plan.gpus import (ATTENTION_EFFICIENCY, GPU, LINK_EFFICIENCY,
                                 MATMUL_EFFICIENCY, MEMORY_EFFICIENCY, get_gpu)
 from megalite.plan.layout import Layout, invalid_reason
-from megalite.plan.memory import stage_parameter_counts
+from megalite.plan.memory import memory
 
 OPTIMIZER_BYTES_PER_PARAM = 96   # foreach AdamW ~84 + clipping 12 (fp32)
 GRAD_ACCUM_BYTES_PER_PARAM = 20  # per microbatch: bf16 weight grad, cast, accumulate
@@ -163,8 +163,7 @@ def step_time(cfg: GPTConfig, layout: Layout, gpu: GPU | str = "h100",
         pipeline = (m * v + L.pp - 1) * per_stage
         bubble = (L.pp - 1) / (m * v + L.pp - 1)
 
-    n = max((stage_parameter_counts(cfg, L.tp, [s for s in range(n_stages) if s % L.pp == r],
-                                    n_stages) for r in range(L.pp)), key=lambda c: c["total"])
+    n = max((r.counts for r in memory(cfg, L).ranks), key=lambda c: c["total"])
     params = n["total"]
     opt_share = L.dp if L.distributed_optimizer else 1
     memory_bw = gpu.hbm_bandwidth * MEMORY_EFFICIENCY
