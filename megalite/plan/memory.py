@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from megalite.models.config import GPTConfig
 from megalite.parallel.layers import padded_vocab_size
-from megalite.pipeline import Action, build_schedule, layers_per_stage, rank_stages
+from megalite.pipeline import Action, build_schedule, layers_per_stage
 
 from megalite.plan.activations import (embedding_saved_tensors, head_saved_tensors,
                                        layer_bytes_per_token)

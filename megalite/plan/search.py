@@ -17,7 +17,7 @@ from megalite.models.config import GPTConfig
 
 from megalite.plan.gpus import GPU
 from megalite.plan.layout import Layout, invalid_reason
-from megalite.plan.memory import GB, MemoryBreakdown, memory
+from megalite.plan.memory import MemoryBreakdown, memory
 from megalite.plan.speed import StepTime, step_time
 
 GIB = 2**30
@@ -119,4 +119,4 @@ def format_table(cands: list[Candidate], top: int) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Candidate", "candidate_layouts", "fit_reason", "format_table", "search", "GB"]
+__all__ = ["Candidate", "candidate_layouts", "fit_reason", "format_table", "search"]
