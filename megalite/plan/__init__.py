@@ -6,7 +6,7 @@ docs/planner.md.
     from megalite.plan import Layout, memory
     m = memory(GPTConfig.preset("llama-7b"), Layout(tp=2, pp=2, dp=2, micro_batch_size=1,
                                                     seq_len=4096, global_batch_size=64))
-    print(m.table(), m.worst.total / 1e9, "GB")
+    print(m.table(), m.worst.total / 2**30, "GiB")
 """
 from megalite.plan.activations import (embedding_saved_tensors, head_saved_tensors,
                                        layer_bytes_per_token, layer_saved_tensors)

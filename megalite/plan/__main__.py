@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     if fits:
         print(format_table(fits, args.top))
         best = fits[0]
-        print(f"\nbest: {best.layout.describe()}\n{best.memory.table()}\n(GB = 1e9 bytes)")
+        print(f"\nbest: {best.layout.describe()}\n{best.memory.table()}")
     else:
         print("no layout fits: more GPUs, a smaller model, a shorter sequence, or --fused-loss")
     if rejected:

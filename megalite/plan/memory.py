@@ -31,7 +31,7 @@ from megalite.plan.activations import (embedding_saved_tensors, head_saved_tenso
                                        layer_bytes_per_token)
 from megalite.plan.layout import Layout, invalid_reason
 
-GB = 1e9
+GIB = 2**30
 
 
 @dataclass
@@ -80,14 +80,14 @@ class MemoryBreakdown:
         return self.worst.total
 
     def table(self) -> str:
-        """A per-pipeline-rank table in GB, for printing."""
+        """A per-pipeline-rank table in GiB, for printing."""
         names = list(self.ranks[0].parts())
-        lines = ["| pp rank | " + " | ".join(names) + " | total |",
+        lines = ["| pp rank | " + " | ".join(names) + " | total (GiB) |",
                  "|---:|" + "---:|" * (len(names) + 1)]
         for r in self.ranks:
-            lines.append(f"| {r.pp_rank} | " + " | ".join(f"{v / GB:.3f}" for v in
+            lines.append(f"| {r.pp_rank} | " + " | ".join(f"{v / GIB:.2f}" for v in
                                                         r.parts().values())
-                         + f" | {r.total / GB:.3f} |")
+                         + f" | {r.total / GIB:.2f} |")
         return "\n".join(lines)
 
 
