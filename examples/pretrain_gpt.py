@@ -29,6 +29,7 @@ from megalite.kernels import HAS_TRITON, interpreting
 from megalite.models import GPT, GPTConfig
 from megalite.parallel.comm import agree
 from megalite.parallel import check_layout
+from megalite import plan
 from megalite.pipeline import (SCHEDULE_NAMES, build_schedule, gather_spans, layers_per_stage,
                                load_schedule, plot_timeline, rank_stages, write_chrome_trace)
 from megalite.training import inject
@@ -151,6 +152,13 @@ def parse_args(argv=None):
     out.add_argument("--verbose-p2p", action="store_true", help="log every pipeline send/recv")
     out.add_argument("--debug", action="store_true",
                      help="print full tracebacks (also MEGALITE_DEBUG=1)")
+    mem = p.add_argument_group("memory planning (docs/planner.md)")
+    mem.add_argument("--check-memory", action="store_true",
+                     help="stop before anything is allocated when the planner predicts the "
+                          "layout does not fit --gpu-memory")
+    mem.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                     help="memory per GPU for --check-memory and the printed prediction, e.g. "
+                          "80GB or 75GiB (default on GPU: the device's)")
     run = p.add_argument_group("stopping and faults (docs/reliability.md)")
     run.add_argument("--max-time", type=_float_at_least(0, strict=True), default=None,
                      metavar="MINUTES", help="stop (with a checkpoint) before this wall time")
@@ -263,7 +271,94 @@ def check_args(args, world_size: int):
                           or list_checkpoints(args.load)):
         raise UsageError(f"--load {args.load} holds no complete checkpoint (no meta.json in "
                          f"it or in a step_XXXXXXXX directory below it)")
+    check_memory(args, dp, cfg, world_size)
     return dp, num_microbatches, cfg, table
+
+
+def _on_gpu() -> bool:
+    return torch.cuda.is_available() and os.environ.get("MEGALITE_DEVICE") != "cpu"
+
+
+def planned_layout(args, dp: int) -> plan.Layout | None:
+    """The planner's view of this run (None for a --schedule-file table, which it does not
+    model). Flags of other features are read when present."""
+    if args.schedule_file:
+        return None
+    triton = _on_gpu() and args.kernels != "torch"
+    return plan.Layout(
+        tp=args.tp, pp=args.pp, dp=dp, micro_batch_size=args.micro_batch_size,
+        seq_len=args.seq_len, global_batch_size=args.global_batch_size,
+        schedule=args.schedule, virtual_stages=args.virtual_stages,
+        sequence_parallel=args.sequence_parallel and args.tp > 1, dtype=args.dtype,
+        recompute=getattr(args, "recompute", None) or "none",
+        recompute_layers=getattr(args, "recompute_layers", None),
+        distributed_optimizer=bool(getattr(args, "distributed_optimizer", False)),
+        overlap_grad_reduce=not getattr(args, "no_overlap_grad_reduce", False),
+        kernels="triton" if triton else "torch",
+        fused_loss=bool(getattr(args, "fused_loss", False)))
+
+
+def memory_budget(args) -> float | None:
+    """--gpu-memory, else the GPU's memory (queried without allocating), else None."""
+    if args.gpu_memory:
+        try:
+            return plan.parse_bytes(args.gpu_memory)
+        except ValueError:
+            raise UsageError(f"--gpu-memory {args.gpu_memory}: give a size such as 80GB or "
+                             f"75GiB") from None
+    if _on_gpu():
+        return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))
+                                                ).total_memory
+    return None
+
+
+def check_memory(args, dp: int, cfg, world_size: int) -> None:
+    """--check-memory: the planner's verdict on the flags, before any process group."""
+    if not args.check_memory:
+        return
+    budget = memory_budget(args)
+    if budget is None:
+        raise UsageError("--check-memory on CPU needs --gpu-memory SIZE (the GPU memory to "
+                         "check against)")
+    layout = planned_layout(args, dp)
+    if layout is None:
+        raise UsageError("--check-memory models the named schedules; drop --schedule-file "
+                         "or --check-memory")
+    try:
+        reason = plan.fit_reason(plan.memory(cfg, layout), budget)
+    except ValueError as e:
+        raise UsageError(f"--check-memory: {e}") from None
+    if reason:
+        raise UsageError(f"--check-memory: {layout.describe()} {reason}; python -m "
+                         f"megalite.plan --model {args.model} --gpus {world_size} "
+                         f"--gpu-memory {budget / 2**30:.1f}GiB --seq-len {args.seq_len} "
+                         f"--global-batch-size {args.global_batch_size} lists layouts that fit")
+
+
+def planner_prediction(args, dp: int, cfg, device) -> tuple[str, dict] | None:
+    """(a line to print, {'peak_gib', 'step_s'}) of the planner's prediction for this run."""
+    layout = planned_layout(args, dp)
+    if layout is None:
+        return None
+    mem = plan.memory(cfg, layout)
+    worst = mem.worst
+    parts = ", ".join(f"{k} {v / 2**30:.3g}" for k, v in worst.parts().items() if v)
+    line = (f"planner: peak {worst.total / 2**30:.3g} GiB on pipeline rank {worst.pp_rank} "
+            f"({parts}; activations of {sum(worst.live_microbatches.values())} live "
+            f"stage-microbatches)")
+    predicted = {"rank0_gib": mem.ranks[0].total / 2**30, "step_s": None}
+    gpu = plan.gpu_for_device(torch.cuda.get_device_name(device)) \
+        if device.type == "cuda" else None
+    if gpu is not None:
+        t = plan.step_time(cfg, layout, gpu)
+        predicted["step_s"] = t.step
+        line += f"; step {t.step:.3f} s, MFU {t.mfu:.1%} on {gpu.name}"
+    elif device.type != "cuda":
+        line += " (GPU accounting: on CPU the measured peak is the process RSS)"
+    budget = memory_budget(args)
+    if budget is not None and worst.total > budget:
+        line += f"; over --gpu-memory {budget / 2**30:.1f} GiB"
+    return line, predicted
 
 
 def default_warmup(steps: int) -> int:
@@ -348,6 +443,9 @@ def main(argv=None) -> int:
     schedule_name = args.schedule_file or args.schedule
     if model.num_stages > ps.pp:
         schedule_name += f" ({model.num_stages // ps.pp} stages per rank)"
+    predicted = planner_prediction(args, ps.dp, cfg, ps.device)
+    if predicted:
+        say(predicted[0], flush=True)
     say(f"megalite: {args.model} ({cfg.num_params() / 1e6:.2f}M params) on {ps.world_size} "
         f"{ps.device.type} processes: tp={ps.tp} pp={ps.pp} dp={ps.dp}, "
         f"{num_microbatches} microbatches of {args.micro_batch_size} x {args.seq_len}, "
@@ -432,6 +530,8 @@ def main(argv=None) -> int:
             + profiling.format_table(rows, total, ps.device.type) + "\ncopy calls: "
             + ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in copies.items()),
             flush=True)
+    if predicted and logger.history:
+        say(measured_vs_planned(logger.history, predicted[1], ps), flush=True)
     if stop:  # the last line: what stopped the run and what to do next
         line = f"{stop.message} after step {step}; " + (
             "nothing saved (no --save)" if not saved else f"saved {saved}; {stop.advice}")
@@ -442,6 +542,22 @@ def main(argv=None) -> int:
     parallel.destroy()
     signals.uninstall()
     return stop.exit_code if stop else 0
+
+
+def measured_vs_planned(history: list, predicted: dict, ps) -> str:
+    """The measured figures next to the planner's (the peak of the predicted rank, the
+    median step time after the first step)."""
+    timed = sorted(r["step_time_s"] for r in (history[1:] or history))
+    median = timed[len(timed) // 2]
+    peak = max(r["peak_mem_gb"] for r in history)   # this rank: pipeline rank 0
+    line = (f"measured vs planner: peak {peak:.3g} GiB on pipeline rank 0 (planner "
+            f"{predicted['rank0_gib']:.3g} GiB)")
+    if ps.device.type != "cuda":
+        line += " [CPU: RSS, not comparable]"
+    line += f"; step {median:.3f} s"
+    if predicted["step_s"] is not None:
+        line += f" (planner {predicted['step_s']:.3f} s)"
+    return line
 
 
 def write_timeline(directory: str, spans: list, ps, schedule: str) -> None:

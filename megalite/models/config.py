@@ -140,4 +140,9 @@ PRESETS: dict[str, dict] = {
     # Llama 2 7B shapes.
     "llama-7b": dict(vocab_size=32000, n_layers=32, n_heads=32, d_model=4096, d_ff=11008,
                      max_seq_len=4096, norm_eps=1e-5, **_LLAMA),
+    # Llama 2 13B and 70B shapes (70B: grouped-query attention, 8 kv heads).
+    "llama-13b": dict(vocab_size=32000, n_layers=40, n_heads=40, d_model=5120, d_ff=13824,
+                      max_seq_len=4096, norm_eps=1e-5, **_LLAMA),
+    "llama-70b": dict(vocab_size=32000, n_layers=80, n_heads=64, n_kv_heads=8, d_model=8192,
+                      d_ff=28672, max_seq_len=4096, norm_eps=1e-5, **_LLAMA),
 }

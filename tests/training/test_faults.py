@@ -106,6 +106,11 @@ BAD_FLAGS = [  # (WORLD_SIZE, flags, the one line it must print)
     (2, ["--data", "wide"], "the data's tokenizer has 50257 tokens but the tiny model only 256"),
     (2, ["--data", "short"], "--data has 7 samples of --seq-len 128, fewer than one "
                              "--global-batch-size 16"),
+    # the planner's verdict, before anything is allocated (a 70B model on one 8-GPU node)
+    (8, ["--model", "llama-70b", "--check-memory", "--gpu-memory", "80GB"],
+     "--check-memory: tp=1 pp=1 dp=8 mbs=2 1f1b recompute=none does not fit: parameters + "
+     "gradients + optimizer state alone need 1027.8 GiB on pipeline rank 0 (> 74.5 GiB)"),
+    (2, ["--check-memory"], "--check-memory on CPU needs --gpu-memory SIZE"),
 ]
 
 

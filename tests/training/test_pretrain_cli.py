@@ -51,6 +51,8 @@ def test_layouts_resume_and_reshard_through_the_command_line(tmp_path):
     total = float(re.search(r"^total +([0-9.]+)", out, re.M).group(1))
     assert float(table["matmul"]) > 0 and abs(sum(map(float, table.values())) - total) < 0.05
     assert re.search(r"copy calls: copy_ \d+, to \d+, _to_copy \d+, cat \d+", out)
+    # the planner's prediction first, the measured figures next to it at the end
+    assert out.startswith("planner: peak ") and "measured vs planner: peak " in out
 
     # tp=2, pp=2 on 4 processes: the single-process losses; save at step 2, then at 4.
     # The distributed optimizer at dp=1 runs and says it shards nothing.

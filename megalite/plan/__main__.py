@@ -1,0 +1,79 @@
+"""python -m megalite.plan --model llama-70b --gpus 64 --gpu-memory 80GB --seq-len 4096 \
+    --global-batch-size 512 --gpu h100 --top 10"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+
+from megalite.models import GPTConfig
+from megalite.plan.gpus import GPUS, get_gpu
+from megalite.plan.memory import parse_bytes
+from megalite.plan.search import format_table, search
+
+
+def load_config(name: str) -> GPTConfig:
+    """A preset name, or a JSON file of GPTConfig fields."""
+    if name.endswith(".json"):
+        with open(name) as fh:
+            return GPTConfig(**json.load(fh))
+    return GPTConfig.preset(name)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m megalite.plan",
+                                 description="Rank the (tp, pp, dp, micro-batch, recompute, "
+                                             "distributed optimizer) layouts that fit.")
+    ap.add_argument("--model", required=True, help="GPTConfig preset or a config .json")
+    ap.add_argument("--gpus", type=int, required=True)
+    ap.add_argument("--gpu", default="h100", choices=sorted(GPUS))
+    ap.add_argument("--gpu-memory", default=None,
+                    help="usable bytes per GPU, e.g. 80GB or 75GiB (default: the GPU's)")
+    ap.add_argument("--seq-len", type=int, required=True)
+    ap.add_argument("--global-batch-size", type=int, required=True, help="sequences per step")
+    ap.add_argument("--top", type=int, default=10)
+    ap.add_argument("--fused-loss", action="store_true",
+                    help="fused output head + cross-entropy (the logits are never stored)")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--rejected", type=int, default=8,
+                    help="how many rejected layouts to list with their reason")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.model)
+    except (OSError, ValueError, TypeError) as e:
+        ap.error(f"--model {args.model}: {e}")
+    if args.gpus < 1:
+        ap.error("--gpus must be >= 1")
+    gpu = get_gpu(args.gpu)
+    budget = parse_bytes(args.gpu_memory) if args.gpu_memory else gpu.memory
+    started = time.perf_counter()
+    fits, rejected = search(cfg, args.gpus, gpu, args.seq_len, args.global_batch_size,
+                            memory_budget=budget, top=args.top, fused_loss=args.fused_loss,
+                            dtype=args.dtype)
+    elapsed = time.perf_counter() - started
+    print(f"{args.model} ({cfg.num_params() / 1e9:.2f}B params) on {args.gpus} x {gpu.name}, "
+          f"{budget / 2**30:.1f} GiB each; seq {args.seq_len}, global batch "
+          f"{args.global_batch_size}; {len(fits)} of {len(fits) + len(rejected)} layouts fit "
+          f"({elapsed:.1f} s)\n")
+    if fits:
+        print(format_table(fits, args.top))
+        best = fits[0]
+        print(f"\nbest: {best.layout.describe()}\n{best.memory.table()}")
+    else:
+        print("no layout fits: more GPUs, a smaller model, a shorter sequence, or --fused-loss")
+    if rejected:
+        kinds = Counter(c.rejected.split(":")[0] for c in rejected)
+        print(f"\nrejected: " + ", ".join(f"{n} {k}" for k, n in kinds.items()))
+        # the closest misses first: the least memory among those that do not fit
+        misses = sorted((c for c in rejected if c.memory is not None),
+                        key=lambda c: c.memory.total)
+        invalid = [c for c in rejected if c.memory is None]
+        for c in (misses[: args.rejected] + invalid[: max(0, args.rejected // 2)]):
+            print(f"  {c.layout.describe()}: {c.rejected}")
+    return 0 if fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

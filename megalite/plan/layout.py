@@ -1,0 +1,116 @@
+"""A training layout: how a model is split over GPUs and batched, as the planner sees it."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from megalite.models.config import GPTConfig
+from megalite.pipeline import layers_per_stage, schedule_info
+
+from megalite.plan.activations import BACKENDS, RECOMPUTE
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One candidate run. ``dp`` replicas of a ``tp`` x ``pp`` model; each optimizer step
+    takes ``global_batch_size`` sequences of ``seq_len`` tokens, in ``num_microbatches``
+    microbatches of ``micro_batch_size`` per dp rank.
+
+    ``virtual_stages``: stages per pipeline rank (None: the schedule's default).
+    ``recompute_layers``: with recompute="full", how many layers of each stage are
+    recomputed (None: all). ``kernels``: "triton" (GPU) or "torch" (the references, as on
+    CPU). ``fused_loss``: the output head and cross-entropy fused, never storing the logits.
+    ``distributed_optimizer``: AdamW moments sharded over dp (ZeRO-1).
+    ``overlap_grad_reduce``: dp gradient reduction overlapped with the last backward."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    micro_batch_size: int = 1
+    seq_len: int = 2048
+    global_batch_size: int = 1
+    schedule: str = "1f1b"
+    virtual_stages: int | None = None
+    sequence_parallel: bool = False
+    dtype: str = "bf16"
+    recompute: str = "none"
+    recompute_layers: int | None = None
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = True
+    kernels: str = "triton"
+    fused_loss: bool = False
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def virtual(self) -> int:
+        return schedule_info(self.schedule, self.virtual_stages)[1]
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp * self.virtual
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+    def replace(self, **changes) -> "Layout":
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        v = f" v={self.virtual}" if self.virtual > 1 else ""
+        extras = [name for name, on in (("sp", self.sequence_parallel),
+                                        ("dist-opt", self.distributed_optimizer),
+                                        ("fused-loss", self.fused_loss)) if on]
+        rec = self.recompute if self.recompute_layers is None or self.recompute != "full" \
+            else f"full:{self.recompute_layers}"
+        return (f"tp={self.tp} pp={self.pp} dp={self.dp}{v} mbs={self.micro_batch_size} "
+                f"{self.schedule} recompute={rec}" + "".join(f" {x}" for x in extras))
+
+
+def invalid_reason(cfg: GPTConfig, layout: Layout) -> str | None:
+    """Why ``layout`` cannot run ``cfg`` at all (None if it can): the checks megalite makes
+    when it builds the model and the schedule, made here without building anything."""
+    L = layout
+    for name in ("tp", "pp", "dp", "micro_batch_size", "seq_len", "global_batch_size"):
+        if getattr(L, name) < 1:
+            return f"{name} must be >= 1"
+    if cfg.n_heads % L.tp or cfg.n_kv_heads % L.tp:
+        return f"tp={L.tp} does not divide n_heads={cfg.n_heads} and n_kv_heads={cfg.n_kv_heads}"
+    if cfg.d_ff % L.tp:
+        return f"tp={L.tp} does not divide d_ff={cfg.d_ff}"
+    if L.global_batch_size % (L.micro_batch_size * L.dp):
+        return (f"global batch {L.global_batch_size} is not a multiple of micro-batch "
+                f"{L.micro_batch_size} x dp {L.dp}")
+    if L.dtype not in DTYPES:
+        return f"dtype {L.dtype!r} is not one of {DTYPES}"
+    if L.kernels not in BACKENDS:
+        return f"kernels {L.kernels!r} is not one of {BACKENDS}"
+    if L.recompute not in RECOMPUTE:
+        return f"recompute {L.recompute!r} is not one of {RECOMPUTE}"
+    try:
+        v = L.virtual
+    except ValueError as e:
+        return str(e)
+    if v > 1 and L.schedule.startswith("interleaved") and L.num_microbatches % L.pp:
+        return (f"{L.schedule} needs the microbatches ({L.num_microbatches}) to be a multiple "
+                f"of pp={L.pp}")
+    try:
+        counts = layers_per_stage(cfg.n_layers, L.pp * v, cfg.layers_per_stage)
+    except ValueError as e:
+        return str(e)
+    if L.recompute_layers is not None:
+        if L.recompute != "full":
+            return "recompute_layers needs recompute='full'"
+        if not 1 <= L.recompute_layers <= min(counts):
+            return (f"recompute_layers={L.recompute_layers} exceeds the {min(counts)} layers "
+                    f"of the smallest stage")
+    if L.seq_len > cfg.max_seq_len:
+        return f"seq_len {L.seq_len} exceeds max_seq_len {cfg.max_seq_len}"
+    if L.sequence_parallel and L.seq_len % L.tp:
+        return f"sequence parallelism needs seq_len {L.seq_len} divisible by tp={L.tp}"
+    return None

@@ -1,0 +1,131 @@
+"""The planner's search, CLI, step-time model and the formulas of features other branches
+build (distributed optimizer, recompute, fused loss): structure checks against independent
+counts (GPTConfig.num_params, the schedule simulator), no processes."""
+import pytest
+
+from megalite.models import GPTConfig
+from megalite.plan import Layout, invalid_reason, layer_saved_tensors, memory
+from megalite.plan.__main__ import main
+from megalite.plan.gpus import get_gpu
+from megalite.plan.memory import _live_states_walk
+from megalite.plan.speed import _makespan, _simulate, step_time
+
+GIB = 2**30
+
+
+def test_presets_have_llama2_shapes():
+    # published sizes: 6.74B, 13.0B, 69.0B
+    for name, billions in (("llama-7b", 6.74), ("llama-13b", 13.02), ("llama-70b", 68.98)):
+        assert abs(GPTConfig.preset(name).num_params() / 1e9 - billions) < 0.01, name
+
+
+def test_parameters_over_ranks_add_up_to_the_model():
+    cfg = GPTConfig.preset("llama-7b")
+    for tp, pp, schedule in ((1, 1, "1f1b"), (2, 4, "1f1b"), (4, 2, "interleaved-1f1b"),
+                             (2, 2, "zbv")):
+        m = memory(cfg, Layout(tp=tp, pp=pp, seq_len=4096, global_batch_size=8,
+                               schedule=schedule))
+        total = sum(r.counts["total"] for r in m.ranks) * tp
+        norms = (2 * cfg.n_layers + 1) * cfg.d_model * (tp - 1)   # replicated over tp
+        assert total - norms == cfg.num_params(), (tp, pp, schedule)
+
+
+def test_bytes_per_parameter_distributed_optimizer_and_casts():
+    cfg = GPTConfig.preset("llama-7b")
+    base = Layout(tp=1, pp=1, dp=4, micro_batch_size=1, seq_len=4096, global_batch_size=8)
+    n = cfg.num_params()
+    for dist, moments in ((False, 8), (True, 8 / 4)):
+        r = memory(cfg, base.replace(distributed_optimizer=dist)).worst
+        assert r.parameters == r.gradients == 4 * n
+        assert abs(r.optimizer_state - moments * n) < 8
+        assert r.weight_casts == 2 * (n - (2 * cfg.n_layers + 1) * cfg.d_model
+                                      - cfg.vocab_size * cfg.d_model)  # no norm, no lookup
+    assert memory(cfg, base.replace(dtype="fp32")).worst.weight_casts == 0
+
+
+def test_recompute_and_fused_loss_shrink_activations_as_designed():
+    cfg = GPTConfig.preset("llama-7b")
+    kw = dict(tp=2, dtype="bf16", backend="triton", sequence_parallel=True)
+    none, sel, full = (sum(layer_saved_tensors(cfg, recompute=r, **kw).values())
+                       for r in ("none", "selective", "full"))
+    assert full == 4 * cfg.d_model / 2          # the layer input, fp32, 1/tp of the tokens
+    assert full < sel < none
+    base = Layout(tp=2, pp=2, micro_batch_size=1, seq_len=4096, global_batch_size=8,
+                  sequence_parallel=True)
+    acts = {r: memory(cfg, base.replace(recompute=r)).ranks[0].activations
+            for r in ("none", "selective", "full")}
+    assert acts["full"] < acts["selective"] < acts["none"]
+    half = memory(cfg, base.replace(recompute="full", recompute_layers=8)).ranks[0]
+    assert acts["full"] < half.activations < acts["none"]
+    last = [memory(cfg, base.replace(fused_loss=f)).ranks[1].activations for f in (0, 1)]
+    # one live microbatch on the last 1F1B rank: the [tokens, V/tp] bf16 logits go
+    assert abs(last[0] - last[1] - 4096 * (2 * 32000 / 2 + 8)) < 1e3
+
+
+def test_invalid_layouts_say_why():
+    cfg = GPTConfig.preset("llama-70b")
+    cases = {Layout(tp=16, global_batch_size=16): "does not divide n_heads",
+             Layout(tp=3, global_batch_size=16): "does not divide n_heads",
+             Layout(dp=3, global_batch_size=16): "not a multiple of micro-batch",
+             Layout(pp=3, schedule="interleaved-1f1b", global_batch_size=16, seq_len=4096):
+                 "multiple of pp=3",
+             Layout(pp=1, recompute="full", recompute_layers=81, global_batch_size=1):
+                 "exceeds the 80 layers",
+             Layout(recompute_layers=2, global_batch_size=1): "needs recompute='full'",
+             Layout(seq_len=8192, global_batch_size=1): "exceeds max_seq_len"}
+    for layout, words in cases.items():
+        assert words in (invalid_reason(cfg, layout) or ""), (layout, words)
+        with pytest.raises(ValueError, match=words.split("=")[0]):
+            memory(cfg, layout)
+
+
+def test_steady_state_shortcuts_are_exact():
+    """Live counts and makespans beyond the steady state equal the full walk/simulation."""
+    for schedule, v in (("1f1b", 1), ("interleaved-1f1b", 2), ("interleaved-1f1b", 4)):
+        for p in (2, 4):
+            states = {r: set(s[1]) for r, s in _live_states_walk(schedule, p, 9 * p, v).items()}
+            assert states == {r: set(s[1]) for r, s in
+                              _live_states_walk(schedule, p, 4 * p, v).items()}
+            f, iw = (1.0,) * (p * v), (0.9,) * (p * v)
+            exact = _simulate(schedule, p, 11 * p, v, f, iw, iw, 0.05)[0]
+            assert abs(_makespan(schedule, p, 11 * p, v, f, iw, iw, 0.05)[0] - exact) < 1e-9
+
+
+def test_llama1b_h200_step_time_against_the_measurement():
+    """The one GPU measurement (590 ms, 47.3% MFU; matmuls ~317 ms): the calibration must
+    keep reproducing it, and its matmul share."""
+    cfg = GPTConfig.preset("llama-1b")
+    t = step_time(cfg, Layout(micro_batch_size=4, seq_len=2048, global_batch_size=16), "h200")
+    assert abs(t.step - 0.590) < 0.03 * 0.590, t.step
+    assert abs(t.parts["matmul"] - 0.317) < 0.03 * 0.317, t.parts["matmul"]
+    assert abs(t.mfu - 0.473) < 0.02
+    # predicted peak vs the measured 34.7 GiB (torch.cuda.max_memory_allocated)
+    m = memory(cfg, Layout(micro_batch_size=4, seq_len=2048, global_batch_size=16))
+    assert abs(m.total / GIB - 34.7) < 0.10 * 34.7
+
+
+def test_pipeline_bubble_and_dp_overlap_move_step_time_the_right_way():
+    cfg = GPTConfig.preset("llama-7b")
+    base = Layout(tp=2, pp=4, dp=1, micro_batch_size=1, seq_len=4096, global_batch_size=8)
+    t1 = step_time(cfg, base, "h100")
+    t2 = step_time(cfg, base.replace(schedule="interleaved-1f1b", virtual_stages=2), "h100")
+    assert t2.bubble < t1.bubble and t2.step < t1.step
+    dp = base.replace(pp=1, dp=4, global_batch_size=32)
+    assert step_time(cfg, dp, "h100").step < step_time(
+        cfg, dp.replace(overlap_grad_reduce=False), "h100").step
+
+
+def test_cli_ranks_fitting_layouts_and_rejects_70b_on_one_node(capsys):
+    assert main(["--model", "llama-70b", "--gpus", "8", "--gpu-memory", "80GB", "--seq-len",
+                 "4096", "--global-batch-size", "64", "--top", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "0 of " in out and "no layout fits" in out
+    assert "does not fit: parameters + gradients + optimizer state + weight casts alone " \
+           "need 144.5 GiB" in out
+    assert main(["--model", "llama-7b", "--gpus", "8", "--gpu", "h100", "--seq-len", "4096",
+                 "--global-batch-size", "64", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 1 |")]
+    assert rows and "GiB" in out and "rejected:" in out
+    budget = get_gpu("h100").memory / GIB
+    assert float(rows[0].split("|")[7]) <= budget
