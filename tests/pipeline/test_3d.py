@@ -104,9 +104,12 @@ def check_layout(tp, pp, dp, schedule, cfg, global_batch=None, mode="overlap"):
 
 
 def _world(rank, world, layouts):
-    for tp, pp, dp in layouts:
+    for index, (tp, pp, dp) in enumerate(layouts):
         # pp = 1: the schedule is plain accumulation (two stages on one rank for v = 2)
-        for i, schedule in enumerate(SCHEDULES if pp > 1 else ("1f1b", "zbv")):
+        schedules = SCHEDULES if pp > 1 else ("1f1b", "zbv")
+        if world == 8:  # every schedule ran at world 4; here each at one or two 8-rank layouts
+            schedules = schedules[index % 2::2]
+        for i, schedule in enumerate(schedules):
             # untied and tied at tp = dp = 1; with tp or dp > 1, alternate between schedules
             ties = (False, True) if tp == dp == 1 else ((False, True)[(i + tp) % 2],)
             # dp > 1: every other schedule (fused B and split I/W alike) through the
@@ -116,7 +119,7 @@ def _world(rank, world, layouts):
             for tied in ties:
                 check_layout(tp, pp, dp, schedule, CFG.replace(tie_embeddings=tied, **recompute),
                              mode=mode)
-            if tp > 1 and (world <= 4 or i % 2 == 0):
+            if tp > 1:
                 check_layout(tp, pp, dp, schedule,
                              CFG.replace(sequence_parallel=True, tie_embeddings=i % 2 == 1,
                                          **recompute),
