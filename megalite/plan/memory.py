@@ -8,11 +8,12 @@ Static bytes per parameter (megalite's parameters are always fp32; bf16/fp16 run
 autocast): 4 weight + 4 gradient + 8 AdamW moments, or 8/dp with the distributed optimizer
 (ZeRO-1), plus 2 for the 16-bit copy autocast caches of every matmul weight for the step.
 
-Activations: a stage holds one microbatch's saved tensors (:mod:`activations`) from its F
+Activations: a stage holds one microbatch's saved tensors (per layer, head and embedding:
+:mod:`megalite.models.activation_memory`, the models package's own account) from its F
 until its B, or until W when the backward is split; the schedule decides how many are live
 at once. Each pipeline rank's list is walked in order, as the executor runs it, and the
 peak of the bytes held is taken (stages of one rank differ: the first holds the embedding,
-the last the logits, which its B or I releases).
+the loss head: the fused head's dx and fp32 dW, or the logits).
 
 The peak is static + max(activation peak, optimizer step temporary): the optimizer step runs
 after the backward has freed the activations. On GPU torch's foreach AdamW builds one
@@ -27,9 +28,9 @@ from megalite.models.config import GPTConfig
 from megalite.parallel.layers import padded_vocab_size
 from megalite.pipeline import Action, build_schedule, layers_per_stage
 
-from megalite.plan.activations import (embedding_saved_tensors, head_saved_tensors,
-                                       layer_bytes_per_token)
-from megalite.plan.layout import Layout, invalid_reason
+from megalite.models.activation_memory import (embedding_saved_bytes, head_saved_bytes,
+                                               saved_activation_bytes, stage_saved_bytes)
+from megalite.plan.layout import Layout, compute_bytes, invalid_reason
 
 GIB = 2**30
 
@@ -172,26 +173,21 @@ def memory(cfg: GPTConfig, layout: Layout) -> MemoryBreakdown:
         raise ValueError(f"{layout.describe()}: {reason}")
     L = layout
     v, num_stages = L.virtual, L.num_stages
-    tokens = L.micro_batch_size * L.seq_len
-    kw = dict(tp=L.tp, dtype=L.dtype, backend=L.kernels, sequence_parallel=L.sequence_parallel)
-    full_layer = layer_bytes_per_token(cfg, **kw) * tokens
-    layer = layer_bytes_per_token(cfg, recompute=L.recompute, **kw) * tokens
-    recomputed = layer_bytes_per_token(cfg, recompute="full", **kw) * tokens
+    b, seq = L.micro_batch_size, L.seq_len
+    kw = dict(act_bytes=compute_bytes(L.dtype), kernels=L.kernels)
+    shape = (b, seq, L.tp, L.sequence_parallel)
+    run_cfg = cfg.replace(recompute=L.recompute, recompute_layers=L.recompute_layers)
     vp = padded_vocab_size(cfg.vocab_size, L.tp, cfg.pad_vocab_to)
-    head = sum(head_saved_tensors(cfg, fused_loss=L.fused_loss, padded_vocab=vp, **kw)
-               .values()) * tokens
-    embed = sum(embedding_saved_tensors(cfg).values()) * tokens
+    head = head_saved_bytes(cfg, *shape, fused_loss=L.fused_loss, padded_vocab=vp, **kw)
+    embed = embedding_saved_bytes(b, seq)
     counts = layers_per_stage(cfg.n_layers, num_stages, cfg.layers_per_stage)
 
     def stage_bytes(s: int) -> float:
-        n = counts[s]
-        if L.recompute == "full" and L.recompute_layers is not None:
-            k = min(L.recompute_layers, n)
-            body = k * recomputed + (n - k) * layer_bytes_per_token(cfg, **kw) * tokens
-        else:
-            body = n * layer
-        return body + (embed if s == 0 else 0)
+        return stage_saved_bytes(run_cfg, counts[s], *shape, **kw) + (embed if s == 0 else 0)
 
+    # backward re-runs one recomputed layer's forward at a time, holding its full saved set
+    full_layer = saved_activation_bytes(cfg, *shape, "none", **kw)
+    recomputed = saved_activation_bytes(cfg, *shape, L.recompute, **kw)
     sixteen_bit = L.dtype in ("bf16", "fp16")
     opt_share = L.dp if L.distributed_optimizer else 1
     ranks = []
@@ -205,8 +201,8 @@ def memory(cfg: GPTConfig, layout: Layout) -> MemoryBreakdown:
             held = sum(c * w for c, w in zip(live, weights)) + heads * head
             if held > best:
                 best, best_state = held, (live, heads)
-        if L.recompute != "none":   # backward re-runs one layer's forward at a time
-            best += full_layer - (layer if L.recompute_layers is None else recomputed)
+        if L.recompute != "none":
+            best += full_layer - recomputed
         opt_params = -(-n["total"] // opt_share)
         ranks.append(RankMemory(
             pp_rank=rank, stages=stages, parameters=4 * n["total"], gradients=4 * n["total"],
