@@ -124,6 +124,18 @@ def embedding_saved_bytes(micro_batch: int, seq: int) -> int:
     return micro_batch * seq * (8 + 1)
 
 
+def final_norm_saved_bytes(cfg: GPTConfig, micro_batch: int, seq: int, tp: int = 1,
+                           sequence_parallel: bool = False, kernels: str = "torch") -> int:
+    """Bytes the last stage's final norm saves for one microbatch: its fp32 input and
+    statistics (and the torch reference RMSNorm's normalized rows); freed by its backward,
+    before the layers' backward runs."""
+    rows = micro_batch * seq // (tp if sequence_parallel and tp > 1 else 1)
+    held = 4 * rows * cfg.d_model
+    if cfg.norm == "rmsnorm":
+        return held + STAT_BYTES * rows + (0 if kernels == "triton" else 4 * rows * cfg.d_model)
+    return held + 2 * STAT_BYTES * rows
+
+
 def head_saved_bytes(cfg: GPTConfig, micro_batch: int, seq: int, tp: int = 1,
                      sequence_parallel: bool = False, fused_loss: bool | None = None,
                      padded_vocab: int | None = None, act_bytes: int = 4,
@@ -146,13 +158,8 @@ def head_saved_bytes(cfg: GPTConfig, micro_batch: int, seq: int, tp: int = 1,
     fused = cfg.fused_loss if fused_loss is None else fused_loss
     b, s, h, t = micro_batch, seq, cfg.d_model, tp
     vocab = (padded_vocab or cfg.vocab_size) // t
-    rows = b * s // (t if sequence_parallel and tp > 1 else 1)
     tokens = b * s                                    # gathered over the sequence under SP
-    held = 4 * rows * h                               # the final norm's fp32 input
-    if cfg.norm == "rmsnorm":
-        held += STAT_BYTES * rows + (0 if kernels == "triton" else 4 * rows * h)
-    else:
-        held += 2 * STAT_BYTES * rows
+    held = final_norm_saved_bytes(cfg, micro_batch, seq, tp, sequence_parallel, kernels)
     if fused:
         return held + 4 * tokens * h + 4 * vocab * h  # dx and the fp32 dW
     return held + act_bytes * tokens * h + act_bytes * tokens * vocab + tokens * (8 + 4)

@@ -28,8 +28,9 @@ from megalite.models.config import GPTConfig
 from megalite.parallel.layers import padded_vocab_size
 from megalite.pipeline import Action, build_schedule, layers_per_stage
 
-from megalite.models.activation_memory import (embedding_saved_bytes, head_saved_bytes,
-                                               saved_activation_bytes, stage_saved_bytes)
+from megalite.models.activation_memory import (embedding_saved_bytes, final_norm_saved_bytes,
+                                               head_saved_bytes, saved_activation_bytes,
+                                               stage_saved_bytes)
 from megalite.plan.layout import Layout, compute_bytes, invalid_reason
 
 GIB = 2**30
@@ -185,9 +186,11 @@ def memory(cfg: GPTConfig, layout: Layout) -> MemoryBreakdown:
     def stage_bytes(s: int) -> float:
         return stage_saved_bytes(run_cfg, counts[s], *shape, **kw) + (embed if s == 0 else 0)
 
-    # backward re-runs one recomputed layer's forward at a time, holding its full saved set
+    # backward re-runs one recomputed layer's forward at a time, holding its full saved set;
+    # on the last stage the final norm's backward has freed its tensors by then
     full_layer = saved_activation_bytes(cfg, *shape, "none", **kw)
     recomputed = saved_activation_bytes(cfg, *shape, L.recompute, **kw)
+    final_norm = final_norm_saved_bytes(cfg, *shape, kernels=L.kernels)
     sixteen_bit = L.dtype in ("bf16", "fp16")
     opt_share = L.dp if L.distributed_optimizer else 1
     ranks = []
@@ -202,7 +205,7 @@ def memory(cfg: GPTConfig, layout: Layout) -> MemoryBreakdown:
             if held > best:
                 best, best_state = held, (live, heads)
         if L.recompute != "none":
-            best += full_layer - recomputed
+            best = max(best, best + full_layer - recomputed - final_norm * best_state[1])
         opt_params = -(-n["total"] // opt_share)
         ranks.append(RankMemory(
             pp_rank=rank, stages=stages, parameters=4 * n["total"], gradients=4 * n["total"],
