@@ -136,16 +136,21 @@ def _parse(text: str) -> tuple[int, str]:
     return a.stage, a.kind
 
 
-def _live_states(schedule: str, p: int, m: int, v: int) -> dict[int, tuple]:
+def _live_states(schedule: str, p: int, m: int, v: int, head_until_w: bool
+                 ) -> dict[int, tuple]:
     if schedule in STEADY_AFTER:
         m = min(m, STEADY_AFTER[schedule] * p)
-    return _live_states_walk(schedule, p, m, v)
+    return _live_states_walk(schedule, p, m, v, head_until_w)
 
 
 @functools.lru_cache(maxsize=4096)
-def _live_states_walk(schedule: str, p: int, m: int, v: int) -> dict[int, tuple]:
+def _live_states_walk(schedule: str, p: int, m: int, v: int, head_until_w: bool
+                      ) -> dict[int, tuple]:
     """Per pipeline rank, the distinct (live per local stage, last stage's loss heads live)
-    right after each F: the only moments a peak can occur."""
+    right after each F: the only moments a peak can occur. A split backward frees the
+    unfused head's logits at I; the fused head keeps its gradients (dx, dW) in its graph
+    node, which the I/W split retains until W."""
+    head_freed_by = "BW" if head_until_w else "BI"
     table = build_schedule(schedule, p, m, v)
     num_stages = p * v
     out = {}
@@ -161,7 +166,7 @@ def _live_states_walk(schedule: str, p: int, m: int, v: int) -> dict[int, tuple]
                 states.add((tuple(live), heads))
             elif kind in "BW":
                 live[index[stage]] -= 1
-            if kind in "BI" and stage == num_stages - 1:
+            if kind in head_freed_by and stage == num_stages - 1:
                 heads -= 1
         out[rank] = (tuple(local), tuple(states))
     return out
@@ -195,7 +200,7 @@ def memory(cfg: GPTConfig, layout: Layout) -> MemoryBreakdown:
     opt_share = L.dp if L.distributed_optimizer else 1
     ranks = []
     for rank, (stages, states) in sorted(_live_states(L.schedule, L.pp, L.num_microbatches,
-                                                      v).items()):
+                                                      v, L.fused_loss).items()):
         stages = list(stages)
         n = stage_parameter_counts(cfg, L.tp, stages, num_stages)
         weights = [stage_bytes(s) for s in stages]

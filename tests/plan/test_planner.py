@@ -81,9 +81,9 @@ def test_steady_state_shortcuts_are_exact():
     """Live counts and makespans beyond the steady state equal the full walk/simulation."""
     for schedule, v in (("1f1b", 1), ("interleaved-1f1b", 2), ("interleaved-1f1b", 4)):
         for p in (2, 4):
-            states = {r: set(s[1]) for r, s in _live_states_walk(schedule, p, 9 * p, v).items()}
-            assert states == {r: set(s[1]) for r, s in
-                              _live_states_walk(schedule, p, 4 * p, v).items()}
+            walk = (lambda m: {r: set(s[1]) for r, s in
+                               _live_states_walk(schedule, p, m, v, True).items()})
+            assert walk(9 * p) == walk(4 * p)
             f, iw = (1.0,) * (p * v), (0.9,) * (p * v)
             exact = _simulate(schedule, p, 11 * p, v, f, iw, iw, 0.05)[0]
             assert abs(_makespan(schedule, p, 11 * p, v, f, iw, iw, 0.05)[0] - exact) < 1e-9
