@@ -146,10 +146,11 @@ def _live_states(schedule: str, p: int, m: int, v: int, head_until_w: bool
 @functools.lru_cache(maxsize=4096)
 def _live_states_walk(schedule: str, p: int, m: int, v: int, head_until_w: bool
                       ) -> dict[int, tuple]:
-    """Per pipeline rank, the distinct (live per local stage, last stage's loss heads live)
-    right after each F: the only moments a peak can occur. A split backward frees the
-    unfused head's logits at I; the fused head keeps its gradients (dx, dW) in its graph
-    node, which the I/W split retains until W."""
+    """Per pipeline rank, the distinct (live per local stage, of them between I and W per
+    local stage, last stage's loss heads live) right after each F and each I: the only
+    moments a peak can occur. A split backward (I, then W) retains the graph from I to W,
+    so what I recomputed stays until W. It frees the unfused head's logits at I; the fused
+    head keeps its gradients (dx, dW) in its graph node, until W."""
     head_freed_by = "BW" if head_until_w else "BI"
     table = build_schedule(schedule, p, m, v)
     num_stages = p * v
@@ -158,16 +159,18 @@ def _live_states_walk(schedule: str, p: int, m: int, v: int, head_until_w: bool
         parsed = [_parse(a) for a in actions]
         local = sorted({stage for stage, _ in parsed})
         index = {s: i for i, s in enumerate(local)}
-        live, heads, states = [0] * len(local), 0, set()
+        live, split, heads, states = [0] * len(local), [0] * len(local), 0, set()
         for stage, kind in parsed:
-            if kind == "F":
-                live[index[stage]] += 1
-                heads += stage == num_stages - 1
-                states.add((tuple(live), heads))
-            elif kind in "BW":
-                live[index[stage]] -= 1
+            i = index[stage]
+            live[i] += kind == "F"
+            split[i] += kind == "I"
+            heads += kind == "F" and stage == num_stages - 1
             if kind in head_freed_by and stage == num_stages - 1:
                 heads -= 1
+            if kind in "FI":
+                states.add((tuple(live), tuple(split), heads))
+            live[i] -= kind in "BW"
+            split[i] -= kind == "W"
         out[rank] = (tuple(local), tuple(states))
     return out
 
@@ -191,11 +194,15 @@ def memory(cfg: GPTConfig, layout: Layout) -> MemoryBreakdown:
     def stage_bytes(s: int) -> float:
         return stage_saved_bytes(run_cfg, counts[s], *shape, **kw) + (embed if s == 0 else 0)
 
-    # backward re-runs one recomputed layer's forward at a time, holding its full saved set;
-    # on the last stage the final norm's backward has freed its tensors by then
     full_layer = saved_activation_bytes(cfg, *shape, "none", **kw)
     recomputed = saved_activation_bytes(cfg, *shape, L.recompute, **kw)
     final_norm = final_norm_saved_bytes(cfg, *shape, kernels=L.kernels)
+
+    def recomputed_layers(s: int) -> int:
+        if L.recompute != "full":
+            return 0
+        return counts[s] if L.recompute_layers is None else min(L.recompute_layers, counts[s])
+
     sixteen_bit = L.dtype in ("bf16", "fp16")
     opt_share = L.dp if L.distributed_optimizer else 1
     ranks = []
@@ -204,13 +211,20 @@ def memory(cfg: GPTConfig, layout: Layout) -> MemoryBreakdown:
         stages = list(stages)
         n = stage_parameter_counts(cfg, L.tp, stages, num_stages)
         weights = [stage_bytes(s) for s in stages]
-        best, best_state = 0.0, ((0,) * len(stages), 0)
-        for live, heads in states:
-            held = sum(c * w for c, w in zip(live, weights)) + heads * head
+        # Between I and W (graph retained) a fully recomputed layer holds its whole saved
+        # set again; what selective regions recompute does not outlive I (both measured in
+        # tests/plan/test_memory.py).
+        regrown = [recomputed_layers(s) * (full_layer - recomputed) for s in stages]
+        best, best_state = 0.0, ((0,) * len(stages), (), 0)
+        for live, split, heads in states:
+            held = sum(c * w for c, w in zip(live, weights)) + heads * head \
+                + sum(c * r for c, r in zip(split, regrown))
             if held > best:
-                best, best_state = held, (live, heads)
-        if L.recompute != "none":
-            best = max(best, best + full_layer - recomputed - final_norm * best_state[1])
+                best, best_state = held, (live, split, heads)
+        if L.recompute != "none" and not any(any(x) for _, x, _ in states):
+            # a B recomputes one layer at a time, holding its full saved set; on the last
+            # stage the final norm's backward has freed its tensors by then
+            best = max(best, best + full_layer - recomputed - final_norm * best_state[2])
         opt_params = -(-n["total"] // opt_share)
         ranks.append(RankMemory(
             pp_rank=rank, stages=stages, parameters=4 * n["total"], gradients=4 * n["total"],

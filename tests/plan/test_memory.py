@@ -149,10 +149,8 @@ WORLD_LAYOUTS = [  # (tp, pp, dp, schedule, virtual, sequence parallel, tied, La
                                                recompute_layers=2)),
     (1, 4, 1, "zbv", None, False, False, dict(recompute="selective")),
     (1, 2, 2, "zb-h1", None, False, False, dict(distributed_optimizer=True)),
-    (2, 2, 1, "interleaved-zb", 2, True, True, {}),
+    (2, 2, 1, "interleaved-zb", 2, True, True, dict(recompute="full")),
 ]
-# Not here: full recompute under the split-backward (zero-bubble) schedules. Their I keeps
-# the recomputed tensors until W, which the planner does not model yet (it under-predicts).
 
 
 def _layout(tp, pp, dp, schedule, virtual, sp, **kw):
