@@ -279,9 +279,9 @@ def _on_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("MEGALITE_DEVICE") != "cpu"
 
 
-def planned_layout(args, dp: int) -> plan.Layout | None:
+def planned_layout(args, dp: int, cfg) -> plan.Layout | None:
     """The planner's view of this run (None for a --schedule-file table, which it does not
-    model). Flags of other features are read when present."""
+    model). The fused loss has no flag: it is ``cfg.fused_loss`` (on by default)."""
     if args.schedule_file:
         return None
     triton = _on_gpu() and args.kernels != "torch"
@@ -290,12 +290,10 @@ def planned_layout(args, dp: int) -> plan.Layout | None:
         seq_len=args.seq_len, global_batch_size=args.global_batch_size,
         schedule=args.schedule, virtual_stages=args.virtual_stages,
         sequence_parallel=args.sequence_parallel and args.tp > 1, dtype=args.dtype,
-        recompute=getattr(args, "recompute", None) or "none",
-        recompute_layers=getattr(args, "recompute_layers", None),
-        distributed_optimizer=bool(getattr(args, "distributed_optimizer", False)),
-        overlap_grad_reduce=not getattr(args, "no_overlap_grad_reduce", False),
-        kernels="triton" if triton else "torch",
-        fused_loss=bool(getattr(args, "fused_loss", False)))
+        recompute=args.recompute, recompute_layers=args.recompute_layers,
+        distributed_optimizer=args.distributed_optimizer,
+        overlap_grad_reduce=not args.no_overlap_grad_reduce,
+        kernels="triton" if triton else "torch", fused_loss=cfg.fused_loss)
 
 
 def memory_budget(args) -> float | None:
@@ -320,7 +318,7 @@ def check_memory(args, dp: int, cfg, world_size: int) -> None:
     if budget is None:
         raise UsageError("--check-memory on CPU needs --gpu-memory SIZE (the GPU memory to "
                          "check against)")
-    layout = planned_layout(args, dp)
+    layout = planned_layout(args, dp, cfg)
     if layout is None:
         raise UsageError("--check-memory models the named schedules; drop --schedule-file "
                          "or --check-memory")
@@ -337,7 +335,7 @@ def check_memory(args, dp: int, cfg, world_size: int) -> None:
 
 def planner_prediction(args, dp: int, cfg, device) -> tuple[str, dict] | None:
     """(a line to print, {'peak_gib', 'step_s'}) of the planner's prediction for this run."""
-    layout = planned_layout(args, dp)
+    layout = planned_layout(args, dp, cfg)
     if layout is None:
         return None
     mem = plan.memory(cfg, layout)

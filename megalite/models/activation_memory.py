@@ -118,6 +118,53 @@ def stage_saved_bytes(cfg: GPTConfig, num_layers: int, micro_batch: int, seq: in
     return n * layer(cfg.recompute) + (num_layers - n) * layer("none")
 
 
+def embedding_saved_bytes(micro_batch: int, seq: int) -> int:
+    """Bytes the first stage's vocab-parallel lookup saves for one microbatch: the (masked)
+    int64 token ids and the bool out-of-shard mask."""
+    return micro_batch * seq * (8 + 1)
+
+
+def final_norm_saved_bytes(cfg: GPTConfig, micro_batch: int, seq: int, tp: int = 1,
+                           sequence_parallel: bool = False, kernels: str = "torch") -> int:
+    """Bytes the last stage's final norm saves for one microbatch: its fp32 input and
+    statistics (and the torch reference RMSNorm's normalized rows); freed by its backward,
+    before the layers' backward runs."""
+    rows = micro_batch * seq // (tp if sequence_parallel and tp > 1 else 1)
+    held = 4 * rows * cfg.d_model
+    if cfg.norm == "rmsnorm":
+        return held + STAT_BYTES * rows + (0 if kernels == "triton" else 4 * rows * cfg.d_model)
+    return held + 2 * STAT_BYTES * rows
+
+
+def head_saved_bytes(cfg: GPTConfig, micro_batch: int, seq: int, tp: int = 1,
+                     sequence_parallel: bool = False, fused_loss: bool | None = None,
+                     padded_vocab: int | None = None, act_bytes: int = 4,
+                     kernels: str = "torch") -> int:
+    """Bytes the last stage's final norm, output head and loss keep for one microbatch on
+    one TP rank, until that microbatch's backward.
+
+    ``fused_loss`` (default ``cfg.fused_loss``): the head and cross-entropy run as one op
+    (``parallel.vocab_parallel_linear_cross_entropy``) whose forward already computes the
+    gradients: it keeps ``dx`` [b*s, h] (the gathered tokens, in the hidden states' dtype:
+    fp32, since the residual stream is fp32) and an fp32 ``dW`` [V_padded/t, h], and no
+    logits. Unfused: the head saves its (gathered) input, the cross-entropy the logits
+    [b*s, V_padded/t] (its backward overwrites them with their gradient, no second buffer),
+    the masked int64 targets and the fp32 log-sum-exp. Both keep what the final norm saves
+    (as :func:`saved_activation_bytes`'s norms: input, rstd, the torch reference's
+    normalized rows). ``padded_vocab``: the vocabulary padded for ``tp`` (default
+    ``vocab_size``)."""
+    if kernels not in ("torch", "triton"):
+        raise ValueError(f"kernels={kernels!r}; choose 'torch' or 'triton'")
+    fused = cfg.fused_loss if fused_loss is None else fused_loss
+    b, s, h, t = micro_batch, seq, cfg.d_model, tp
+    vocab = (padded_vocab or cfg.vocab_size) // t
+    tokens = b * s                                    # gathered over the sequence under SP
+    held = final_norm_saved_bytes(cfg, micro_batch, seq, tp, sequence_parallel, kernels)
+    if fused:
+        return held + 4 * tokens * h + 4 * vocab * h  # dx and the fp32 dW
+    return held + act_bytes * tokens * h + act_bytes * tokens * vocab + tokens * (8 + 4)
+
+
 def korthikanti_bytes(cfg: GPTConfig, micro_batch: int, seq: int, tp: int = 1,
                       sequence_parallel: bool = False, recompute: str = "none") -> int:
     """Korthikanti et al.'s activation bytes per layer (16-bit, their GPT layer, Table 2):

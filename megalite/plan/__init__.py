@@ -1,5 +1,6 @@
 """The planner: predicted memory and step time of a training layout, and a search over
-layouts (``python -m megalite.plan``). Nothing in the library imports it; see
+layouts (``python -m megalite.plan``). Saved activation bytes come from
+:mod:`megalite.models.activation_memory`. Nothing in the library imports it; see
 docs/planner.md.
 
     from megalite.models import GPTConfig
@@ -8,8 +9,6 @@ docs/planner.md.
                                                     seq_len=4096, global_batch_size=64))
     print(m.table(), m.worst.total / 2**30, "GiB")
 """
-from megalite.plan.activations import (embedding_saved_tensors, head_saved_tensors,
-                                       layer_bytes_per_token, layer_saved_tensors)
 from megalite.plan.layout import Layout, invalid_reason
 from megalite.plan.memory import MemoryBreakdown, RankMemory, memory, parse_bytes
 from megalite.plan.gpus import GPU, GPUS, get_gpu
@@ -17,8 +16,7 @@ from megalite.plan.speed import StepTime, step_time
 from megalite.plan.search import fit_reason, search
 
 __all__ = ["Layout", "invalid_reason", "memory", "MemoryBreakdown", "RankMemory",
-           "parse_bytes", "layer_saved_tensors", "layer_bytes_per_token",
-           "head_saved_tensors", "embedding_saved_tensors", "GPU", "GPUS", "get_gpu",
+           "parse_bytes", "GPU", "GPUS", "get_gpu",
            "StepTime", "step_time", "fit_reason", "search", "gpu_for_device"]
 
 

@@ -34,8 +34,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, required=True)
     ap.add_argument("--global-batch-size", type=int, required=True, help="sequences per step")
     ap.add_argument("--top", type=int, default=10)
-    ap.add_argument("--fused-loss", action="store_true",
-                    help="fused output head + cross-entropy (the logits are never stored)")
+    ap.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=True,
+                    help="fused output head + cross-entropy, as GPTConfig.fused_loss (default; "
+                         "the logits are never stored); --no-fused-loss: the unfused head")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--rejected", type=int, default=8,
                     help="how many rejected layouts to list with their reason")
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
         best = fits[0]
         print(f"\nbest: {best.layout.describe()}\n{best.memory.table()}")
     else:
-        print("no layout fits: more GPUs, a smaller model, a shorter sequence, or --fused-loss")
+        print("no layout fits: more GPUs, a smaller model or a shorter sequence")
     if rejected:
         kinds = Counter(c.rejected.split(":")[0] for c in rejected)
         print(f"\nrejected: " + ", ".join(f"{n} {k}" for k, n in kinds.items()))

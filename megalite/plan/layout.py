@@ -4,12 +4,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from megalite.models.config import GPTConfig
+from megalite.models.config import RECOMPUTE_MODES as RECOMPUTE, GPTConfig
 from megalite.pipeline import layers_per_stage, schedule_info
 
-from megalite.plan.activations import BACKENDS, RECOMPUTE
-
 DTYPES = ("fp32", "bf16", "fp16")
+BACKENDS = ("torch", "triton")   # the kernels that run: references (CPU) or Triton (GPU)
+
+
+def compute_bytes(dtype: str) -> int:
+    """Bytes of an activation element: 2 under bf16/fp16 autocast, else 4."""
+    return 2 if dtype in ("bf16", "fp16") else 4
 
 
 @dataclass(frozen=True)
@@ -21,7 +25,8 @@ class Layout:
     ``virtual_stages``: stages per pipeline rank (None: the schedule's default).
     ``recompute_layers``: with recompute="full", how many layers of each stage are
     recomputed (None: all). ``kernels``: "triton" (GPU) or "torch" (the references, as on
-    CPU). ``fused_loss``: the output head and cross-entropy fused, never storing the logits.
+    CPU). ``fused_loss``: the output head and cross-entropy fused, never storing the logits
+    (``GPTConfig.fused_loss``, on by default).
     ``distributed_optimizer``: AdamW moments sharded over dp (ZeRO-1).
     ``overlap_grad_reduce``: dp gradient reduction overlapped with the last backward."""
 
@@ -40,7 +45,7 @@ class Layout:
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = True
     kernels: str = "triton"
-    fused_loss: bool = False
+    fused_loss: bool = True
 
     @property
     def gpus(self) -> int:
@@ -65,7 +70,7 @@ class Layout:
         v = f" v={self.virtual}" if self.virtual > 1 else ""
         extras = [name for name, on in (("sp", self.sequence_parallel),
                                         ("dist-opt", self.distributed_optimizer),
-                                        ("fused-loss", self.fused_loss)) if on]
+                                        ("unfused-loss", not self.fused_loss)) if on]
         rec = self.recompute if self.recompute_layers is None or self.recompute != "full" \
             else f"full:{self.recompute_layers}"
         return (f"tp={self.tp} pp={self.pp} dp={self.dp}{v} mbs={self.micro_batch_size} "

@@ -8,11 +8,12 @@ Static bytes per parameter (megalite's parameters are always fp32; bf16/fp16 run
 autocast): 4 weight + 4 gradient + 8 AdamW moments, or 8/dp with the distributed optimizer
 (ZeRO-1), plus 2 for the 16-bit copy autocast caches of every matmul weight for the step.
 
-Activations: a stage holds one microbatch's saved tensors (:mod:`activations`) from its F
+Activations: a stage holds one microbatch's saved tensors (per layer, head and embedding:
+:mod:`megalite.models.activation_memory`, the models package's own account) from its F
 until its B, or until W when the backward is split; the schedule decides how many are live
 at once. Each pipeline rank's list is walked in order, as the executor runs it, and the
 peak of the bytes held is taken (stages of one rank differ: the first holds the embedding,
-the last the logits, which its B or I releases).
+the loss head: the fused head's dx and fp32 dW, or the logits).
 
 The peak is static + max(activation peak, optimizer step temporary): the optimizer step runs
 after the backward has freed the activations. On GPU torch's foreach AdamW builds one
@@ -27,9 +28,10 @@ from megalite.models.config import GPTConfig
 from megalite.parallel.layers import padded_vocab_size
 from megalite.pipeline import Action, build_schedule, layers_per_stage
 
-from megalite.plan.activations import (embedding_saved_tensors, head_saved_tensors,
-                                       layer_bytes_per_token)
-from megalite.plan.layout import Layout, invalid_reason
+from megalite.models.activation_memory import (embedding_saved_bytes, final_norm_saved_bytes,
+                                               head_saved_bytes, saved_activation_bytes,
+                                               stage_saved_bytes)
+from megalite.plan.layout import Layout, compute_bytes, invalid_reason
 
 GIB = 2**30
 
@@ -134,16 +136,22 @@ def _parse(text: str) -> tuple[int, str]:
     return a.stage, a.kind
 
 
-def _live_states(schedule: str, p: int, m: int, v: int) -> dict[int, tuple]:
+def _live_states(schedule: str, p: int, m: int, v: int, head_until_w: bool
+                 ) -> dict[int, tuple]:
     if schedule in STEADY_AFTER:
         m = min(m, STEADY_AFTER[schedule] * p)
-    return _live_states_walk(schedule, p, m, v)
+    return _live_states_walk(schedule, p, m, v, head_until_w)
 
 
 @functools.lru_cache(maxsize=4096)
-def _live_states_walk(schedule: str, p: int, m: int, v: int) -> dict[int, tuple]:
-    """Per pipeline rank, the distinct (live per local stage, last stage's loss heads live)
-    right after each F: the only moments a peak can occur."""
+def _live_states_walk(schedule: str, p: int, m: int, v: int, head_until_w: bool
+                      ) -> dict[int, tuple]:
+    """Per pipeline rank, the distinct (live per local stage, of them between I and W per
+    local stage, last stage's loss heads live) right after each F and each I: the only
+    moments a peak can occur. A split backward (I, then W) retains the graph from I to W,
+    so what I recomputed stays until W. It frees the unfused head's logits at I; the fused
+    head keeps its gradients (dx, dW) in its graph node, until W."""
+    head_freed_by = "BW" if head_until_w else "BI"
     table = build_schedule(schedule, p, m, v)
     num_stages = p * v
     out = {}
@@ -151,16 +159,18 @@ def _live_states_walk(schedule: str, p: int, m: int, v: int) -> dict[int, tuple]
         parsed = [_parse(a) for a in actions]
         local = sorted({stage for stage, _ in parsed})
         index = {s: i for i, s in enumerate(local)}
-        live, heads, states = [0] * len(local), 0, set()
+        live, split, heads, states = [0] * len(local), [0] * len(local), 0, set()
         for stage, kind in parsed:
-            if kind == "F":
-                live[index[stage]] += 1
-                heads += stage == num_stages - 1
-                states.add((tuple(live), heads))
-            elif kind in "BW":
-                live[index[stage]] -= 1
-            if kind in "BI" and stage == num_stages - 1:
+            i = index[stage]
+            live[i] += kind == "F"
+            split[i] += kind == "I"
+            heads += kind == "F" and stage == num_stages - 1
+            if kind in head_freed_by and stage == num_stages - 1:
                 heads -= 1
+            if kind in "FI":
+                states.add((tuple(live), tuple(split), heads))
+            live[i] -= kind in "BW"
+            split[i] -= kind == "W"
         out[rank] = (tuple(local), tuple(states))
     return out
 
@@ -172,41 +182,49 @@ def memory(cfg: GPTConfig, layout: Layout) -> MemoryBreakdown:
         raise ValueError(f"{layout.describe()}: {reason}")
     L = layout
     v, num_stages = L.virtual, L.num_stages
-    tokens = L.micro_batch_size * L.seq_len
-    kw = dict(tp=L.tp, dtype=L.dtype, backend=L.kernels, sequence_parallel=L.sequence_parallel)
-    full_layer = layer_bytes_per_token(cfg, **kw) * tokens
-    layer = layer_bytes_per_token(cfg, recompute=L.recompute, **kw) * tokens
-    recomputed = layer_bytes_per_token(cfg, recompute="full", **kw) * tokens
+    b, seq = L.micro_batch_size, L.seq_len
+    kw = dict(act_bytes=compute_bytes(L.dtype), kernels=L.kernels)
+    shape = (b, seq, L.tp, L.sequence_parallel)
+    run_cfg = cfg.replace(recompute=L.recompute, recompute_layers=L.recompute_layers)
     vp = padded_vocab_size(cfg.vocab_size, L.tp, cfg.pad_vocab_to)
-    head = sum(head_saved_tensors(cfg, fused_loss=L.fused_loss, padded_vocab=vp, **kw)
-               .values()) * tokens
-    embed = sum(embedding_saved_tensors(cfg).values()) * tokens
+    head = head_saved_bytes(cfg, *shape, fused_loss=L.fused_loss, padded_vocab=vp, **kw)
+    embed = embedding_saved_bytes(b, seq)
     counts = layers_per_stage(cfg.n_layers, num_stages, cfg.layers_per_stage)
 
     def stage_bytes(s: int) -> float:
-        n = counts[s]
-        if L.recompute == "full" and L.recompute_layers is not None:
-            k = min(L.recompute_layers, n)
-            body = k * recomputed + (n - k) * layer_bytes_per_token(cfg, **kw) * tokens
-        else:
-            body = n * layer
-        return body + (embed if s == 0 else 0)
+        return stage_saved_bytes(run_cfg, counts[s], *shape, **kw) + (embed if s == 0 else 0)
+
+    full_layer = saved_activation_bytes(cfg, *shape, "none", **kw)
+    recomputed = saved_activation_bytes(cfg, *shape, L.recompute, **kw)
+    final_norm = final_norm_saved_bytes(cfg, *shape, kernels=L.kernels)
+
+    def recomputed_layers(s: int) -> int:
+        if L.recompute != "full":
+            return 0
+        return counts[s] if L.recompute_layers is None else min(L.recompute_layers, counts[s])
 
     sixteen_bit = L.dtype in ("bf16", "fp16")
     opt_share = L.dp if L.distributed_optimizer else 1
     ranks = []
     for rank, (stages, states) in sorted(_live_states(L.schedule, L.pp, L.num_microbatches,
-                                                      v).items()):
+                                                      v, L.fused_loss).items()):
         stages = list(stages)
         n = stage_parameter_counts(cfg, L.tp, stages, num_stages)
         weights = [stage_bytes(s) for s in stages]
-        best, best_state = 0.0, ((0,) * len(stages), 0)
-        for live, heads in states:
-            held = sum(c * w for c, w in zip(live, weights)) + heads * head
+        # Between I and W (graph retained) a fully recomputed layer holds its whole saved
+        # set again; what selective regions recompute does not outlive I (both measured in
+        # tests/plan/test_memory.py).
+        regrown = [recomputed_layers(s) * (full_layer - recomputed) for s in stages]
+        best, best_state = 0.0, ((0,) * len(stages), (), 0)
+        for live, split, heads in states:
+            held = sum(c * w for c, w in zip(live, weights)) + heads * head \
+                + sum(c * r for c, r in zip(split, regrown))
             if held > best:
-                best, best_state = held, (live, heads)
-        if L.recompute != "none":   # backward re-runs one layer's forward at a time
-            best += full_layer - (layer if L.recompute_layers is None else recomputed)
+                best, best_state = held, (live, split, heads)
+        if L.recompute != "none" and not any(any(x) for _, x, _ in states):
+            # a B recomputes one layer at a time, holding its full saved set; on the last
+            # stage the final norm's backward has freed its tensors by then
+            best = max(best, best + full_layer - recomputed - final_norm * best_state[2])
         opt_params = -(-n["total"] // opt_share)
         ranks.append(RankMemory(
             pp_rank=rank, stages=stages, parameters=4 * n["total"], gradients=4 * n["total"],

@@ -27,10 +27,9 @@ from megalite.models.config import GPTConfig
 from megalite.parallel.layers import padded_vocab_size
 from megalite.pipeline import build_schedule, layers_per_stage
 
-from megalite.plan.activations import compute_bytes
 from megalite.plan.gpus import (ATTENTION_EFFICIENCY, GPU, LINK_EFFICIENCY,
                                 MATMUL_EFFICIENCY, MEMORY_EFFICIENCY, get_gpu)
-from megalite.plan.layout import Layout, invalid_reason
+from megalite.plan.layout import Layout, compute_bytes, invalid_reason
 from megalite.plan.memory import memory
 
 OPTIMIZER_BYTES_PER_PARAM = 96   # foreach AdamW ~84 + clipping 12 (fp32)
