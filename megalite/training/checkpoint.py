@@ -52,7 +52,7 @@ _RNG_FILE = "rng_rank{:05d}.safetensors"
 # GPTConfig fields that change no saved tensor (layout, kernels, regularization, init):
 # a checkpoint loads across them. Every other field must match.
 _FREE_FIELDS = {"dropout", "kernels", "sequence_parallel", "layers_per_stage", "master_init",
-                "pad_vocab_to", "init_std", "recompute", "recompute_layers"}
+                "pad_vocab_to", "init_std", "recompute", "recompute_layers", "fused_loss"}
 
 
 # ----------------------------------------------------------------------------- files
