@@ -13,7 +13,8 @@ partial sums.
 import torch
 
 from ._backend import cdiv, jit, num_sms, tl, use_triton
-from .rms_norm import MAX_COLS, check_norm_args, rms_norm_reference, row_config
+from .rms_norm import (MAX_COLS, _rms_bwd_kernel, check_norm_args, rms_norm_reference,
+                       row_config)
 
 
 def add_rms_norm_reference(x, residual, weight, eps=1e-6):
@@ -39,32 +40,6 @@ def _add_rms_fwd_kernel(x_ptr, r_ptr, w_ptr, s_ptr, y_ptr, rstd_ptr, M, N, eps,
     tl.store(y_ptr + offs, (s * rstd[:, None] * w[None, :]).to(y_ptr.dtype.element_ty),
              mask=inb)
     tl.store(rstd_ptr + rows, rstd, mask=rows < M)
-
-
-@jit
-def _add_rms_bwd_kernel(s_ptr, w_ptr, dy_ptr, ds_ptr, rstd_ptr, dsum_ptr, dw_part_ptr, M, N,
-                        HAS_DS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    G = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK)
-    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK,), dtype=tl.float32)
-    for tile in tl.range(pid, tl.cdiv(M, ROWS), G):
-        rows = tile * ROWS + tl.arange(0, ROWS).to(tl.int64)
-        inb = (rows[:, None] < M) & (cols[None, :] < N)
-        offs = rows[:, None] * N + cols[None, :]
-        s = tl.load(s_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
-        s_hat = s * rstd[:, None]
-        wdy = dy * w[None, :]
-        c = tl.sum(wdy * s_hat, axis=1) / N
-        d = (wdy - s_hat * c[:, None]) * rstd[:, None]
-        if HAS_DS:
-            d += tl.load(ds_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        tl.store(dsum_ptr + offs, d.to(dsum_ptr.dtype.element_ty), mask=inb)
-        dw += tl.sum(dy * s_hat, axis=0)
-    tl.store(dw_part_ptr + pid * N + cols, dw, mask=cols < N)
 
 
 class _AddRMSNorm(torch.autograd.Function):
@@ -95,9 +70,9 @@ class _AddRMSNorm(torch.autograd.Function):
         block, rows, warps = row_config(N)
         G = max(1, min(cdiv(M, rows), 2 * num_sms(s)))
         dw_part = torch.empty(G, N, dtype=torch.float32, device=s.device)
-        _add_rms_bwd_kernel[(G,)](s, weight, dy2, dy2 if ds2 is None else ds2, rstd, dsum,
-                                  dw_part, M, N, HAS_DS=ds2 is not None, ROWS=rows,
-                                  BLOCK=block, num_warps=warps)
+        _rms_bwd_kernel[(G,)](s, weight, dy2, dy2 if ds2 is None else ds2, rstd, dsum,
+                              dw_part, M, N, HAS_DS=ds2 is not None, ROWS=rows,
+                              BLOCK=block, num_warps=warps)
         dw = dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
         shape = (dy if dy is not None else ds).shape
         x_dtype, r_dtype = ctx.dtypes

@@ -36,8 +36,8 @@ def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, M, N, eps,
 
 
 @jit
-def _rms_bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_part_ptr, M, N,
-                    ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_bwd_kernel(x_ptr, w_ptr, dy_ptr, ds_ptr, rstd_ptr, dx_ptr, dw_part_ptr, M, N,
+                    HAS_DS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # Each program walks row tiles pid, pid + G, ... and keeps its dweight partial sum in
     # registers, so dweight costs one [N] write per program instead of one per row.
     pid = tl.program_id(0)
@@ -56,6 +56,8 @@ def _rms_bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_part_ptr, M, N,
         wdy = dy * w[None, :]
         c = tl.sum(wdy * xhat, axis=1) / N
         dx = (wdy - xhat * c[:, None]) * rstd[:, None]
+        if HAS_DS:  # add_rms_norm: the gradient reaching the sum x + residual directly
+            dx += tl.load(ds_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=inb)
         dw += tl.sum(dy * xhat, axis=0)
     tl.store(dw_part_ptr + pid * N + cols, dw, mask=cols < N)
@@ -92,7 +94,7 @@ class _RMSNorm(torch.autograd.Function):
         block, rows, warps = row_config(N)
         G = max(1, min(cdiv(M, rows), 2 * num_sms(x2)))
         dw_part = torch.empty(G, N, dtype=torch.float32, device=x2.device)
-        _rms_bwd_kernel[(G,)](x2, weight, dy2, rstd, dx, dw_part, M, N,
+        _rms_bwd_kernel[(G,)](x2, weight, dy2, dy2, rstd, dx, dw_part, M, N, HAS_DS=False,
                               ROWS=rows, BLOCK=block, num_warps=warps)
         dw = dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return dx.view(dy.shape), dw, None
