@@ -120,6 +120,19 @@ def _world_distributed_optimizer_checkpoint(rank, world, data, root):
     return losses, resumed_plain, _train(other, STEPS - SAVE_AT)
 
 
+def _check_single_process_continues(data, root, expected, saved_as):
+    """This process alone, (1, 1, 1), loads the checkpoint and continues the curve."""
+    ps = parallel.initialize()
+    try:
+        single = _build(data, ps, model_seed=3)
+        assert _load(root, single) == SAVE_AT
+        continued = _train(single, STEPS - SAVE_AT)
+    finally:
+        parallel.destroy()
+    assert np.allclose(continued, expected, rtol=0, atol=1e-5), \
+        f"(1,1,1) after loading {saved_as} checkpoint: {continued} vs {expected}"
+
+
 def test_distributed_optimizer_checkpoint_resumes_anywhere(tmp_path):
     data, root = _token_file(tmp_path), str(tmp_path / "ckpt")
     losses, resumed_plain, resharded = run_world(
@@ -129,15 +142,7 @@ def test_distributed_optimizer_checkpoint_resumes_anywhere(tmp_path):
                         ("(2,1,4) distributed", resharded)):
         assert np.allclose(curve, expected, rtol=0, atol=1e-5), \
             f"{name} after loading a distributed (2,2,2) checkpoint: {curve} vs {expected}"
-    ps = parallel.initialize()  # this process alone: (1, 1, 1)
-    try:
-        single = _build(data, ps, model_seed=3)
-        assert _load(root, single) == SAVE_AT
-        continued = _train(single, STEPS - SAVE_AT)
-    finally:
-        parallel.destroy()
-    assert np.allclose(continued, expected, rtol=0, atol=1e-5), \
-        f"(1,1,1) after loading a distributed (2,2,2) checkpoint: {continued} vs {expected}"
+    _check_single_process_continues(data, root, expected, "a distributed (2,2,2)")
 
 
 def _disk_full(tensors, path, metadata=None):
@@ -164,15 +169,7 @@ def test_resume_and_reshard(tmp_path):
     assert load_file(os.path.join(path, "model_stage0.safetensors"))["embed.weight"].shape \
         == (CFG.vocab_size, CFG.d_model)
 
-    ps = parallel.initialize()  # this process alone: (1, 1, 1)
-    try:
-        single = _build(data, ps, model_seed=3)
-        assert _load(root, single) == SAVE_AT
-        continued = _train(single, STEPS - SAVE_AT)
-    finally:
-        parallel.destroy()
-    assert np.allclose(continued, expected, rtol=0, atol=1e-5), \
-        f"(1,1,1) after loading a (2,2,1) checkpoint: {continued} vs {expected}"
+    _check_single_process_continues(data, root, expected, "a (2,2,1)")
 
 
 # --------------------------------------------------------------------- single process
