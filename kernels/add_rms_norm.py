@@ -12,34 +12,14 @@ partial sums.
 """
 import torch
 
-from ._backend import cdiv, jit, num_sms, tl, use_triton
-from .rms_norm import (MAX_COLS, _rms_bwd_kernel, check_norm_args, rms_norm_reference,
-                       row_config)
+from ._backend import cdiv, num_sms
+from .rms_norm import (_rms_bwd_kernel, _rms_fwd_kernel, check_norm_args, norm_uses_triton,
+                       rms_norm_reference, row_config)
 
 
 def add_rms_norm_reference(x, residual, weight, eps=1e-6):
     s = x + residual
     return rms_norm_reference(s, weight, eps), s
-
-
-@jit
-def _add_rms_fwd_kernel(x_ptr, r_ptr, w_ptr, s_ptr, y_ptr, rstd_ptr, M, N, eps,
-                        ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
-    inb = (rows[:, None] < M) & (cols[None, :] < N)
-    offs = rows[:, None] * N + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    # The sum is rounded to its storage dtype first, so y normalizes exactly the s returned.
-    s = (x + r).to(s_ptr.dtype.element_ty)
-    tl.store(s_ptr + offs, s, mask=inb)
-    s = s.to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + eps)
-    tl.store(y_ptr + offs, (s * rstd[:, None] * w[None, :]).to(y_ptr.dtype.element_ty),
-             mask=inb)
-    tl.store(rstd_ptr + rows, rstd, mask=rows < M)
 
 
 class _AddRMSNorm(torch.autograd.Function):
@@ -54,8 +34,9 @@ class _AddRMSNorm(torch.autograd.Function):
         y = torch.empty_like(s)
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
         block, rows, warps = row_config(N)
-        _add_rms_fwd_kernel[(cdiv(M, rows),)](x2, r2, weight, s, y, rstd, M, N, float(eps),
-                                              ROWS=rows, BLOCK=block, num_warps=warps)
+        _rms_fwd_kernel[(cdiv(M, rows),)](x2, r2, s, weight, y, rstd, M, N, float(eps),
+                                          HAS_RESIDUAL=True, ROWS=rows, BLOCK=block,
+                                          num_warps=warps)
         ctx.save_for_backward(s, weight, rstd)
         ctx.dtypes = (x.dtype, residual.dtype)
         return y.view(shape), s.view(shape)
@@ -87,11 +68,6 @@ def add_rms_norm(x, residual, weight, eps=1e-6, *, backend="auto"):
         raise ValueError(f"add_rms_norm: x {tuple(x.shape)} and residual "
                          f"{tuple(residual.shape)} must have the same shape")
     check_norm_args(x, {"weight": weight}, "add_rms_norm")
-    if not use_triton(backend, x, residual, weight):
-        return add_rms_norm_reference(x, residual, weight, eps)
-    if x.shape[-1] > MAX_COLS:
-        if backend == "triton":
-            raise ValueError(f"Triton add_rms_norm supports hidden <= {MAX_COLS}, got "
-                             f"{x.shape[-1]}; use backend='torch'")
+    if not norm_uses_triton("add_rms_norm", backend, x, residual, weight):
         return add_rms_norm_reference(x, residual, weight, eps)
     return _AddRMSNorm.apply(x, residual, weight, eps)

@@ -8,8 +8,8 @@ keeps the result deterministic. ``weight`` and ``bias`` may each be None.
 import torch
 import torch.nn.functional as F
 
-from ._backend import cdiv, jit, num_sms, tl, upcast, use_triton
-from .rms_norm import MAX_COLS, check_norm_args, row_config
+from ._backend import cdiv, jit, num_sms, tl, upcast
+from .rms_norm import check_norm_args, norm_uses_triton, row_config
 
 
 def layer_norm_reference(x, weight, bias, eps=1e-5):
@@ -113,11 +113,6 @@ def layer_norm(x, weight, bias, eps=1e-5, *, backend="auto"):
     """LayerNorm over the last dim of x; ``weight``/``bias`` are [hidden] or None; fp32 math,
     output x.dtype; differentiable in x, weight and bias."""
     check_norm_args(x, {"weight": weight, "bias": bias}, "layer_norm")
-    if not use_triton(backend, x, weight, bias):
-        return layer_norm_reference(x, weight, bias, eps)
-    if x.shape[-1] > MAX_COLS:
-        if backend == "triton":
-            raise ValueError(f"Triton layer_norm supports hidden <= {MAX_COLS}, got "
-                             f"{x.shape[-1]}; use backend='torch'")
+    if not norm_uses_triton("layer_norm", backend, x, weight, bias):
         return layer_norm_reference(x, weight, bias, eps)
     return _LayerNorm.apply(x, weight, bias, eps)

@@ -21,13 +21,19 @@ def rms_norm_reference(x, weight, eps=1e-6):
 
 
 @jit
-def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, M, N, eps,
-                    ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_fwd_kernel(x_ptr, r_ptr, s_ptr, w_ptr, y_ptr, rstd_ptr, M, N, eps,
+                    HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     inb = (rows[:, None] < M) & (cols[None, :] < N)
     offs = rows[:, None] * N + cols[None, :]
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:  # add_rms_norm: normalize s = x + residual, and store s
+        x += tl.load(r_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        # rounded to its storage dtype first, so y normalizes exactly the s returned
+        x = x.to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + offs, x, mask=inb)
+        x = x.to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
     y = x * rstd[:, None] * w[None, :]
@@ -80,8 +86,9 @@ class _RMSNorm(torch.autograd.Function):
         y = torch.empty_like(x2)
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
         block, rows, warps = row_config(N)
-        _rms_fwd_kernel[(cdiv(M, rows),)](x2, weight, y, rstd, M, N, float(eps),
-                                          ROWS=rows, BLOCK=block, num_warps=warps)
+        _rms_fwd_kernel[(cdiv(M, rows),)](x2, x2, x2, weight, y, rstd, M, N, float(eps),
+                                          HAS_RESIDUAL=False, ROWS=rows, BLOCK=block,
+                                          num_warps=warps)
         ctx.save_for_backward(x2, weight, rstd)
         return y.view(shape)
 
@@ -108,15 +115,23 @@ def check_norm_args(x, params, name):
                              f"dim, got {tuple(p.shape)}")
 
 
+def norm_uses_triton(name, backend, x, *tensors) -> bool:
+    """Whether a norm runs its Triton kernel: as ``use_triton`` decides, and only for rows
+    of at most ``MAX_COLS`` (wider rows take the reference; asking for Triton is an error)."""
+    if not use_triton(backend, x, *tensors):
+        return False
+    if x.shape[-1] > MAX_COLS:
+        if backend == "triton":
+            raise ValueError(f"Triton {name} supports hidden <= {MAX_COLS}, got "
+                             f"{x.shape[-1]}; use backend='torch'")
+        return False
+    return True
+
+
 def rms_norm(x, weight, eps=1e-6, *, backend="auto"):
     """RMSNorm over the last dim of x with ``weight`` [hidden]; fp32 math, output x.dtype;
     differentiable in x and weight."""
     check_norm_args(x, {"weight": weight}, "rms_norm")
-    if not use_triton(backend, x, weight):
-        return rms_norm_reference(x, weight, eps)
-    if x.shape[-1] > MAX_COLS:
-        if backend == "triton":
-            raise ValueError(f"Triton rms_norm supports hidden <= {MAX_COLS}, got "
-                             f"{x.shape[-1]}; use backend='torch'")
+    if not norm_uses_triton("rms_norm", backend, x, weight):
         return rms_norm_reference(x, weight, eps)
     return _RMSNorm.apply(x, weight, eps)
