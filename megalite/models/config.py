@@ -101,6 +101,10 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def replace(self, **changes) -> "GPTConfig":
+        """A copy with ``changes``. A head_dim equal to d_model // n_heads counts as derived:
+        it follows new d_model / n_heads unless ``changes`` set it."""
+        if "head_dim" not in changes and self.head_dim == self.d_model // self.n_heads:
+            changes["head_dim"] = None
         return dataclasses.replace(self, **changes)
 
     def num_params(self, include_embeddings: bool = True) -> int:
