@@ -25,8 +25,9 @@ from megalite.models.config import GPTConfig
 from megalite.models.gpt import GPT
 from megalite.models.hf_config import (as_dict, family_of, family_of_hf, gpt_config_from_hf,
                                        hf_config_from_gpt)
+from megalite.models.hf_files import Tensors, open_directory
 from megalite.parallel import comm
-from megalite.parallel.sharding import gather_full, shard_full
+from megalite.parallel.sharding import gather_full, is_tp_sharded, shard_full
 from megalite.parallel.state import ParallelState, get_state
 
 # ----------------------------------------------------------------------------- name tables
@@ -90,71 +91,6 @@ def _segment_sizes(cfg: GPTConfig, name: str) -> list[int]:
     return []
 
 
-# ----------------------------------------------------------------------------- weight sources
-class _Tensors:
-    """HF tensors by key, read on demand so each rank loads only its stage's weights."""
-
-    def __init__(self, keys, read):
-        self.keys, self._read = set(keys), read
-
-    def get(self, key: str) -> torch.Tensor:
-        if key not in self.keys:
-            # Bare LlamaModel / GPT2Model state dicts lack the "model." / "transformer." prefix.
-            short = key.split(".", 1)[1] if key.startswith(("model.", "transformer.")) else None
-            if short not in self.keys:
-                raise KeyError(key)
-            key = short
-        return self._read(key)
-
-
-class _BinFile:
-    """A pytorch_model.bin with safe_open's interface (memory-mapped, tensors only)."""
-
-    def __init__(self, path: str):
-        self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-    def keys(self):
-        return self._sd.keys()
-
-    def get_tensor(self, key: str) -> torch.Tensor:
-        return self._sd[key]
-
-
-def _open_directory(path: str, stack: contextlib.ExitStack) -> tuple[dict, _Tensors]:
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"{path} has no config.json: pass a local save_pretrained directory "
-                         f"(hub ids are not downloaded), or a state dict with config=...")
-    present = set(os.listdir(path))
-    index = next((n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-                  if n in present), None)
-    single = next((n for n in ("model.safetensors", "pytorch_model.bin") if n in present), None)
-    if index is None and single is None:
-        raise ValueError(f"{path} holds no model.safetensors or pytorch_model.bin weights")
-    if index is not None:   # sharded checkpoint: key -> file name
-        with open(os.path.join(path, index)) as f:
-            files = json.load(f)["weight_map"]
-    opened = {}
-
-    def open_file(name):
-        if name not in opened:
-            full = os.path.join(path, name)
-            if name.endswith(".safetensors"):
-                try:
-                    from safetensors import safe_open
-                except ImportError:
-                    raise ImportError("reading .safetensors needs the safetensors package: "
-                                      "pip install 'megalite[hf]'") from None
-                opened[name] = stack.enter_context(safe_open(full, framework="pt"))
-            else:
-                opened[name] = _BinFile(full)
-        return opened[name]
-
-    if index is None:
-        files = dict.fromkeys(open_file(single).keys(), single)
-    return as_dict(config_path), _Tensors(files, lambda k: open_file(files[k]).get_tensor(k))
-
-
 # ----------------------------------------------------------------------------- import
 def from_hf(source, state: ParallelState | None = None, config=None, **cfg_overrides) -> GPT:
     """A GPT for ``state`` (default: the current ParallelState) with the weights of ``source``.
@@ -169,30 +105,34 @@ def from_hf(source, state: ParallelState | None = None, config=None, **cfg_overr
     ps = state or get_state()
     with contextlib.ExitStack() as stack:
         if isinstance(source, (str, os.PathLike)):
-            hf_config, tensors = _open_directory(os.fspath(source), stack)
+            hf_config, tensors = open_directory(os.fspath(source), stack)
         elif isinstance(source, dict):
             if config is None:
                 raise ValueError("a state dict needs its Hugging Face config: "
                                  "from_hf(state_dict, config=hf_model.config)")
-            hf_config, tensors = as_dict(config), _Tensors(source, source.__getitem__)
+            hf_config, tensors = as_dict(config), Tensors.in_memory(source)
         elif hasattr(source, "state_dict") and hasattr(source, "config"):
             hf_config = as_dict(config if config is not None else source.config)
-            sd = source.state_dict()
-            tensors = _Tensors(sd, sd.__getitem__)
+            tensors = Tensors.in_memory(source.state_dict())
         else:
             raise ValueError(f"from_hf expects an HF model, a directory or a state dict, "
                              f"got {type(source).__name__}")
         cfg = gpt_config_from_hf(hf_config, **cfg_overrides)
         family = family_of_hf(hf_config)
-        # Building initializes random weights that are overwritten at once: keep the caller's
-        # RNG stream as it was, so loading a model does not shift later sampling.
+        # Building initializes random weights that are overwritten at once: draw only this
+        # rank's shards (master_init=False: no full tensor is ever made, so memory stays at
+        # the shard), and keep the caller's RNG stream as it was, so loading a model does
+        # not shift later sampling.
+        build_cfg = cfg.replace(master_init=False)
         with torch.random.fork_rng(devices=[]):
-            model = GPT(cfg, state=ps)
+            model = GPT(build_cfg, state=ps)
+        for module in model.modules():
+            if getattr(module, "cfg", None) is build_cfg:
+                module.cfg = cfg
         with torch.no_grad():
             for name, param in model.named_parameters():
-                full = _full_tensor(family, name, tensors)
                 try:
-                    local = shard_full(full.to(param.dtype), param, ps)
+                    local = _local_tensor(family, name, param, tensors, ps)
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from None
                 if local.shape != param.shape:
@@ -204,17 +144,61 @@ def from_hf(source, state: ParallelState | None = None, config=None, **cfg_overr
     return model
 
 
-def _full_tensor(family: str, name: str, tensors: _Tensors) -> torch.Tensor:
+def _missing(family: str, name: str, key: str) -> ValueError:
+    return ValueError(f"the Hugging Face weights lack {key!r} (needed for {name}); is the "
+                      f"checkpoint complete and of model_type {family!r}?")
+
+
+def _full_tensor(family: str, name: str, tensors: Tensors) -> torch.Tensor:
     """Our full (tp=1) tensor ``name``, assembled from HF tensors."""
     parts = []
     for key in _hf_keys(family, name):
         try:
             t = tensors.get(key)
         except KeyError:
-            raise ValueError(f"the Hugging Face weights lack {key!r} (needed for {name}); "
-                             f"is the checkpoint complete and of model_type {family!r}?") from None
+            raise _missing(family, name, key) from None
         parts.append(t.t() if _is_conv1d(family, key) else t)
     return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+
+
+def _local_tensor(family: str, name: str, param: torch.Tensor, tensors: Tensors,
+                  ps: ParallelState) -> torch.Tensor:
+    """This rank's shard of ``name``, reading only the slices of the HF tensors it needs.
+
+    Which entries along the sharded dim land here is asked of ``shard_full`` itself, on a
+    tensor of their 1-based positions (0 = vocabulary padding): so this reads exactly what
+    sharding the assembled full tensor would keep."""
+    keys = _hf_keys(family, name)
+    if not is_tp_sharded(param) or ps.tp == 1:
+        return _full_tensor(family, name, tensors).to(param.dtype)
+    dim = param.tp_dim
+    try:
+        lengths = [tensors.shape(k)[1 - dim if _is_conv1d(family, k) else dim] for k in keys]
+    except KeyError as e:
+        raise _missing(family, name, e.args[0]) from None
+    index_shape = [1] * param.dim()
+    index_shape[dim] = sum(lengths)
+    positions = torch.arange(1, sum(lengths) + 1, dtype=torch.float64).view(index_shape)
+    mine = shard_full(positions, param, ps).flatten().long()
+    pieces, offset = [], 0
+    for key, length in zip(keys, lengths):
+        here = mine[(mine > offset) & (mine <= offset + length)] - offset - 1
+        # Runs of consecutive entries: one per segment of ours that this HF tensor holds
+        # (GPT-2's c_attn is [q; k; v] in one tensor, so three).
+        breaks = (torch.nonzero(here.diff() != 1).flatten() + 1).tolist()
+        for run in here.tensor_split(breaks) if len(here) else []:
+            conv = _is_conv1d(family, key)
+            piece = tensors.get(key, 1 - dim if conv else dim, int(run[0]), int(run[-1]) + 1)
+            pieces.append(piece.t() if conv else piece)
+        offset += length
+    if not pieces:     # a shard made of vocabulary padding only
+        return param.new_zeros(param.shape)
+    local = torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0]
+    padding = int((mine == 0).sum())
+    if padding:    # vocabulary rows beyond the real ones: zeros, as shard_full pads
+        local = torch.cat([local, local.new_zeros(*local.shape[:dim], padding,
+                                                  *local.shape[dim + 1:])], dim)
+    return local.to(param.dtype)
 
 
 # ----------------------------------------------------------------------------- export

@@ -298,9 +298,10 @@ def _layouts_world(rank, world, directory, layouts, names):
             save_hf(model, out)
             if rank == 0:
                 assert_close(hf_logits(load_hf(out)), ref, f"{where}, saved")
-            if name == "llama":   # from a directory too, with an uneven pipeline split
-                model = from_hf(out, kernels="torch",
-                                layers_per_stage=[3, 1] if pp == 2 else None)
+            if name != "llama-tied-bias":   # from a directory too (each rank reading its
+                # slices of the safetensors file), with an uneven split of the 4-layer models
+                uneven = pp == 2 and not name.startswith("gpt2")
+                model = from_hf(out, kernels="torch", layers_per_stage=[3, 1] if uneven else None)
                 logits = pipeline_forward(model, ps, tokens())
                 if logits is not None:
                     assert_close(logits, ref, f"{where}, reloaded")
@@ -317,7 +318,8 @@ def _grads_match_hf(name, ps, sequence_parallel):
     """Every parameter's gradient at tp=2, gathered, equals the one HF computes for the same
     loss: the replicated q/k norm weights see only their rank's heads (and, with sequence
     parallelism, tokens), so this fails unless their gradients are summed over TP."""
-    from megalite.models.hf import _full_tensor, _Tensors
+    from megalite.models.hf import _full_tensor
+    from megalite.models.hf_files import Tensors
     from megalite.parallel.sharding import gather_full
     hf = NEW_FAMILIES[name]()
     x, targets = tokens(s=12), tokens(s=12).roll(1, dims=1)
@@ -328,7 +330,7 @@ def _grads_match_hf(name, ps, sequence_parallel):
     model.loss(model(x), targets).backward()
     for ours, param in model.named_parameters():
         got = gather_full(param, ps, tensor=param.grad)
-        ref = _full_tensor(model.hf_model_type, ours, _Tensors(hf_grads, hf_grads.get))
+        ref = _full_tensor(model.hf_model_type, ours, Tensors.in_memory(hf_grads))
         err, size = (got - ref).abs().max().item(), ref.abs().max().item()
         assert err <= 1e-4 * max(size, 1e-3), f"{name} {ours}.grad: error {err:.3g} of {size:.3g}"
 
