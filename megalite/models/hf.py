@@ -6,10 +6,11 @@ LM into a GPT of any (tp, pp) layout, and export a GPT as a directory that
     save_hf(model, "out/")                                  # collective; rank 0 writes
 
 Every weight goes through one table (``_GLOBAL`` / ``_LAYER``): our parameter name -> the
-Hugging Face keys it is made of (Qwen2/3 and Mistral use Llama's names). Import concatenates those tensors into our full (tp=1)
-tensor and keeps this rank's shard with ``shard_full``; export gathers with ``gather_full``
-and splits them again. transformers itself is never imported: configs are read as plain
-dicts and weights with safetensors (or torch for ``.bin`` files).
+Hugging Face keys it is made of (Qwen2/3 and Mistral use Llama's names). Import reads of
+those tensors only the slices this rank's shard holds (``shard_full`` says which, see
+``_local_tensor``; ``hf_files`` reads them); export gathers with ``gather_full`` and splits
+them again. transformers itself is never imported: configs are plain dicts (``hf_config``),
+safetensors files are read directly and ``.bin`` files with torch.
 """
 from __future__ import annotations
 
