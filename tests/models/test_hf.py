@@ -347,3 +347,30 @@ def test_new_families_at_tp2_and_pp2(tmp_path):
     """Llama 3, Qwen2, Qwen3 and Mistral at tp=2 and pp=2 (logits, save_hf, reload), and
     Qwen3's and Qwen2's gradients at tp=2 with sequence parallelism."""
     assert run_world(2, _new_families_world, str(tmp_path), timeout=240) == [True] * 2
+
+
+@pytest.mark.parametrize("params", [
+    dict(rope_type="linear", factor=3.0),
+    dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+         original_max_position_embeddings=8192),
+    dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=1024),
+    dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=2048, beta_fast=16,
+         beta_slow=2, truncate=False),
+    dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=1024, mscale=1.0,
+         mscale_all_dim=0.5),
+    dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=1024,
+         attention_factor=1.3),
+], ids=lambda p: "-".join(f"{k}={v}" for k, v in p.items() if k != "rope_type") or "plain")
+def test_rope_frequencies_match_hf(params):
+    """The frequencies and YaRN's attention factor, against transformers' own functions, at
+    a real head size and context (beyond what the tiny models' logits exercise)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from megalite.models.rope_scaling import attention_factor, inverse_frequencies
+    hf = transformers.LlamaConfig(hidden_size=1024, num_attention_heads=8,
+                                  max_position_embeddings=8192,
+                                  rope_parameters={**params, "rope_theta": 500000.0})
+    ref_freq, ref_factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](hf, None)
+    cfg = gpt_config_from_hf(hf)
+    freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    torch.testing.assert_close(freq.float(), ref_freq, rtol=1e-6, atol=0)
+    assert attention_factor(cfg.rope_scaling) == pytest.approx(ref_factor, rel=1e-12)
