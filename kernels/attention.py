@@ -3,7 +3,9 @@
 q is [b, h, sq, d]; k and v are [b, h_kv, sk, d] with h % h_kv == 0 (grouped-query
 attention: query head i reads kv head i // (h / h_kv)). Causal masking follows
 ``scaled_dot_product_attention(is_causal=True)``: query i sees keys j <= i (top-left
-aligned; with sq == sk, as in training, this is the usual causal mask).
+aligned; with sq == sk, as in training, this is the usual causal mask). A sliding
+``window`` (causal only; Mistral's, as Hugging Face masks it) narrows that to
+i - window < j <= i: each query sees at most ``window`` keys, itself included.
 
 What is fused and why (FlashAttention-2's algorithm): the [sq, sk] score matrix is never
 stored. Each program owns a block of queries and streams key/value blocks through an online
@@ -16,7 +18,9 @@ into the scale). The backward recomputes the probabilities block by block from l
     shares its kv head, so grouped-query gradients are summed in registers (no atomics,
     no [b, h, sk, d] temporaries):   dV += P^T dO,  dS = P * (dO V^T - delta),  dK += dS^T Q
   * dQ: one program per query block loops over the key blocks:  dQ += dS K
-Causal programs skip the blocks that are entirely masked, halving the work.
+Causal programs skip the blocks that are entirely masked, halving the work; with a window
+they also skip the blocks entirely outside it (the loops' bounds, not only the masks), so
+the work grows as seq * window, not seq^2.
 """
 import math
 
@@ -29,9 +33,20 @@ HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634
 
 
-def attention_reference(q, k, v, causal=True, scale=None):
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+def attention_reference(q, k, v, causal=True, scale=None, window=None):
+    gqa = k.shape[1] != q.shape[1]
+    if window is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                              enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(
+        q.shape[2], k.shape[2], window, q.device), scale=scale, enable_gqa=gqa)
+
+
+def window_mask(sq: int, sk: int, window: int, device=None) -> torch.Tensor:
+    """[sq, sk] bool, True where query i may see key j: i - window < j <= i."""
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    return (j <= i) & (j > i - window)
 
 
 def _configs(pairs):
@@ -48,11 +63,12 @@ _INTERP = {"BLOCK_M": 32, "BLOCK_N": 16}
 
 # Few candidates on purpose: each one is a compile per (head dim, causal, dtype).
 @jit(configs=_configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]),
-     key=["D", "CAUSAL"], interpret_meta=_INTERP)
+     key=["D", "CAUSAL", "HAS_WINDOW"], interpret_meta=_INTERP)
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                      sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
-                     H, GROUP, SQ, SK, qk_scale,
-                     CAUSAL: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+                     H, GROUP, SQ, SK, WINDOW, qk_scale,
+                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, D: tl.constexpr,
+                     PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -70,10 +86,13 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     m_i = tl.full((BLOCK_M,), -1e30, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
+    lo = 0  # the key blocks to visit: none right of the diagonal, none left of the window
     hi = SK
-    if CAUSAL:  # key blocks right of this query block's diagonal are fully masked
+    if CAUSAL:
         hi = tl.minimum(SK, (pid_m + 1) * BLOCK_M)
-    for start_n in tl.range(0, hi, BLOCK_N):
+    if HAS_WINDOW:
+        lo = tl.maximum(0, pid_m * BLOCK_M - WINDOW + 1) // BLOCK_N * BLOCK_N
+    for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         kt = tl.load(k_base + cols[None, :] * sks + dims[:, None], mask=cols[None, :] < SK,
                      other=0.0)
@@ -81,6 +100,8 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
         keep = cols[None, :] < SK
         if CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None])
+        if HAS_WINDOW:
+            keep = keep & (cols[None, :] > rows[:, None] - WINDOW)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -98,11 +119,12 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
 
 
 @jit(configs=_configs([(32, 128, 8, 2), (64, 64, 4, 3)]),
-     key=["D", "CAUSAL"], interpret_meta=_INTERP)
+     key=["D", "CAUSAL", "HAS_WINDOW"], interpret_meta=_INTERP)
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                           sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
-                          H, HKV, GROUP, SQ, SK, qk_scale, scale,
-                          CAUSAL: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+                          H, HKV, GROUP, SQ, SK, WINDOW, qk_scale, scale,
+                          CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, D: tl.constexpr,
+                          PREC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -117,15 +139,18 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
                 mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, D), tl.float32)
     dv = tl.zeros((BLOCK_N, D), tl.float32)
-    lo = 0
-    if CAUSAL:  # query rows above this key block's first column never see it
+    lo = 0  # the query blocks that see this key block: from its diagonal to its window's end
+    hi = SQ
+    if CAUSAL:
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    if HAS_WINDOW:
+        hi = tl.minimum(SQ, (pid_n + 1) * BLOCK_N + WINDOW - 1)
     for g in tl.range(0, GROUP):
         h = hk * GROUP + g
         q_base = q_ptr + b * sqb + h * sqh
         do_base = do_ptr + (b * H + h) * SQ * D  # dO is made contiguous by the caller
         row_base = (b * H + h) * SQ
-        for start_m in tl.range(lo, SQ, BLOCK_M):
+        for start_m in tl.range(lo, hi, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
             q = tl.load(q_base + rows[:, None] * sqs + dims[None, :], mask=rows[:, None] < SQ,
                         other=0.0)
@@ -137,6 +162,8 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
             keep = (cols[:, None] < SK) & (rows[None, :] < SQ)
             if CAUSAL:
                 keep = keep & (cols[:, None] <= rows[None, :])
+            if HAS_WINDOW:
+                keep = keep & (cols[:, None] > rows[None, :] - WINDOW)
             pt = tl.where(keep, tl.exp2(st - lse[None, :]), 0.0)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
             dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -148,11 +175,12 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
 
 
 @jit(configs=_configs([(128, 32, 8, 2), (64, 64, 4, 3)]),
-     key=["D", "CAUSAL"], interpret_meta=_INTERP)
+     key=["D", "CAUSAL", "HAS_WINDOW"], interpret_meta=_INTERP)
 def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                         sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
-                        H, GROUP, SQ, SK, qk_scale, scale,
-                        CAUSAL: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+                        H, GROUP, SQ, SK, WINDOW, qk_scale, scale,
+                        CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, D: tl.constexpr,
+                        PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -171,10 +199,13 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     lse = tl.load(lse_ptr + bh64 * SQ + rows, mask=rows < SQ, other=0.0)
     delta = tl.load(delta_ptr + bh64 * SQ + rows, mask=rows < SQ, other=0.0)
     dq = tl.zeros((BLOCK_M, D), tl.float32)
+    lo = 0  # the key blocks to visit: none right of the diagonal, none left of the window
     hi = SK
     if CAUSAL:
         hi = tl.minimum(SK, (pid_m + 1) * BLOCK_M)
-    for start_n in tl.range(0, hi, BLOCK_N):
+    if HAS_WINDOW:
+        lo = tl.maximum(0, pid_m * BLOCK_M - WINDOW + 1) // BLOCK_N * BLOCK_N
+    for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k = tl.load(k_base + cols[:, None] * sks + dims[None, :], mask=cols[:, None] < SK,
                     other=0.0)
@@ -184,6 +215,8 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         keep = (cols[None, :] < SK) & row_mask
         if CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None])
+        if HAS_WINDOW:
+            keep = keep & (cols[None, :] > rows[:, None] - WINDOW)
         p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -200,17 +233,18 @@ def _strides(t):
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
+    def forward(ctx, q, k, v, causal, scale, window):
         B, H, SQ, D = q.shape
         HKV, SK = k.shape[1], k.shape[2]
         o = torch.empty(B, H, SQ, D, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, H, SQ, dtype=torch.float32, device=q.device)  # base-2 lse
         grid = lambda meta: (cdiv(SQ, meta["BLOCK_M"]), B * H)  # noqa: E731
         _attn_fwd_kernel[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v),
-                               H, H // HKV, SQ, SK, scale * LOG2E, CAUSAL=causal, D=D,
+                               H, H // HKV, SQ, SK, window or 0, scale * LOG2E,
+                               CAUSAL=causal, HAS_WINDOW=window is not None, D=D,
                                PREC=dot_precision(q.dtype))
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.window = causal, scale, window
         return o
 
     @staticmethod
@@ -223,16 +257,18 @@ class _FlashAttention(torch.autograd.Function):
         dq = torch.empty_like(do)
         dk = torch.empty(B, HKV, SK, D, dtype=k.dtype, device=k.device)
         dv = torch.empty(B, HKV, SK, D, dtype=v.dtype, device=v.device)
-        common = dict(CAUSAL=ctx.causal, D=D, PREC=dot_precision(q.dtype))
+        common = dict(CAUSAL=ctx.causal, HAS_WINDOW=ctx.window is not None, D=D,
+                      PREC=dot_precision(q.dtype))
+        window = ctx.window or 0
         strides = (*_strides(q), *_strides(k), *_strides(v))
         grid_kv = lambda meta: (cdiv(SK, meta["BLOCK_N"]), B * HKV)  # noqa: E731
         _attn_bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, *strides, H, HKV,
-                                       H // HKV, SQ, SK, ctx.scale * LOG2E, ctx.scale,
-                                       **common)
+                                       H // HKV, SQ, SK, window, ctx.scale * LOG2E,
+                                       ctx.scale, **common)
         grid_q = lambda meta: (cdiv(SQ, meta["BLOCK_M"]), B * H)  # noqa: E731
         _attn_bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, *strides, H, H // HKV, SQ,
-                                    SK, ctx.scale * LOG2E, ctx.scale, **common)
-        return dq, dk, dv, None, None
+                                    SK, window, ctx.scale * LOG2E, ctx.scale, **common)
+        return dq, dk, dv, None, None, None
 
 
 def _check(q, k, v):
@@ -251,19 +287,26 @@ def _check(q, k, v):
         raise ValueError(f"attention: dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def attention(q, k, v, causal=True, scale=None, *, backend="auto"):
+def attention(q, k, v, causal=True, scale=None, *, window=None, backend="auto"):
     """softmax(q k^T * scale [+ causal mask]) v for q [b, h, sq, d] and k, v [b, h_kv, sk, d]
-    (h_kv divides h). ``scale`` defaults to 1/sqrt(d). The Triton path supports head dims
-    16, 32, 64, 128; other head dims use the reference under backend='auto'."""
+    (h_kv divides h). ``scale`` defaults to 1/sqrt(d). ``window`` (causal only): sliding-
+    window attention, query i sees keys i - window < j <= i. The Triton path supports head
+    dims 16, 32, 64, 128; other head dims use the reference under backend='auto'."""
     _check(q, k, v)
+    if window is not None:
+        if not causal:
+            raise ValueError("attention: window is a sliding causal window; pass causal=True")
+        if int(window) != window or window < 1:
+            raise ValueError(f"attention: window must be a positive int, got {window!r}")
+        window = int(window)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not use_triton(backend, q, k, v):
-        return attention_reference(q, k, v, causal, scale)
+        return attention_reference(q, k, v, causal, scale, window)
     if D not in HEAD_DIMS:
         if backend == "triton":
             raise ValueError(f"attention: Triton kernel supports head_dim in {HEAD_DIMS}, got "
                              f"{D}; pad the head dim or use backend='torch'")
-        return attention_reference(q, k, v, causal, scale)
+        return attention_reference(q, k, v, causal, scale, window)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return _FlashAttention.apply(q, k, v, causal, scale)
+    return _FlashAttention.apply(q, k, v, causal, scale, window)

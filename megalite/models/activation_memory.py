@@ -88,7 +88,7 @@ def saved_activation_bytes(cfg: GPTConfig, micro_batch: int, seq: int, tp: int =
         return held + e * b * s * h                           # the (gathered) output
 
     qkv = e * b * s * (a + 2 * g) * d // t
-    o = e * b * s * h // t  # the attention output, laid out [b, s, a, d]: proj's input too
+    o = e * b * s * a * d // t  # the attention output, laid out [b, s, a, d]: proj's input too
     attention = qkv + o
     if not selective:
         attention += STAT_BYTES * b * a * s // t              # logsumexp
@@ -96,6 +96,10 @@ def saved_activation_bytes(cfg: GPTConfig, micro_batch: int, seq: int, tp: int =
             attention += o
         if cfg.position == "rope":
             attention += e * b * s * (a + g) * d // t         # rotated q and k
+        if cfg.qk_norm:                                       # normalized q, k and their rstd
+            attention += (e * d + STAT_BYTES) * b * s * (a + g) // t
+        if cfg.sliding_window is not None and not triton:     # SDPA's additive window mask
+            attention += e * s * s
     if cfg.activation == "swiglu":  # swiglu_packed: gate|up and the output, no silu(gate)
         mlp = e * b * s * f * 3 // t
     else:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from megalite.models.rope_scaling import validate_rope_scaling
+
 _CHOICES = {
     "norm": ("rmsnorm", "layernorm"),
     "activation": ("swiglu", "gelu", "gelu_tanh"),
@@ -31,6 +33,11 @@ class GPTConfig:
     bias: bool = False
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None   # long-context RoPE (models/rope_scaling.py); None: plain
+    head_dim: int | None = None        # None: d_model // n_heads (Qwen3 sets it apart)
+    qkv_bias: bool = False             # bias on the q/k/v projection only (Qwen2); `bias` is all
+    qk_norm: bool = False              # RMSNorm of each q and k head before RoPE (Qwen3)
+    sliding_window: int | None = None  # a query at i sees keys i-window < j <= i (Mistral)
     init_std: float = 0.02
     sequence_parallel: bool = False    # needs tp > 1 to matter; seq_len divisible by tp
     kernels: str = "auto"              # "auto": Triton on CUDA, else the torch references
@@ -61,9 +68,21 @@ class GPTConfig:
                      "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads="
-                             f"{self.n_heads}")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(f"d_model={self.d_model} is not divisible by n_heads="
+                                 f"{self.n_heads}; set head_dim explicitly")
+            self.head_dim = self.d_model // self.n_heads
+        if self.head_dim < 1:
+            raise ValueError(f"GPTConfig.head_dim must be >= 1, got {self.head_dim}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"GPTConfig.sliding_window must be None or >= 1, got "
+                             f"{self.sliding_window}")
+        if self.position != "rope" and self.rope_scaling is not None:
+            raise ValueError(f"rope_scaling={self.rope_scaling} needs position='rope'")
+        validate_rope_scaling(self.rope_scaling)
+        if self.qk_norm and self.norm != "rmsnorm":
+            raise ValueError("qk_norm is an RMSNorm of q and k (Qwen3): it needs norm='rmsnorm'")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads="
                              f"{self.n_kv_heads} (grouped-query attention shares each kv head "
@@ -81,11 +100,11 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
     def replace(self, **changes) -> "GPTConfig":
+        """A copy with ``changes``. A head_dim equal to d_model // n_heads counts as derived:
+        it follows new d_model / n_heads unless ``changes`` set it."""
+        if "head_dim" not in changes and self.head_dim == self.d_model // self.n_heads:
+            changes["head_dim"] = None
         return dataclasses.replace(self, **changes)
 
     def num_params(self, include_embeddings: bool = True) -> int:
@@ -93,8 +112,10 @@ class GPTConfig:
         d, f, hd = self.d_model, self.d_ff, self.head_dim
         attn = d * (self.n_heads + 2 * self.n_kv_heads) * hd + self.n_heads * hd * d
         mlp = d * f * (3 if self.activation == "swiglu" else 2)
-        norms = 2 * d * (2 if self.norm == "layernorm" else 1)
+        norms = 2 * d * (2 if self.norm == "layernorm" else 1) + (2 * hd if self.qk_norm else 0)
         biases = 0
+        if self.qkv_bias and not self.bias:
+            biases = (self.n_heads + 2 * self.n_kv_heads) * hd
         if self.bias:
             biases = (self.n_heads + 2 * self.n_kv_heads) * hd + d + \
                 (2 * f if self.activation == "swiglu" else f) + d
@@ -107,10 +128,13 @@ class GPTConfig:
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), PaLM's formula:
-        6 * non-embedding params + 6 * vocab * d (the head) + 12 * layers * d * seq (attention,
-        counted without causal savings)."""
+        6 * non-embedding params + 6 * vocab * d (the head) + 12 * layers * heads * head_dim
+        * keys (attention, counted without causal savings; keys = seq, or the sliding window
+        when shorter)."""
         n = self.num_params(include_embeddings=False)
-        return 6 * n + 6 * self.vocab_size * self.d_model + 12 * self.n_layers * self.d_model * seq_len
+        keys = seq_len if self.sliding_window is None else min(seq_len, self.sliding_window)
+        attention = 12 * self.n_layers * self.n_heads * self.head_dim * keys
+        return 6 * n + 6 * self.vocab_size * self.d_model + attention
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -123,6 +147,15 @@ _GPT2 = dict(norm="layernorm", activation="gelu_tanh", position="learned", tie_e
              bias=True, norm_eps=1e-5)
 _LLAMA = dict(norm="rmsnorm", activation="swiglu", position="rope", bias=False)
 
+
+def _llama3_rope(factor: float) -> dict:
+    return dict(type="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=8192)
+
+
+_LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, max_seq_len=131072, norm_eps=1e-5,
+               n_kv_heads=8, **_LLAMA)
+
 PRESETS: dict[str, dict] = {
     # Byte-level vocabulary (256): trains on the bundled corpus in minutes on a CPU.
     "tiny": dict(vocab_size=256, n_layers=4, n_heads=4, n_kv_heads=2, d_model=128, d_ff=384,
@@ -133,10 +166,11 @@ PRESETS: dict[str, dict] = {
                       **_GPT2),
     "gpt2-350m": dict(vocab_size=50257, n_layers=24, n_heads=16, d_model=1024,
                       max_seq_len=1024, **_GPT2),
-    # Llama 3.2 1B shapes.
+    # Llama 3.2 1B (RoPE tables for 2048 positions; llama3.2-1b has the full 131072).
     "llama-1b": dict(vocab_size=128256, n_layers=16, n_heads=32, n_kv_heads=8, d_model=2048,
-                     d_ff=8192, max_seq_len=2048, rope_theta=500000.0, tie_embeddings=True,
-                     norm_eps=1e-5, **_LLAMA),
+                     d_ff=8192, max_seq_len=2048, rope_theta=500000.0,
+                     rope_scaling=_llama3_rope(32.0), tie_embeddings=True, norm_eps=1e-5,
+                     **_LLAMA),
     # Llama 2 7B shapes.
     "llama-7b": dict(vocab_size=32000, n_layers=32, n_heads=32, d_model=4096, d_ff=11008,
                      max_seq_len=4096, norm_eps=1e-5, **_LLAMA),
@@ -145,4 +179,25 @@ PRESETS: dict[str, dict] = {
                       max_seq_len=4096, norm_eps=1e-5, **_LLAMA),
     "llama-70b": dict(vocab_size=32000, n_layers=80, n_heads=64, n_kv_heads=8, d_model=8192,
                       d_ff=28672, max_seq_len=4096, norm_eps=1e-5, **_LLAMA),
+    # The official config.json files' shapes (Hugging Face hub), with their full contexts.
+    "llama3.2-1b": dict(n_layers=16, n_heads=32, d_model=2048, d_ff=8192,
+                        rope_scaling=_llama3_rope(32.0), tie_embeddings=True, **_LLAMA3),
+    "llama3.2-3b": dict(n_layers=28, n_heads=24, d_model=3072, d_ff=8192,
+                        rope_scaling=_llama3_rope(32.0), tie_embeddings=True, **_LLAMA3),
+    "llama3.1-8b": dict(n_layers=32, n_heads=32, d_model=4096, d_ff=14336,
+                        rope_scaling=_llama3_rope(8.0), **_LLAMA3),
+    "llama3.1-70b": dict(n_layers=80, n_heads=64, d_model=8192, d_ff=28672,
+                         rope_scaling=_llama3_rope(8.0), **_LLAMA3),
+    # Qwen2.5 7B: bias on q/k/v only; its sliding window is off (use_sliding_window false).
+    "qwen2.5-7b": dict(vocab_size=152064, n_layers=28, n_heads=28, n_kv_heads=4, d_model=3584,
+                       d_ff=18944, max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6,
+                       qkv_bias=True, **_LLAMA),
+    # Qwen3 8B: RMSNorm on each q/k head; head_dim 128 (= d_model / n_heads here).
+    "qwen3-8b": dict(vocab_size=151936, n_layers=36, n_heads=32, n_kv_heads=8, d_model=4096,
+                     d_ff=12288, head_dim=128, max_seq_len=40960, rope_theta=1000000.0,
+                     norm_eps=1e-6, qk_norm=True, **_LLAMA),
+    # Mistral 7B v0.1: 4096-token sliding window (v0.3 has none and a 32768 vocabulary).
+    "mistral-7b": dict(vocab_size=32000, n_layers=32, n_heads=32, n_kv_heads=8, d_model=4096,
+                       d_ff=14336, max_seq_len=32768, rope_theta=10000.0, norm_eps=1e-5,
+                       sliding_window=4096, **_LLAMA),
 }

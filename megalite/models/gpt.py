@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from megalite import kernels
 from megalite.models.config import RECOMPUTE_MODES, GPTConfig
 from megalite.models.recompute import checkpoint
+from megalite.models.rope_scaling import attention_factor, inverse_frequencies
 from megalite.parallel import comm
 from megalite.parallel.cross_entropy import (vocab_parallel_cross_entropy,
                                              vocab_parallel_linear_cross_entropy)
@@ -69,18 +70,22 @@ def _tp_fork(active: bool):
 
 
 class Norm(nn.Module):
-    """RMSNorm or LayerNorm over the last dim, through megalite.kernels.
+    """RMSNorm or LayerNorm over the last dim (``width``, default d_model), through
+    megalite.kernels.
 
-    Under sequence parallelism each TP rank normalizes different tokens, so the weight's
-    gradient is partial: ``copy_to_tp_region`` all-reduces it over the TP group.
+    The weight is replicated over the TP group. When the ranks normalize different rows
+    (other tokens under sequence parallelism; other heads for the q/k norms, ``per_head``)
+    its gradient is partial: ``copy_to_tp_region`` all-reduces it over the TP group.
     """
 
-    def __init__(self, cfg: GPTConfig, ps: ParallelState):
+    def __init__(self, cfg: GPTConfig, ps: ParallelState, width: int | None = None,
+                 per_head: bool = False):
         super().__init__()
         self.kind, self.eps, self.backend = cfg.norm, cfg.norm_eps, cfg.kernels
-        self.group = ps.tp_group if cfg.sequence_parallel else None
-        self.weight = nn.Parameter(torch.ones(cfg.d_model, device=ps.device))
-        self.bias = nn.Parameter(torch.zeros(cfg.d_model, device=ps.device)) \
+        self.group = ps.tp_group if cfg.sequence_parallel or per_head else None
+        width = cfg.d_model if width is None else width
+        self.weight = nn.Parameter(torch.ones(width, device=ps.device))
+        self.bias = nn.Parameter(torch.zeros(width, device=ps.device)) \
             if cfg.norm == "layernorm" else None
         self.selective_recompute = False  # set by Block.set_recompute
 
@@ -99,12 +104,17 @@ class Norm(nn.Module):
         return kernels.layer_norm(x, weight, bias, self.eps, backend=self.backend)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
-    """cos/sin tables [max_seq_len, head_dim] in the rotate-half (Llama) convention."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None,
+                scaling: dict | None = None):
+    """cos/sin tables [max_seq_len, head_dim] in the rotate-half (Llama) convention, with
+    ``scaling`` (GPTConfig.rope_scaling) applied to the frequencies and, for YaRN, its
+    attention factor to both tables."""
+    inv_freq = inverse_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float().to(device), angles.sin().float().to(device)
+    factor = attention_factor(scaling)
+    return ((angles.cos() * factor).float().to(device),
+            (angles.sin() * factor).float().to(device))
 
 
 class Attention(nn.Module):
@@ -118,7 +128,7 @@ class Attention(nn.Module):
         self.local_heads, self.local_kv_heads = cfg.n_heads // ps.tp, cfg.n_kv_heads // ps.tp
         q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
         self.qkv = ColumnParallelLinear(
-            cfg.d_model, q + 2 * kv, bias=cfg.bias, partition_sizes=[q, kv, kv],
+            cfg.d_model, q + 2 * kv, bias=cfg.bias or cfg.qkv_bias, partition_sizes=[q, kv, kv],
             sequence_parallel=sp, init_method=init.normal(prefix + "qkv.weight", cfg.init_std),
             master_init=cfg.master_init, state=ps)
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -126,6 +136,9 @@ class Attention(nn.Module):
             q, cfg.d_model, bias=cfg.bias, sequence_parallel=sp,
             init_method=init.normal(prefix + "proj.weight", out_std),
             master_init=cfg.master_init, state=ps)
+        if cfg.qk_norm:
+            self.q_norm = Norm(cfg, ps, width=hd, per_head=True)
+            self.k_norm = Norm(cfg, ps, width=hd, per_head=True)
         self.selective_recompute = False  # set by Block.set_recompute
 
     def forward(self, x, rope=None):
@@ -137,7 +150,8 @@ class Attention(nn.Module):
         return self.proj(out)
 
     def _core(self, qkv, rope):
-        """RoPE and softmax(q k^T) v, from the fused qkv projection to the input of proj."""
+        """q/k norms, RoPE and softmax(q k^T) v, from the fused qkv projection to the input
+        of proj."""
         b, s = qkv.shape[:2]
         hd = self.head_dim
         q, k, v = qkv.split([self.local_heads * hd, self.local_kv_heads * hd,
@@ -145,11 +159,14 @@ class Attention(nn.Module):
         q = q.view(b, s, self.local_heads, hd).transpose(1, 2)
         k = k.view(b, s, self.local_kv_heads, hd).transpose(1, 2)
         v = v.view(b, s, self.local_kv_heads, hd).transpose(1, 2)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm._normalize(q), self.k_norm._normalize(k)
         if rope is not None:
             cos, sin = rope[0][:s], rope[1][:s]
             q = kernels.apply_rope(q, cos, sin, backend=self.cfg.kernels)
             k = kernels.apply_rope(k, cos, sin, backend=self.cfg.kernels)
-        out = kernels.attention(q, k, v, causal=True, backend=self.cfg.kernels)
+        out = kernels.attention(q, k, v, causal=True, window=self.cfg.sliding_window,
+                                backend=self.cfg.kernels)
         return out.transpose(1, 2).reshape(b, s, self.local_heads * hd)
 
 
@@ -303,7 +320,8 @@ class GPT(nn.Module):
             for j, i in enumerate(layers):
                 self.layers[str(i)].set_recompute(cfg.recompute if j < n else "none")
         if cfg.position == "rope" and len(self.layers):
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, ps.device)
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, ps.device,
+                                   cfg.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         if self.is_last:

@@ -1,14 +1,16 @@
-"""Hugging Face interop: import a LlamaForCausalLM or GPT2LMHeadModel into a GPT of any
-(tp, pp) layout, and export a GPT as a directory that ``from_pretrained`` loads.
+"""Hugging Face interop: import a Llama (2, 3.x), Qwen2/2.5, Qwen3, Mistral or GPT-2 causal
+LM into a GPT of any (tp, pp) layout, and export a GPT as a directory that
+``from_pretrained`` loads. Configs are translated in ``hf_config``.
 
     model = from_hf(hf_model_or_directory_or_state_dict)   # this rank's stage, TP-sharded
     save_hf(model, "out/")                                  # collective; rank 0 writes
 
 Every weight goes through one table (``_GLOBAL`` / ``_LAYER``): our parameter name -> the
-Hugging Face keys it is made of. Import concatenates those tensors into our full (tp=1)
-tensor and keeps this rank's shard with ``shard_full``; export gathers with ``gather_full``
-and splits them again. transformers itself is never imported: configs are read as plain
-dicts and weights with safetensors (or torch for ``.bin`` files).
+Hugging Face keys it is made of (Qwen2/3 and Mistral use Llama's names). Import reads of
+those tensors only the slices this rank's shard holds (``shard_full`` says which, see
+``_local_tensor``; ``hf_files`` reads them); export gathers with ``gather_full`` and splits
+them again. transformers itself is never imported: configs are plain dicts (``hf_config``),
+safetensors files are read directly and ``.bin`` files with torch.
 """
 from __future__ import annotations
 
@@ -22,8 +24,11 @@ import torch.distributed as dist
 
 from megalite.models.config import GPTConfig
 from megalite.models.gpt import GPT
+from megalite.models.hf_config import (as_dict, family_of, family_of_hf, gpt_config_from_hf,
+                                       hf_config_from_gpt)
+from megalite.models.hf_files import Tensors, open_directory
 from megalite.parallel import comm
-from megalite.parallel.sharding import gather_full, shard_full
+from megalite.parallel.sharding import gather_full, is_tp_sharded, shard_full
 from megalite.parallel.state import ParallelState, get_state
 
 # ----------------------------------------------------------------------------- name tables
@@ -39,7 +44,9 @@ _GLOBAL = {
 _LAYER_PREFIX = {"llama": "model.layers.{}.", "gpt2": "transformer.h.{}."}
 _LAYER = {
     "llama": {"attn_norm.weight": ["input_layernorm.weight"],
-              "mlp_norm.weight": ["post_attention_layernorm.weight"]},
+              "mlp_norm.weight": ["post_attention_layernorm.weight"],
+              "attn.q_norm.weight": ["self_attn.q_norm.weight"],     # Qwen3
+              "attn.k_norm.weight": ["self_attn.k_norm.weight"]},
     "gpt2": {},
 }
 for _w in ("weight", "bias"):
@@ -55,7 +62,13 @@ for _w in ("weight", "bias"):
         f"mlp.up.{_w}": [f"mlp.c_fc.{_w}"], f"mlp.down.{_w}": [f"mlp.c_proj.{_w}"]})
 
 
+def _layout(family: str) -> str:
+    """The name table a family uses: Qwen2/3 and Mistral name their weights as Llama does."""
+    return "gpt2" if family == "gpt2" else "llama"
+
+
 def _hf_keys(family: str, name: str) -> list[str]:
+    family = _layout(family)
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
     if m is None:
         return [_GLOBAL[family][name]]
@@ -79,242 +92,48 @@ def _segment_sizes(cfg: GPTConfig, name: str) -> list[int]:
     return []
 
 
-# ----------------------------------------------------------------------------- configs
-# Fields the HF config decides: overriding them would change the function or the shapes.
-_STRUCTURAL = ("vocab_size", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_ff", "norm",
-               "activation", "position", "tie_embeddings", "bias", "norm_eps", "rope_theta")
-_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-                     "gelu_fast": "gelu_tanh", "gelu": "gelu"}
-
-
-def _as_dict(config) -> dict:
-    if isinstance(config, dict):
-        return dict(config)
-    if isinstance(config, (str, os.PathLike)):
-        with open(config) as f:
-            return json.load(f)
-    if hasattr(config, "to_dict"):     # transformers.PretrainedConfig
-        return config.to_dict()
-    raise ValueError(f"expected a Hugging Face config (PretrainedConfig, dict or config.json "
-                     f"path), got {type(config).__name__}")
-
-
-def _unsupported(field: str, value, fix: str):
-    return ValueError(f"Hugging Face config has {field}={value!r}, which megalite's GPT cannot "
-                      f"represent exactly; {fix}")
-
-
-def _llama_config(hf: dict) -> dict:
-    d, heads = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("hidden_act", "silu") != "silu":
-        raise _unsupported("hidden_act", hf["hidden_act"], "only 'silu' (SwiGLU) is supported")
-    if hf.get("head_dim") not in (None, d // heads) or d % heads:
-        raise _unsupported("head_dim", hf.get("head_dim"),
-                           f"head_dim must equal hidden_size/num_attention_heads = {d / heads}")
-    # transformers >= 5 keeps theta and scaling in rope_parameters; 4.x in two fields.
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    for params in (rope, scaling):
-        kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
-            raise _unsupported("rope_scaling", params, "only plain RoPE (rope_type 'default') "
-                               "is supported, no scaled or extended-context variants")
-    if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
-        raise _unsupported("attention_bias/mlp_bias",
-                           (hf.get("attention_bias"), hf.get("mlp_bias")),
-                           "GPTConfig.bias covers both, so they must be equal")
-    return dict(vocab_size=hf["vocab_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
-                n_kv_heads=hf.get("num_key_value_heads") or heads, d_model=d,
-                d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
-                norm="rmsnorm", activation="swiglu", position="rope",
-                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                bias=bool(hf.get("attention_bias", False)), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))))
-
-
-def _gpt2_config(hf: dict) -> dict:
-    act = hf.get("activation_function", "gelu_new")
-    if act not in _GPT2_ACTIVATIONS:
-        raise _unsupported("activation_function", act, f"use one of {sorted(_GPT2_ACTIVATIONS)}")
-    for field, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                      ("add_cross_attention", False)):
-        if hf.get(field, ok) != ok:
-            raise _unsupported(field, hf[field], f"only {field}={ok} is supported")
-    d = hf["n_embd"]
-    return dict(vocab_size=hf["vocab_size"], n_layers=hf["n_layer"], n_heads=hf["n_head"],
-                n_kv_heads=hf["n_head"], d_model=d, d_ff=hf.get("n_inner") or 4 * d,
-                max_seq_len=hf["n_positions"], norm="layernorm",
-                activation=_GPT2_ACTIVATIONS[act], position="learned",
-                tie_embeddings=bool(hf.get("tie_word_embeddings", True)), bias=True,
-                norm_eps=hf.get("layer_norm_epsilon", 1e-5))
-
-
-def gpt_config_from_hf(config, **overrides) -> GPTConfig:
-    """The GPTConfig computing the same function as a Llama or GPT-2 HF config.
-
-    ``overrides`` set the fields HF does not decide (``kernels``, ``layers_per_stage``,
-    ``sequence_parallel``, ``dropout`` (0 by default), ``max_seq_len`` for RoPE models...)."""
-    hf = _as_dict(config)
-    family = _family_of_hf(hf)
-    base = _llama_config(hf) if family == "llama" else _gpt2_config(hf)
-    for key, value in overrides.items():
-        fixed = key in _STRUCTURAL or (key == "max_seq_len" and base["position"] == "learned")
-        if fixed and value != base[key]:
-            raise ValueError(f"{key}={value!r} conflicts with the Hugging Face config "
-                             f"({key}={base[key]!r}); the weights fix it, drop the override")
-    try:
-        return GPTConfig(**{**base, **overrides})
-    except TypeError as e:
-        raise ValueError(f"bad GPTConfig override: {e}") from None
-
-
-def _family_of_hf(hf: dict) -> str:
-    kind = hf.get("model_type")
-    if kind not in ("llama", "gpt2"):
-        raise _unsupported("model_type", kind, "from_hf imports 'llama' and 'gpt2' models")
-    return kind
-
-
-def _family_of(cfg: GPTConfig) -> str:
-    """Which HF architecture computes the same function as ``cfg`` (or a ValueError)."""
-    if (cfg.norm, cfg.activation, cfg.position) == ("rmsnorm", "swiglu", "rope"):
-        return "llama"
-    if (cfg.norm, cfg.position) == ("layernorm", "learned") and cfg.activation != "swiglu" \
-            and cfg.bias and cfg.n_kv_heads == cfg.n_heads:
-        return "gpt2"
-    raise ValueError(f"no Hugging Face architecture matches norm={cfg.norm}, activation="
-                     f"{cfg.activation}, position={cfg.position}, bias={cfg.bias}, n_kv_heads="
-                     f"{cfg.n_kv_heads}: use rmsnorm+swiglu+rope (Llama) or layernorm+gelu+"
-                     f"learned with bias and no GQA (GPT-2)")
-
-
-def hf_config_from_gpt(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """config.json contents for ``cfg`` (readable by transformers 4.x and 5.x)."""
-    dtype_name = str(dtype).removeprefix("torch.")
-    if _family_of(cfg) == "llama":
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-                "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
-                "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-                "head_dim": cfg.head_dim, "hidden_act": "silu",
-                "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-                "rope_theta": cfg.rope_theta,
-                "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-                "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": cfg.bias,
-                "mlp_bias": cfg.bias, "torch_dtype": dtype_name}
-    act = "gelu_new" if cfg.activation == "gelu_tanh" else "gelu"
-    out = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-           "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seq_len, "n_embd": cfg.d_model,
-           "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.d_ff,
-           "activation_function": act, "layer_norm_epsilon": cfg.norm_eps,
-           "tie_word_embeddings": cfg.tie_embeddings, "resid_pdrop": cfg.dropout,
-           "embd_pdrop": cfg.dropout, "attn_pdrop": 0.0, "torch_dtype": dtype_name}
-    if cfg.vocab_size <= 50256:  # GPT2Config's default bos/eos id 50256 would lie outside
-        out.update(bos_token_id=None, eos_token_id=None)
-    return out
-
-
-# ----------------------------------------------------------------------------- weight sources
-class _Tensors:
-    """HF tensors by key, read on demand so each rank loads only its stage's weights."""
-
-    def __init__(self, keys, read):
-        self.keys, self._read = set(keys), read
-
-    def get(self, key: str) -> torch.Tensor:
-        if key not in self.keys:
-            # Bare LlamaModel / GPT2Model state dicts lack the "model." / "transformer." prefix.
-            short = key.split(".", 1)[1] if key.startswith(("model.", "transformer.")) else None
-            if short not in self.keys:
-                raise KeyError(key)
-            key = short
-        return self._read(key)
-
-
-class _BinFile:
-    """A pytorch_model.bin with safe_open's interface (memory-mapped, tensors only)."""
-
-    def __init__(self, path: str):
-        self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-    def keys(self):
-        return self._sd.keys()
-
-    def get_tensor(self, key: str) -> torch.Tensor:
-        return self._sd[key]
-
-
-def _open_directory(path: str, stack: contextlib.ExitStack) -> tuple[dict, _Tensors]:
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"{path} has no config.json: pass a local save_pretrained directory "
-                         f"(hub ids are not downloaded), or a state dict with config=...")
-    present = set(os.listdir(path))
-    index = next((n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-                  if n in present), None)
-    single = next((n for n in ("model.safetensors", "pytorch_model.bin") if n in present), None)
-    if index is None and single is None:
-        raise ValueError(f"{path} holds no model.safetensors or pytorch_model.bin weights")
-    if index is not None:   # sharded checkpoint: key -> file name
-        with open(os.path.join(path, index)) as f:
-            files = json.load(f)["weight_map"]
-    opened = {}
-
-    def open_file(name):
-        if name not in opened:
-            full = os.path.join(path, name)
-            if name.endswith(".safetensors"):
-                try:
-                    from safetensors import safe_open
-                except ImportError:
-                    raise ImportError("reading .safetensors needs the safetensors package: "
-                                      "pip install 'megalite[hf]'") from None
-                opened[name] = stack.enter_context(safe_open(full, framework="pt"))
-            else:
-                opened[name] = _BinFile(full)
-        return opened[name]
-
-    if index is None:
-        files = dict.fromkeys(open_file(single).keys(), single)
-    return _as_dict(config_path), _Tensors(files, lambda k: open_file(files[k]).get_tensor(k))
-
-
 # ----------------------------------------------------------------------------- import
 def from_hf(source, state: ParallelState | None = None, config=None, **cfg_overrides) -> GPT:
     """A GPT for ``state`` (default: the current ParallelState) with the weights of ``source``.
 
-    ``source``: an in-memory ``LlamaForCausalLM`` / ``GPT2LMHeadModel``, a local
+    ``source``: an in-memory HF causal LM (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
+    ``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``GPT2LMHeadModel``), a local
     ``save_pretrained`` directory, or a state dict (then ``config`` is its HF config, a
     PretrainedConfig, dict or config.json path). Each rank reads only its pipeline stage's
     tensors and keeps its TP shard. Not collective: every rank can load independently.
+    The model remembers its architecture (``model.hf_model_type``) for :func:`save_hf`.
     """
     ps = state or get_state()
     with contextlib.ExitStack() as stack:
         if isinstance(source, (str, os.PathLike)):
-            hf_config, tensors = _open_directory(os.fspath(source), stack)
+            hf_config, tensors = open_directory(os.fspath(source), stack)
         elif isinstance(source, dict):
             if config is None:
                 raise ValueError("a state dict needs its Hugging Face config: "
                                  "from_hf(state_dict, config=hf_model.config)")
-            hf_config, tensors = _as_dict(config), _Tensors(source, source.__getitem__)
+            hf_config, tensors = as_dict(config), Tensors.in_memory(source)
         elif hasattr(source, "state_dict") and hasattr(source, "config"):
-            hf_config = _as_dict(config if config is not None else source.config)
-            sd = source.state_dict()
-            tensors = _Tensors(sd, sd.__getitem__)
+            hf_config = as_dict(config if config is not None else source.config)
+            tensors = Tensors.in_memory(source.state_dict())
         else:
             raise ValueError(f"from_hf expects an HF model, a directory or a state dict, "
                              f"got {type(source).__name__}")
         cfg = gpt_config_from_hf(hf_config, **cfg_overrides)
-        family = _family_of_hf(hf_config)
-        # Building initializes random weights that are overwritten at once: keep the caller's
-        # RNG stream as it was, so loading a model does not shift later sampling.
+        family = family_of_hf(hf_config)
+        # Building initializes random weights that are overwritten at once: draw only this
+        # rank's shards (master_init=False: no full tensor is ever made, so memory stays at
+        # the shard), and keep the caller's RNG stream as it was, so loading a model does
+        # not shift later sampling.
+        build_cfg = cfg.replace(master_init=False)
         with torch.random.fork_rng(devices=[]):
-            model = GPT(cfg, state=ps)
+            model = GPT(build_cfg, state=ps)
+        for module in model.modules():
+            if getattr(module, "cfg", None) is build_cfg:
+                module.cfg = cfg
         with torch.no_grad():
             for name, param in model.named_parameters():
-                full = _full_tensor(family, name, tensors)
                 try:
-                    local = shard_full(full.to(param.dtype), param, ps)
+                    local = _local_tensor(family, name, param, tensors, ps)
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from None
                 if local.shape != param.shape:
@@ -322,20 +141,65 @@ def from_hf(source, state: ParallelState | None = None, config=None, **cfg_overr
                                      f"give shape {tuple(local.shape)} on this rank, the model "
                                      f"expects {tuple(param.shape)} (config and weights differ?)")
                 param.copy_(local)
+    model.hf_model_type = family
     return model
 
 
-def _full_tensor(family: str, name: str, tensors: _Tensors) -> torch.Tensor:
+def _missing(family: str, name: str, key: str) -> ValueError:
+    return ValueError(f"the Hugging Face weights lack {key!r} (needed for {name}); is the "
+                      f"checkpoint complete and of model_type {family!r}?")
+
+
+def _full_tensor(family: str, name: str, tensors: Tensors) -> torch.Tensor:
     """Our full (tp=1) tensor ``name``, assembled from HF tensors."""
     parts = []
     for key in _hf_keys(family, name):
         try:
             t = tensors.get(key)
         except KeyError:
-            raise ValueError(f"the Hugging Face weights lack {key!r} (needed for {name}); "
-                             f"is the checkpoint complete and of model_type {family!r}?") from None
+            raise _missing(family, name, key) from None
         parts.append(t.t() if _is_conv1d(family, key) else t)
     return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+
+
+def _local_tensor(family: str, name: str, param: torch.Tensor, tensors: Tensors,
+                  ps: ParallelState) -> torch.Tensor:
+    """This rank's shard of ``name``, reading only the slices of the HF tensors it needs.
+
+    Which entries along the sharded dim land here is asked of ``shard_full`` itself, on a
+    tensor of their 1-based positions (0 = vocabulary padding): so this reads exactly what
+    sharding the assembled full tensor would keep."""
+    keys = _hf_keys(family, name)
+    if not is_tp_sharded(param) or ps.tp == 1:
+        return _full_tensor(family, name, tensors).to(param.dtype)
+    dim = param.tp_dim
+    try:
+        lengths = [tensors.shape(k)[1 - dim if _is_conv1d(family, k) else dim] for k in keys]
+    except KeyError as e:
+        raise _missing(family, name, e.args[0]) from None
+    index_shape = [1] * param.dim()
+    index_shape[dim] = sum(lengths)
+    positions = torch.arange(1, sum(lengths) + 1, dtype=torch.float64).view(index_shape)
+    mine = shard_full(positions, param, ps).flatten().long()
+    pieces, offset = [], 0
+    for key, length in zip(keys, lengths):
+        here = mine[(mine > offset) & (mine <= offset + length)] - offset - 1
+        # Runs of consecutive entries: one per segment of ours that this HF tensor holds
+        # (GPT-2's c_attn is [q; k; v] in one tensor, so three).
+        breaks = (torch.nonzero(here.diff() != 1).flatten() + 1).tolist()
+        for run in here.tensor_split(breaks) if len(here) else []:
+            conv = _is_conv1d(family, key)
+            piece = tensors.get(key, 1 - dim if conv else dim, int(run[0]), int(run[-1]) + 1)
+            pieces.append(piece.t() if conv else piece)
+        offset += length
+    if not pieces:     # a shard made of vocabulary padding only
+        return param.new_zeros(param.shape)
+    local = torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0]
+    padding = int((mine == 0).sum())
+    if padding:    # vocabulary rows beyond the real ones: zeros, as shard_full pads
+        local = torch.cat([local, local.new_zeros(*local.shape[:dim], padding,
+                                                  *local.shape[dim + 1:])], dim)
+    return local.to(param.dtype)
 
 
 # ----------------------------------------------------------------------------- export
@@ -345,12 +209,15 @@ def save_hf(model: GPT, directory: str, dtype: torch.dtype | None = None) -> Non
     Collective: every rank of the world calls it. Each TP group gathers its stage's full
     tensors; the stages of the first data-parallel replica are sent to global rank 0, which
     writes; everyone returns once it has written (or raises if it failed). ``dtype`` casts
-    the written weights (default: the parameters' own dtype)."""
+    the written weights (default: the parameters' own dtype). The architecture is the one
+    the model was imported from, else the one ``hf_config.family_of`` picks for its config
+    (q/k norms: Qwen3, q/k/v biases: Qwen2, a sliding window: Mistral, else Llama / GPT-2)."""
     ps, cfg = model.ps, model.cfg
-    family = _family_of(cfg)    # before any collective: an unrepresentable model fails fast
+    # Before any collective: an unrepresentable model fails fast on every rank.
+    family = family_of(cfg, prefer=getattr(model, "hf_model_type", None))
     params = dict(model.named_parameters())
     dtype = dtype or next(iter(params.values())).dtype
-    hf_config = hf_config_from_gpt(cfg, dtype)
+    hf_config = hf_config_from_gpt(cfg, dtype, family)
 
     stage = {}
     for name, param in params.items():

@@ -102,6 +102,9 @@ def stage_parameter_counts(cfg: GPTConfig, tp: int, stages: list[int], num_stage
     mlp_mats = 3 if cfg.activation == "swiglu" else 2
     per_layer_mat = (d * (h + 2 * g) * e + h * e * d + mlp_mats * d * f) // tp
     per_layer_other = 2 * d * (2 if cfg.norm == "layernorm" else 1)
+    per_layer_other += 2 * e if cfg.qk_norm else 0      # replicated q/k norm weights
+    if cfg.qkv_bias and not cfg.bias:
+        per_layer_other += (h + 2 * g) * e // tp
     if cfg.bias:
         col = ((h + 2 * g) * e + (2 if cfg.activation == "swiglu" else 1) * f) // tp
         per_layer_other += col + 2 * d

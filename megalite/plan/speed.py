@@ -48,6 +48,14 @@ class StepTime:
     mfu: float = 0.0
 
 
+def mean_keys_per_query(seq: int, window: int | None) -> float:
+    """Keys a causal query attends to, on average: seq / 2, or with a sliding window each
+    query sees min(i + 1, window) keys."""
+    if window is None or window >= seq:
+        return seq * 0.5
+    return (window * (window + 1) / 2 + (seq - window) * window) / seq
+
+
 def layer_costs(cfg: GPTConfig, L: Layout, gpu: GPU) -> dict[str, float]:
     """Seconds of one layer for one microbatch on one rank, by kind, forward + backward
     (+ recompute)."""
@@ -60,11 +68,11 @@ def layer_costs(cfg: GPTConfig, L: Layout, gpu: GPU) -> dict[str, float]:
     recompute_full = L.recompute == "full"
     fwd_passes = 2 if recompute_full else 1
     matmul = 2 * weights * tokens * (fwd_passes + 2)
-    attn_fwd = 4 * s * h * e * 0.5 * tokens
+    attn_fwd = 4 * h * e * mean_keys_per_query(s, cfg.sliding_window) * tokens
     attn = attn_fwd * (1 + 2.5 + (1 if L.recompute != "none" else 0))
     peak = gpu.bf16_flops if a == 2 else gpu.bf16_flops / 2   # fp32 counts against TF32
     by_kind_bytes = {
-        "norms": 2 * 20 * d,
+        "norms": 2 * 20 * d + (20 * (h + g) * e if cfg.qk_norm else 0),
         "rope": 4 * a * (h + g) * e,
         "swiglu": 8 * a * f / t,
         "copies and casts": 80 * d + 4 * a * h * e,

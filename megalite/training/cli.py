@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", default=None,
                        help="GPTConfig preset (default: tiny); not with --init-from-hf")
     model.add_argument("--init-from-hf", default=None, metavar="DIR",
-                       help="start from a Hugging Face save_pretrained directory (Llama, "
-                            "GPT-2): its config.json is the model, its weights the start")
+                       help="start from a Hugging Face save_pretrained directory (Llama, Qwen, "
+                            "Mistral, GPT-2): its config.json is the model, its weights "
+                            "the start")
     model.add_argument("--kernels", choices=["auto", "torch", "triton"], default="auto")
     model.add_argument("--dropout", type=_fraction(high_open=True), default=0.0)
     model.add_argument("--recompute", choices=["none", "selective", "full"], default="none",

@@ -10,6 +10,7 @@ are read once, only by the ranks that hold it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 
@@ -26,7 +27,10 @@ def gpt_from_hf(directory: str, cfg: GPTConfig, ps: ParallelState, stages: list[
                 num_stages: int) -> GPT:
     """This rank's ``stages`` (of ``num_stages``) of ``cfg``'s GPT with the weights of the
     Hugging Face directory (whose config.json gave ``cfg``). Not collective."""
-    model = GPT(cfg, ps, stages=stages, num_stages=num_stages)
+    # Every weight is overwritten: initialize only this rank's shards (master_init=False
+    # makes no full tensor; it changes no saved tensor either), off the caller's RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        model = GPT(cfg.replace(master_init=False), ps, stages=stages, num_stages=num_stages)
     params = dict(model.named_parameters())
     run_fields = {k: getattr(cfg, k) for k in _RUN_FIELDS}
     for stage in stages:
@@ -35,7 +39,14 @@ def gpt_from_hf(directory: str, cfg: GPTConfig, ps: ParallelState, stages: list[
         with torch.no_grad():
             for name, param in part.named_parameters():
                 params[name].copy_(param)
+    model.hf_model_type = hf_model_type(directory)  # save_hf writes this architecture back
     return model
+
+
+def hf_model_type(directory: str) -> str:
+    """The ``model_type`` of an HF directory's config.json (llama, qwen3, ...)."""
+    with open(os.path.join(directory, "config.json")) as f:
+        return json.load(f)["model_type"]
 
 
 def copy_tokenizer_files(source: str, directory: str) -> list[str]:

@@ -35,7 +35,7 @@ from megalite.training.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from megalite.training.optim import build_optimizer, build_scheduler
 from megalite.training.precision import DynamicLossScaler
 from megalite.training.reporting import measured_vs_planned, planner_prediction, write_timeline
-from megalite.training.hf import copy_tokenizer_files, gpt_from_hf
+from megalite.training.hf import copy_tokenizer_files, gpt_from_hf, hf_model_type
 from megalite.training.step import train_step
 from megalite.training.trainable import TrainableModel, check_trainable
 
@@ -134,10 +134,13 @@ class Trainer:
             model = self.model_provider(self.ps, stages, num_stages)
             check_trainable(model)
             return model
-        if self.args.init_from_hf and from_hf:
-            return gpt_from_hf(self.args.init_from_hf, self.plan.cfg, self.ps, stages,
-                               num_stages)
-        return GPT(self.plan.cfg, self.ps, stages=stages, num_stages=num_stages)
+        directory = self.args.init_from_hf
+        if directory and from_hf:
+            return gpt_from_hf(directory, self.plan.cfg, self.ps, stages, num_stages)
+        model = GPT(self.plan.cfg, self.ps, stages=stages, num_stages=num_stages)
+        if directory:  # resumed: --export-hf writes the architecture it was imported from
+            model.hf_model_type = hf_model_type(directory)
+        return model
 
     def export_hf(self) -> None:
         """--export-hf: the model as a Hugging Face directory (collective), with the

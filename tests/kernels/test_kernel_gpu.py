@@ -87,6 +87,20 @@ def test_attention_gpu(dtype, case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_sliding_window_attention_gpu(dtype):
+    """Mistral-like: 4096 tokens, a 1024-token window, GQA, head dim 128."""
+    from megalite.kernels.attention import window_mask
+    b, h, hkv, s, d, window = 1, 16, 4, 4096, 128, 1024
+    q, k, v = rnd(b, h, s, d, dtype=dtype), rnd(b, hkv, s, d, dtype=dtype), \
+        rnd(b, hkv, s, d, dtype=dtype)
+    mask = window_mask(s, s, window, device="cuda")
+    ref = lambda q, k, v: F.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, attn_mask=mask, enable_gqa=True)
+    compare(lambda q, k, v: K.attention(q, k, v, window=window, backend="triton"), ref,
+            [q, k, v], dtype, factor=2.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy_gpu_large_vocab(dtype):
     N, V = 2048, 128256
     x = rnd(N, V, dtype=dtype, scale=2)

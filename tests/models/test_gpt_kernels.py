@@ -11,12 +11,14 @@ from megalite.models import GPT, GPTConfig
     dict(),                                                    # llama: rmsnorm, rope, swiglu
     dict(norm="layernorm", activation="gelu_tanh", position="learned", bias=True,
          tie_embeddings=True),                                 # gpt2
+    dict(n_kv_heads=1, head_dim=32, qk_norm=True, qkv_bias=True, sliding_window=3,
+         rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=4)),
 ])
 def test_triton_and_torch_kernels_train_the_same_gpt(variant, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     parallel.destroy()
-    cfg = GPTConfig(vocab_size=37, n_layers=1, n_heads=2, n_kv_heads=1 if not variant else 2,
-                    d_model=32, d_ff=48, max_seq_len=8, **variant)
+    cfg = GPTConfig(**{"vocab_size": 37, "n_layers": 1, "n_heads": 2, "d_model": 32, "d_ff": 48,
+                       "max_seq_len": 8, "n_kv_heads": 1 if not variant else 2, **variant})
     data = torch.randint(0, 37, (2, 8), generator=torch.Generator().manual_seed(0))
     results = {}
     for backend in ("torch", "triton"):

@@ -92,7 +92,9 @@ def assert_saved_bytes_match(cfg, ps, b, s, kernels="torch"):
 
 @pytest.mark.parametrize("cfg,b,s", [(LLAMA, 2, 12), (LLAMA.replace(n_kv_heads=1, d_ff=72), 3, 7),
                                      (GPT2.replace(dropout=0.1), 1, 16),
-                                     (LLAMA.replace(dropout=0.1, norm="layernorm"), 2, 5)])
+                                     (LLAMA.replace(dropout=0.1, norm="layernorm"), 2, 5),
+                                     (LLAMA.replace(head_dim=16, qk_norm=True, qkv_bias=True,
+                                                    sliding_window=4), 2, 12)])
 def test_saved_bytes_match_the_prediction(cfg, b, s):
     assert_saved_bytes_match(cfg, ParallelState(), b, s)
 
