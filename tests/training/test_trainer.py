@@ -76,8 +76,8 @@ def _runs_at_tp2_pp2(rank, world_size, cwd, hf):
                  "--metrics-out", "custom4_resumed.jsonl", custom=True) == 0
     # From HF, two stages per rank; stopped after step 2 and run again: it resumes from its
     # own checkpoint (the HF weights again would change step 3), then exports.
-    hf_run = [*tp2pp2, *HF_LR, "--init-from-hf", hf, "--schedule", "interleaved-1f1b", "--save",
-              "hf_ckpt", "--export-hf", "hf4_out", "--metrics-out", "hf4.jsonl"]
+    hf_run = [*tp2pp2, *HF_LR, "--init-from-hf", hf, "--schedule", "interleaved-1f1b",
+              "--save", "hf_ckpt", "--export-hf", "hf4_out", "--metrics-out", "hf4.jsonl"]
     assert train(cwd, *hf_run, "--exit-after", "2") == 0
     assert not (cwd / "hf4_out").exists()  # stopped before --steps: nothing exported
     assert train(cwd, *hf_run) == 0
