@@ -24,7 +24,7 @@ import traceback
 
 from megalite.parallel.comm import PeerFailure
 
-# Exit codes of examples/pretrain_gpt.py (documented in docs/reliability.md).
+# Exit codes of megalite-train (and examples/pretrain_gpt.py; docs/reliability.md).
 EXIT_OK = 0                 # trained to --steps, or a planned stop (--exit-after, --max-time)
 EXIT_ERROR = 1              # a rank failed; the line "rank N: ..." says why
 EXIT_USAGE = 2              # bad command line; nothing was started
