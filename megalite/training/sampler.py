@@ -54,6 +54,12 @@ def blend_positions(weights, drawn, start, count):
     return chosen, drawn
 
 
+def dp_shard(batch, dp_rank, dp_size):
+    """dp rank ``dp_rank``'s contiguous slice of a global batch of indices."""
+    per_rank = len(batch) // dp_size
+    return batch[dp_rank * per_rank: (dp_rank + 1) * per_rank]
+
+
 class ShardedSampler:
     """Which samples each dp rank trains on at each optimizer step (rules in the module
     docstring).
@@ -145,8 +151,7 @@ class ShardedSampler:
         """This rank's global_batch_size / dp_size sample indices for the next step."""
         batch, self.drawn = self._draw()
         self.consumed_samples += self.global_batch_size
-        per_rank = self.global_batch_size // self.dp_size
-        return batch[self.dp_rank * per_rank: (self.dp_rank + 1) * per_rank]
+        return dp_shard(batch, self.dp_rank, self.dp_size)
 
     def state_dict(self):
         state = {"consumed_samples": self.consumed_samples, "seed": self.seed,
