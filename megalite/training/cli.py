@@ -21,8 +21,8 @@ from megalite.parallel import check_layout
 from megalite.pipeline import (SCHEDULE_NAMES, build_schedule, layers_per_stage, load_schedule,
                                rank_stages)
 from megalite.training.checkpoint_dir import list_checkpoints
-from megalite.training.data import default_corpus_path, read_metadata
 from megalite.training.errors import UsageError
+from megalite.training.run_data import open_run_data
 from megalite.training.step import check_placement
 
 DESCRIPTION = "Pretrain a GPT with tensor, pipeline and data parallelism."
@@ -95,12 +95,23 @@ def parse_args(argv=None):
                        help="with --recompute full: only the first N layers of each stage "
                             "(default: all)")
     data = p.add_argument_group("data")
-    data.add_argument("--data", default=None,
-                      help="token file prefix (python -m megalite.training.preprocess); "
-                           "default: the bundled corpus")
+    data.add_argument("--data", nargs="+", default=None, metavar="PREFIX | W PREFIX",
+                      help="token file prefix (python -m megalite.training.preprocess), or "
+                           "WEIGHT PREFIX pairs to blend several (docs/data.md); default: the "
+                           "bundled corpus")
     data.add_argument("--seq-len", type=POSITIVE, default=128)
     data.add_argument("--micro-batch-size", type=POSITIVE, default=2)
     data.add_argument("--global-batch-size", type=POSITIVE, default=16)
+    val = p.add_argument_group("validation (docs/training.md)")
+    val.add_argument("--eval-interval", type=NON_NEGATIVE, default=None, metavar="N",
+                     help="validation loss every N steps and at the end (0: only at the end)")
+    val.add_argument("--eval-iters", type=POSITIVE, default=10, metavar="K",
+                     help="global batches per evaluation (the same ones every time)")
+    val.add_argument("--eval-split", type=_float_at_least(0), default=0.0, metavar="FRACTION",
+                     help="hold out the last FRACTION of each --data dataset's samples for "
+                          "validation (training never reads them)")
+    val.add_argument("--eval-data", nargs="+", default=None, metavar="PREFIX | W PREFIX",
+                     help="validate on these token files instead (same syntax as --data)")
     opt = p.add_argument_group("optimization")
     opt.add_argument("--steps", type=POSITIVE, default=100, help="train until this optimizer step")
     opt.add_argument("--lr", type=float, default=3e-3)
@@ -236,17 +247,13 @@ def check_args(args, world_size: int) -> RunPlan:
                              "the kernels in Triton's (slow) CPU interpreter; or use "
                              "--kernels auto")
     try:
-        meta = read_metadata(args.data or default_corpus_path())
+        vocab_size = open_run_data(args).train.vocab_size
     except (OSError, ValueError) as e:
-        raise UsageError(f"--data {args.data}: {e}") from None
-    if int(meta["vocab_size"]) > cfg.vocab_size:
-        raise UsageError(f"the data's tokenizer has {meta['vocab_size']} tokens but the "
+        raise UsageError(str(e)) from None
+    if vocab_size > cfg.vocab_size:
+        raise UsageError(f"the data's tokenizer has {vocab_size} tokens but the "
                          f"{args.model} model only {cfg.vocab_size}: pick a matching --model "
                          f"or --data")
-    samples = max(0, int(meta["num_tokens"]) - 1) // args.seq_len
-    if samples < args.global_batch_size:
-        raise UsageError(f"--data has {samples} samples of --seq-len {args.seq_len}, fewer "
-                         f"than one --global-batch-size {args.global_batch_size}")
     for flag, value in (("--save-every", args.save_every), ("--keep-last", args.keep_last),
                         ("--no-resume", args.no_resume)):
         if value and not args.save:

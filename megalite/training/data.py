@@ -173,27 +173,26 @@ def split_heldout(dataset, fraction):
 
 
 def parse_data_spec(values):
-    """``--data`` values -> (weights, prefixes): ``[PREFIX]`` (weight 1) or ``[W1, PREFIX1,
-    W2, PREFIX2, ...]`` (Megatron's syntax); None or [] is the bundled corpus. Raises
-    ValueError naming the mistake."""
+    """``--data`` (or ``--eval-data``) values -> (weights, prefixes): ``[PREFIX]`` (weight 1)
+    or ``[W1, PREFIX1, W2, PREFIX2, ...]`` (Megatron's syntax); None or [] is the bundled
+    corpus. Raises ValueError naming the mistake."""
     if isinstance(values, str):
         values = [values]
     values = list(values or [default_corpus_path()])
     if len(values) == 1:
         return [1.0], values
     if len(values) % 2:
-        raise ValueError(f"--data takes one PREFIX or WEIGHT PREFIX pairs, got {len(values)} "
-                         f"values ({' '.join(values)})")
+        raise ValueError(f"give one PREFIX or WEIGHT PREFIX pairs, got {len(values)} values "
+                         f"({' '.join(values)})")
     weights, prefixes = [], []
     for weight, prefix in zip(values[::2], values[1::2]):
         try:
             w = float(weight)
         except ValueError:
-            raise ValueError(f"--data: expected a weight before {prefix!r}, got {weight!r} "
-                             f"(WEIGHT PREFIX pairs, e.g. --data 0.7 data/web 0.3 data/code)"
-                             ) from None
+            raise ValueError(f"expected a weight before {prefix!r}, got {weight!r} (WEIGHT "
+                             f"PREFIX pairs, e.g. 0.7 data/web 0.3 data/code)") from None
         if not (w > 0 and math.isfinite(w)):
-            raise ValueError(f"--data: weight {weight} of {prefix!r} must be a positive number")
+            raise ValueError(f"weight {weight} of {prefix!r} must be a positive number")
         weights.append(w)
         prefixes.append(prefix)
     return weights, prefixes
