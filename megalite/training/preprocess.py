@@ -186,12 +186,12 @@ class Progress:
         now = time.monotonic()
         if self.every is not None and now - self.last >= self.every:
             self.last = now
-            print(f"preprocess: {self.line()}", file=self.stream, flush=True)
+            print(f"preprocess: {self.documents:,} documents, {self.tokens:,} tokens, "
+                  f"{self.rates()}", file=self.stream, flush=True)
 
-    def line(self):
+    def rates(self):
         seconds = max(time.monotonic() - self.start, 1e-9)
-        return (f"{self.text_bytes / 1e6:,.1f} MB of text, {self.documents:,} documents, "
-                f"{self.tokens:,} tokens in {seconds:.1f} s: "
+        return (f"{self.text_bytes / 1e6:,.1f} MB of text in {seconds:.1f} s: "
                 f"{self.text_bytes / 1e6 / seconds:,.2f} MB/s, "
                 f"{self.tokens / seconds:,.0f} tokens/s")
 
@@ -282,7 +282,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     print(f"{args.output}.bin: {meta['num_tokens']} tokens ({meta['dtype']}) from "
           f"{meta['num_documents']} documents, tokenizer {meta['tokenizer']}; "
-          f"{progress.line()} with {args.workers} worker(s)")
+          f"{progress.rates()} with {args.workers} worker(s)")
 
 
 if __name__ == "__main__":

@@ -85,8 +85,8 @@ def test_progress_lines():
     progress.add(3, 120, 2_000_000)
     progress.add(2, 80, 1_000_000)
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 2 and lines[-1].startswith("preprocess: 3.0 MB of text, 5 documents, "
-                                                    "200 tokens in ")
+    assert len(lines) == 2 and lines[-1].startswith("preprocess: 5 documents, 200 tokens, "
+                                                    "3.0 MB of text in ")
     assert "MB/s" in lines[-1] and "tokens/s" in lines[-1]
     quiet = io.StringIO()
     Progress(every=60.0, stream=quiet).add(1, 1, 1)  # not spammy: nothing before a minute
