@@ -16,7 +16,7 @@ from megalite.pipeline import forward_schedule, run_schedule
 from megalite.training.data import get_batch
 from megalite.training.precision import autocast
 from megalite.training.sampler import dp_shard
-from megalite.training.step import activation_shape, pipeline_schedule, split_microbatches
+from megalite.training.step import pipeline_schedule, split_microbatches
 
 
 def forward_loss(model, tokens, targets, *, micro_batch_size: int, schedule="1f1b",
@@ -29,24 +29,29 @@ def forward_loss(model, tokens, targets, *, micro_batch_size: int, schedule="1f1
     labels = split_microbatches(targets, micro_batch_size)
     m = len(inputs)
     table = forward_schedule(pipeline_schedule(model, schedule, m))
-    loss_fn = model.loss
+    # as in training: a loss marked accepts_head_input (GPT's fused head) takes the stages'
+    # HeadInput instead of logits
+    stages = (model.stage_modules(head_input=True)
+              if getattr(model.loss, "accepts_head_input", False) else model.stage_modules())
     with autocast(dtype, ps.device):
-        result = run_schedule(table, model.stage_modules(loss_fn.accepts_head_input), ps,
-                              num_microbatches=m,
-                              activation_shape=activation_shape(model, micro_batch_size,
-                                                                tokens.shape[1]),
+        result = run_schedule(table, stages, ps, num_microbatches=m,
+                              activation_shape=model.activation_shape(micro_batch_size,
+                                                                      tokens.shape[1]),
                               activation_dtype=torch.float32, inputs=inputs, targets=labels,
-                              loss_fn=loss_fn, forward_only=True)
+                              loss_fn=model.loss, forward_only=True)
     return comm.all_reduce(result.loss.reshape(1).clone(), ps.dp_group)[0] / ps.dp
 
 
 def evaluate(model, dataset, batches, *, micro_batch_size: int, schedule="1f1b",
              dtype: str = "fp32") -> float:
     """Mean loss over ``batches`` (global batches of indices into ``dataset``, e.g.
-    `sampler.heldout_batches`); each dp rank runs its slice of every batch."""
+    `sampler.heldout_batches`); each dp rank runs its slice of every batch. ``model``: any
+    :class:`~megalite.training.trainable.TrainableModel` (an ``nn.Module``: it is put in
+    eval mode meanwhile)."""
     ps = model.ps
-    was_training = model.training
-    model.eval()
+    was_training = getattr(model, "training", None)  # an nn.Module: no dropout meanwhile
+    if was_training is not None:
+        model.eval()
     try:
         losses = []
         for batch in batches:
@@ -55,7 +60,8 @@ def evaluate(model, dataset, batches, *, micro_batch_size: int, schedule="1f1b",
                                        micro_batch_size=micro_batch_size, schedule=schedule,
                                        dtype=dtype))
     finally:
-        model.train(was_training)
+        if was_training is not None:
+            model.train(was_training)
     return torch.stack(losses).mean().item()
 
 

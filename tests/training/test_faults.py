@@ -102,6 +102,7 @@ BAD_FLAGS = [  # (WORLD_SIZE, flags, the one line it must print)
     (2, ["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
     (2, ["--max-time", "0"], "argument --max-time: must be a number > 0"),
     (2, ["--bogus"], "unrecognized arguments: --bogus"),
+    (2, ["--lr", "-1"], "argument --lr: must be a number >= 0, got -1"),
     (2, ["--save-every", "5"], "--save-every needs --save DIR"),
     (2, ["--load", "nowhere"], "--load nowhere does not exist"),
     (2, ["--data", "wide"], "the data's tokenizer has 50257 tokens but the tiny model only 256"),
@@ -329,6 +330,12 @@ def test_nan_loss_skips_the_step_everywhere_and_k_in_a_row_stop(tmp_path):
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
     assert [r.get("skipped", False) for r in got] == [False, False, True, True, True]
     assert got[2]["skip_reason"] == "non-finite loss or grad norm"
+    # Skipped steps keep the learning rate (the schedule counts updates; the default warmup
+    # of 4 steps is still rising here) but consume their batches, as in Megatron.
+    lrs = [r["lr"] for r in got]
+    assert lrs[0] < lrs[1] < lrs[2] == lrs[3] == lrs[4], lrs
+    sampler = json.loads((tmp_path / "ck" / "step_00000005" / "meta.json").read_text())["sampler"]
+    assert sampler["consumed_samples"] == 5 * 8, sampler  # --global-batch-size 8
     # Both stages (written by ranks 0 and 1) kept the weights of step 2: nobody updated.
     good = _model_tensors(tmp_path / "ck" / "step_00000002")
     assert any(not torch.equal(v, _model_tensors(tmp_path / "ck" / "step_00000001")[k])

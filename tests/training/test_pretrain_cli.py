@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from megalite.training.cli import schedule_note
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "examples" / "pretrain_gpt.py")
 COMMON = ["--model", "tiny", "--seq-len", "32", "--global-batch-size", "8",
@@ -207,7 +209,15 @@ def test_bad_arguments_fail_with_a_clear_message():
     for argv, message in ((["--micro-batch-size", "0"], "--micro-batch-size: must be an "
                                                         "integer >= 1, got 0"),
                           (["--steps", "-3"], "--steps: must be an integer >= 1"),
-                          (["--save-every", "-1"], "--save-every: must be an integer >= 0")):
+                          (["--save-every", "-1"], "--save-every: must be an integer >= 0"),
+                          (["--lr", "-0.1"], "--lr: must be a number >= 0, got -0.1"),
+                          (["--lr", "nan"], "--lr: must be a number >= 0, got nan"),
+                          (["--weight-decay", "-1"], "--weight-decay: must be a number >= 0"),
+                          (["--clip-grad", "-1"], "--clip-grad: must be a number >= 0"),
+                          (["--warmup", "-1"], "--warmup: must be an integer >= 0"),
+                          (["--dropout", "1"], "--dropout: must be a number in [0, 1), got 1"),
+                          (["--min-lr-ratio", "1.5"], "--min-lr-ratio: must be a number in "
+                                                      "[0, 1], got 1.5")):
         with pytest.raises(ValueError) as error:  # UsageError: run_cli prints it once
             script.parse_args(argv)
         assert message in str(error.value)
@@ -237,6 +247,12 @@ def test_bad_arguments_fail_with_a_clear_message():
             (["--data", "a", "1", "b", "2"], "--data: expected a weight before '1', got 'a'")):
         with pytest.raises(ValueError, match=message):
             script.check_args(script.parse_args(argv), world_size=1)
+    # Several stages per rank at pp=1 (zbv's V, interleaving) run, and say what they do.
+    args = script.parse_args(["--schedule", "zbv"])
+    note = schedule_note(args, script.check_args(args, world_size=1))
+    assert note.startswith("note: zbv at --pp 1 runs the model as 2 stages"), note
+    args = script.parse_args(["--schedule", "zbv", "--pp", "2"])
+    assert schedule_note(args, script.check_args(args, world_size=2)) is None
     args = script.parse_args(["--global-batch-size", "6", "--micro-batch-size", "4"])
     with pytest.raises(ValueError, match="multiple of --micro-batch-size x dp = 4 x 1"):
         script.check_batch_sizes(args, dp=1)
