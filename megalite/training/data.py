@@ -233,9 +233,9 @@ class DataBlend:
 
     def __getitem__(self, i):
         i = int(i)
-        d = int(np.searchsorted(self.offsets, i, side="right")) - 1
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range [0, {len(self)})")
+        d = int(np.searchsorted(self.offsets, i, side="right")) - 1
         return self.datasets[d][i - self.offsets[d]]
 
     def describe(self):
