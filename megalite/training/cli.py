@@ -11,7 +11,6 @@ are this one command line.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -26,6 +25,7 @@ from megalite.parallel import check_layout
 from megalite.pipeline import (SCHEDULE_NAMES, build_schedule, layers_per_stage, load_schedule,
                                rank_stages)
 from megalite.training.checkpoint_dir import list_checkpoints
+from megalite.training.config_file import config_file_argv
 from megalite.training.errors import UsageError
 from megalite.training.run_data import open_run_data
 from megalite.training.step import check_placement
@@ -72,8 +72,8 @@ def _fraction(high_open: bool):
     def parse(text: str) -> float:
         value = float(text)
         if not (0 <= value < 1 if high_open else 0 <= value <= 1):  # also refuses nan
-            raise argparse.ArgumentTypeError(f"must be a number in [0, 1{')' if high_open else ']'}"
-                                             f", got {text}")
+            bracket = ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(f"must be a number in [0, 1{bracket}, got {text}")
         return value
     parse.__name__ = "number"
     return parse
@@ -220,65 +220,6 @@ def parse_args(argv=None, defaults: dict | None = None) -> argparse.Namespace:
     config.add_argument("--config", default=None)
     path = config.parse_known_args(argv)[0].config
     return parser.parse_args((config_file_argv(path, parser) if path else []) + argv)
-
-
-def config_file_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
-    """A TOML file of flags as command-line words, so that each value goes through the same
-    parsing and checks as on the command line (which, coming after, overrides it)."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise UsageError(f"--config {path}: reading TOML needs Python >= 3.11 (tomllib) "
-                             f"or pip install tomli") from None
-    try:
-        with open(path, "rb") as f:
-            table = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise UsageError(f"--config {path}: {e}") from None
-    actions = {a.dest: a for a in parser._actions if a.option_strings}
-    keys = {key: key.replace("-", "_") for key in table}
-    unknown = [key for key, dest in keys.items() if dest not in actions or dest == "config"]
-    if unknown:
-        raise UsageError(f"--config {path}: unknown key(s) {', '.join(unknown)}: keys are flag "
-                         f"names without the dashes, e.g. seq-len or seq_len (see --help)")
-    words = []
-    for key, value in table.items():
-        action = actions[keys[key]]
-        flag = action.option_strings[0]
-        if isinstance(action, argparse._StoreTrueAction):
-            if not isinstance(value, bool):
-                raise UsageError(f"--config {path}: {key} is a switch: true or false")
-            words += [flag] if value else []
-        elif isinstance(value, list):
-            words += [flag, *map(str, value)]
-        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            words += [flag, str(value)]
-        else:
-            raise UsageError(f"--config {path}: {key} = {value!r} is not a value {flag} takes")
-    return words
-
-
-def effective_config(args) -> str:
-    """The run's flags as a TOML file that ``--config`` reads back (unset flags left out)."""
-    lines = ["# The effective flags of this run: megalite-train --config THIS_FILE reruns it."]
-    for key, value in sorted(vars(args).items()):
-        if value is None or value is False or key == "config":
-            continue
-        lines.append(f"{key.replace('_', '-')} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))  # a TOML basic string is a JSON string
 
 
 def check_batch_sizes(args, dp: int) -> int:

@@ -10,6 +10,8 @@ are read once, only by the ranks that hold it.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 
 import torch
 
@@ -34,3 +36,14 @@ def gpt_from_hf(directory: str, cfg: GPTConfig, ps: ParallelState, stages: list[
             for name, param in part.named_parameters():
                 params[name].copy_(param)
     return model
+
+
+def copy_tokenizer_files(source: str, directory: str) -> list[str]:
+    """Copy the tokenizer files of an HF directory (tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json, tokenizer.model, vocab/merges files) into ``directory``, so an
+    exported model loads with its tokenizer. Returns the names copied."""
+    names = [n for n in sorted(os.listdir(source))
+             if n.startswith(("tokenizer", "special_tokens_map", "vocab.", "merges."))]
+    for name in names:
+        shutil.copy2(os.path.join(source, name), os.path.join(directory, name))
+    return names

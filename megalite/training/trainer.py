@@ -26,8 +26,8 @@ from megalite.training import inject, profiling
 from megalite.training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from megalite.training.checkpoint_dir import find_resume_checkpoint, remove_checkpoints
 from megalite.parallel.state import ParallelState
-from megalite.training.cli import (RunPlan, check_args, default_warmup, effective_config,
-                                   schedule_note)
+from megalite.training.cli import RunPlan, check_args, default_warmup, schedule_note
+from megalite.training.config_file import write_effective_config
 from megalite.training.data import ShardedSampler, get_batch
 from megalite.training.errors import UsageError, write_launcher_error_file
 from megalite.training.fault import StepWatchdog, Stopper, StopSignals
@@ -35,7 +35,7 @@ from megalite.training.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from megalite.training.optim import build_optimizer, build_scheduler
 from megalite.training.precision import DynamicLossScaler
 from megalite.training.reporting import measured_vs_planned, planner_prediction, write_timeline
-from megalite.training.hf import gpt_from_hf
+from megalite.training.hf import copy_tokenizer_files, gpt_from_hf
 from megalite.training.run_data import describe as describe_data
 from megalite.training.run_data import evaluation_due, open_run_data, validation_metrics
 from megalite.training.step import train_step
@@ -73,8 +73,6 @@ class Trainer:
         if args.tf32:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-        if ps.rank == 0:
-            write_effective_config(args)
         resume_from = choose_start(args, ps, say)
         start_step = read_checkpoint_meta(resume_from)["step"] if resume_from else 0
         if start_step > args.steps:
@@ -112,6 +110,7 @@ class Trainer:
             self.export_hf()
             parallel.destroy()
             return 0
+        write_effective_config(args, ps)
 
         self.logger = MetricsLogger(ps.rank, args.steps, args.metrics_out, args.log_interval,
                                     args.tensorboard,
@@ -145,11 +144,17 @@ class Trainer:
         return GPT(self.plan.cfg, self.ps, stages=stages, num_stages=num_stages)
 
     def export_hf(self) -> None:
-        """--export-hf: the model as a Hugging Face directory (collective)."""
-        if self.args.export_hf:
-            save_hf(self.model, self.args.export_hf)
-            self.say(f"exported the model to {self.args.export_hf} (Hugging Face format)",
-                     flush=True)
+        """--export-hf: the model as a Hugging Face directory (collective), with the
+        tokenizer files of --init-from-hf's directory, if it has any."""
+        args = self.args
+        if not args.export_hf:
+            return
+        save_hf(self.model, args.export_hf)
+        copied = copy_tokenizer_files(args.init_from_hf, args.export_hf) \
+            if args.init_from_hf and self.ps.rank == 0 else []
+        self.say(f"exported the model to {args.export_hf} (Hugging Face format"
+                 + (f"; tokenizer files from {args.init_from_hf}" if copied else "") + ")",
+                 flush=True)
 
     def describe(self, start_step: int, resume_from: str | None) -> str:
         """The run's one-line description, printed before the first step."""
@@ -303,16 +308,3 @@ def choose_start(args, ps, say) -> str | None:
                 error = e
         agree(error, f"deleting old checkpoints in {args.save}")  # also a barrier
     return found
-
-
-def write_effective_config(args) -> None:
-    """The run's flags as TOML (``--config`` reads it back) next to its checkpoints and its
-    metrics: SAVE/config.toml and METRICS_STEM.config.toml."""
-    paths = [os.path.join(args.save, "config.toml")] if args.save else []
-    if args.metrics_out:
-        paths.append(os.path.splitext(args.metrics_out)[0] + ".config.toml")
-    text = effective_config(args)
-    for path in paths:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)

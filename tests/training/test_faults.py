@@ -185,7 +185,8 @@ def test_stop_resume_and_the_save_directory_in_one_process(tmp_path):
     # Each step once in the metrics, with exactly the uninterrupted losses (fp32).
     assert [r["step"] for r in rows(tmp_path / "m.jsonl")] == [1, 2, 3, 4, 5, 6]
     assert losses(tmp_path / "m.jsonl") == losses(tmp_path / "ref.jsonl")
-    assert sorted(os.listdir(tmp_path / "ck")) == ["latest", "step_00000005", "step_00000006"]
+    assert sorted(os.listdir(tmp_path / "ck")) == ["config.toml", "latest", "step_00000005",
+                                                   "step_00000006"]  # config: the flags
     assert (tmp_path / "ck" / "latest").read_text().strip() == "step_00000006"
 
     run = launch(tmp_path, *same)
@@ -197,7 +198,8 @@ def test_stop_resume_and_the_save_directory_in_one_process(tmp_path):
     run = launch(tmp_path, *same[2:], "--steps", "2", "--no-resume")
     assert run.rc == 0 and "--no-resume: deleted 2 checkpoint(s) after step 0" in run.out, run
     assert [r["step"] for r in rows(tmp_path / "m.jsonl")] == [1, 2]
-    assert sorted(os.listdir(tmp_path / "ck")) == ["latest", "step_00000001", "step_00000002"]
+    assert sorted(os.listdir(tmp_path / "ck")) == ["config.toml", "latest", "step_00000001",
+                                                   "step_00000002"]
 
 
 def test_stopper_counts_non_finite_steps_in_a_row():
@@ -412,7 +414,8 @@ def test_corrupt_newest_checkpoint_falls_back_and_read_only_save_fails(tmp_path,
     table("corrupt newest checkpoint (1 byte flipped)", "warning, fallback to the previous one",
           run.seconds, 2)
 
-    # Saving into a read-only directory: resumes from step 4 there, fails to save step 6.
+    # A read-only --save: it finds step 4 there, and fails before training, on writing the
+    # run's effective flags (ro/config.toml), instead of at its first save.
     if ro is None:
         pytest.skip("running as root without permission to mount read-only")
     run = launch(tmp_path, *cmd, "--save", "ro", nproc=2)
