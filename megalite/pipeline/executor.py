@@ -12,6 +12,10 @@ one fails everywhere before any transfer), then walks this rank's list in order:
 ``I``  the same for the input gradient only (:func:`backward.backward_input`), keeping
        what ``W`` needs; ``W`` then accumulates the weight gradients.
 
+``forward_only=True`` runs a schedule of F actions only (:func:`schedules.forward_schedule`
+of a training schedule) under ``torch.no_grad``, holding nothing for a backward: evaluation
+through the same transfers, at any layout.
+
 ``final_backward(stage)``, when given, is a context manager entered around each stage's
 last gradient-producing action (its last ``B`` or ``W`` in this rank's list): whatever the
 table's order, the stage's parameter gradients are final when it exits. Data parallelism
@@ -64,12 +68,12 @@ def _incoming(parsed, owner, me: int, num_stages: int) -> dict[int, list]:
 
 
 @functools.lru_cache(maxsize=16)
-def _plan(table: tuple, m: int, me: int):
+def _plan(table: tuple, m: int, me: int, forward_only: bool = False):
     """Validate a schedule and derive this rank's view of it: (parsed lists, {stage: rank},
     incoming messages per peer). Cached, since a training loop runs the same table every
     step (an invalid one raises and is not cached)."""
     schedule = dict(table)
-    parsed = validate_schedule(schedule, None, m)
+    parsed = validate_schedule(schedule, None, m, forward_only=forward_only)
     owner = stage_to_rank(parsed)
     return parsed, owner, _incoming(parsed, owner, me, len(owner))
 
@@ -85,7 +89,8 @@ def run_schedule(schedule: Union[Schedule, Sequence[str]], stages: Stages, ps, *
                  loss_fn: Callable | None = None,
                  verbose: bool = False, trace: bool = False,
                  free_outputs: bool = True,
-                 final_backward: Callable | None = None) -> PipelineResult:
+                 final_backward: Callable | None = None,
+                 forward_only: bool = False) -> PipelineResult:
     """Run this rank's part of ``schedule`` ({pipeline rank: ["0F0", "0F1", "0B0", ...]}).
 
     ``stages`` maps each stage this rank owns to a callable (a module, or one stage's view
@@ -96,8 +101,8 @@ def run_schedule(schedule: Union[Schedule, Sequence[str]], stages: Stages, ps, *
     gradient): outputs are checked against it, so a mismatch is an error, not a hang.
     Accumulates parameter gradients; returns the mean loss, known on every pipeline rank.
     ``free_outputs`` releases each sent activation's memory (the stage's last op must not
-    save its own output for backward, true of residual blocks). ``final_backward``: see the
-    module docstring.
+    save its own output for backward, true of residual blocks). ``final_backward`` and
+    ``forward_only``: see the module docstring.
     """
     m, shape, me = num_microbatches, tuple(activation_shape), ps.pp_rank
     if not isinstance(schedule, Mapping):
@@ -109,7 +114,7 @@ def run_schedule(schedule: Union[Schedule, Sequence[str]], stages: Stages, ps, *
         raise ValueError(f"the schedule has ranks {sorted(schedule)} but the pipeline has "
                          f"{ps.pp}; build it for pp={ps.pp}")
     table = tuple((r, tuple(str(a) for a in schedule[r])) for r in sorted(schedule))
-    parsed, owner, incoming = _plan(table, m, me)
+    parsed, owner, incoming = _plan(table, m, me, forward_only)
     num_stages = len(owner)
     mine = sorted(s for s, r in owner.items() if r == me)
     if not isinstance(stages, Mapping):
@@ -167,10 +172,13 @@ def run_schedule(schedule: Union[Schedule, Sequence[str]], stages: Stages, ps, *
         received = None if need is None else take(need, label)
         start = clock()
         if a.kind == "F":
-            x = inputs[mb] if s == 0 else received.requires_grad_()
-            y = stages[s](x)
+            x = inputs[mb] if s == 0 else received if forward_only else \
+                received.requires_grad_()
+            with torch.no_grad() if forward_only else contextlib.nullcontext():
+                y = stages[s](x)
+                if s == num_stages - 1:
+                    y = loss_fn(y, targets[mb]) / m
             if s == num_stages - 1:
-                y = loss_fn(y, targets[mb]) / m
                 losses.append(y.detach())
             else:
                 if tuple(y.shape) != shape or y.dtype != activation_dtype:
@@ -181,9 +189,10 @@ def run_schedule(schedule: Union[Schedule, Sequence[str]], stages: Stages, ps, *
                 remote = owner[s + 1] != me
                 give(produces(a, num_stages), y if remote else y.detach(), label,
                      release=(lambda y=y: _free_storage(y)) if free_outputs and remote else None)
-            held[(s, mb)] = (x, y)
-            live += 1
-            peak = max(peak, live)
+            if not forward_only:
+                held[(s, mb)] = (x, y)
+                live += 1
+                peak = max(peak, live)
         elif a.kind in "BI":
             x, y = held.pop((s, mb)) if a.kind == "B" else held[(s, mb)]
             if a.kind == "B":

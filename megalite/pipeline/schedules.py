@@ -242,6 +242,14 @@ def _build(name: str, p: int, m: int, v: int) -> dict[int, tuple[str, ...]]:
     return {r: tuple(str(a) for a in actions[r]) for r in range(p)}
 
 
+def forward_schedule(schedule: Schedule) -> dict[int, list[str]]:
+    """The F actions of ``schedule``, in each rank's order: the same stages, placement and
+    transfers without any backward, for evaluation (``run_schedule(..., forward_only=True)``).
+    Runnable whenever ``schedule`` is, since an F waits only for earlier Fs."""
+    return {r: [str(a) for a in map(parse_action, actions) if a.kind == "F"]
+            for r, actions in schedule.items()}
+
+
 # ---------------------------------------------------------------------------------------
 # Schedule files.
 

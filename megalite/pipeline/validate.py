@@ -85,7 +85,8 @@ def replay(actions: Mapping[int, Sequence[Action]], num_stages: int,
 
 def validate_schedule(schedule: Schedule, num_stages: int | None = None,
                       num_microbatches: int | None = None,
-                      stage_to_rank: Mapping[int, int] | None = None) -> dict[int, list[Action]]:
+                      stage_to_rank: Mapping[int, int] | None = None,
+                      forward_only: bool = False) -> dict[int, list[Action]]:
     """Check that `schedule` is a runnable pipeline schedule; raise ValueError if not.
 
     Each error names the rank, the action and the reason. Checks, in order: ranks and stage
@@ -93,6 +94,7 @@ def validate_schedule(schedule: Schedule, num_stages: int | None = None,
     per stage and microbatch one F, then either one B or one I followed by one W (never
     both), nothing missing or repeated; and no deadlock when the point-to-point transfers
     are replayed (which also catches an F listed before its input exists on the same rank).
+    ``forward_only``: a schedule of F actions only (evaluation), every F once.
     num_stages and num_microbatches default to what the schedule uses.
     Returns the parsed schedule {rank: [Action, ...]}.
     """
@@ -133,7 +135,7 @@ def validate_schedule(schedule: Schedule, num_stages: int | None = None,
         raise ValueError(f"schedule has ranks {sorted(schedule)} but the stages live on ranks "
                          f"{ranks}; give one action list per rank")
 
-    _check_work(parsed, num_stages, num_microbatches)
+    _check_work(parsed, num_stages, num_microbatches, forward_only)
     _, stuck = replay(parsed, num_stages, duration=lambda a: 1.0, comm=lambda a: 0.0)
     if stuck:
         raise ValueError(_deadlock_message(stuck, parsed, stage_to_rank))
@@ -145,12 +147,16 @@ _NEEDS = {"B": ("F",), "I": ("F",), "W": ("I",)}
 _EXCLUDES = {"B": ("I", "W"), "I": ("B",), "W": ("B",)}
 
 
-def _check_work(parsed: Mapping[int, list[Action]], num_stages: int, m: int) -> None:
+def _check_work(parsed: Mapping[int, list[Action]], num_stages: int, m: int,
+                forward_only: bool = False) -> None:
     seen: dict[Action, int] = {}  # action -> its index in its rank's list
     rank_of = {a.stage: r for r, lst in parsed.items() for a in lst}
     for r, lst in parsed.items():
         for i, a in enumerate(lst):
             where = f"rank {r}, action {i} ({a})"
+            if forward_only and a.kind != "F":
+                raise ValueError(f"{where}: a forward-only schedule has F actions only; "
+                                 f"build it with pipeline.forward_schedule(schedule)")
             if a in seen:
                 raise ValueError(f"{where}: duplicate, already at action {seen[a]}; each "
                                  f"microbatch runs {a.kind} once per stage")
@@ -170,8 +176,8 @@ def _check_work(parsed: Mapping[int, list[Action]], num_stages: int, m: int) -> 
             raise ValueError(f"rank {rank_of.get(s)}: stage {s} has no F for microbatches "
                              f"{missing_f}; every microbatch "
                              f"needs one F and one backward (B, or I then W) on every stage")
-        no_backward = [mb for mb in range(m) if Action(s, "B", mb) not in seen
-                       and Action(s, "I", mb) not in seen]
+        no_backward = [mb for mb in range(m) if not forward_only
+                       and Action(s, "B", mb) not in seen and Action(s, "I", mb) not in seen]
         if no_backward:
             raise ValueError(f"rank {rank_of.get(s)}: stage {s} has no B for microbatches "
                              f"{no_backward}; every "

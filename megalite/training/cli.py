@@ -26,8 +26,8 @@ from megalite.pipeline import (SCHEDULE_NAMES, build_schedule, layers_per_stage,
                                rank_stages)
 from megalite.training.checkpoint_dir import list_checkpoints
 from megalite.training.config_file import config_file_argv
-from megalite.training.data import default_corpus_path, read_metadata
 from megalite.training.errors import UsageError
+from megalite.training.run_data import open_run_data
 from megalite.training.step import check_placement
 
 DESCRIPTION = "Pretrain a GPT with tensor, pipeline and data parallelism."
@@ -121,12 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --recompute full: only the first N layers of each stage "
                             "(default: all)")
     data = p.add_argument_group("data")
-    data.add_argument("--data", default=None,
-                      help="token file prefix (python -m megalite.training.preprocess); "
-                           "default: the bundled corpus")
+    data.add_argument("--data", nargs="+", default=None, metavar="PREFIX | W PREFIX",
+                      help="token file prefix (python -m megalite.training.preprocess), or "
+                           "WEIGHT PREFIX pairs to blend several (docs/data.md); default: the "
+                           "bundled corpus")
     data.add_argument("--seq-len", type=POSITIVE, default=128)
     data.add_argument("--micro-batch-size", type=POSITIVE, default=2)
     data.add_argument("--global-batch-size", type=POSITIVE, default=16)
+    val = p.add_argument_group("validation (docs/training.md)")
+    val.add_argument("--eval-interval", type=NON_NEGATIVE, default=None, metavar="N",
+                     help="validation loss every N steps and at the end (0: only at the end)")
+    val.add_argument("--eval-iters", type=POSITIVE, default=10, metavar="K",
+                     help="global batches per evaluation (the same ones every time)")
+    val.add_argument("--eval-split", type=_float_at_least(0), default=0.0, metavar="FRACTION",
+                     help="hold out the last FRACTION of each --data dataset's samples for "
+                          "validation (training never reads them)")
+    val.add_argument("--eval-data", nargs="+", default=None, metavar="PREFIX | W PREFIX",
+                     help="validate on these token files instead (same syntax as --data)")
     opt = p.add_argument_group("optimization")
     opt.add_argument("--steps", type=POSITIVE, default=100, help="train until this optimizer step")
     opt.add_argument("--lr", type=_float_at_least(0), default=3e-3, help="peak learning rate")
@@ -275,15 +286,11 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
                              "the kernels in Triton's (slow) CPU interpreter; or use "
                              "--kernels auto")
     try:
-        meta = read_metadata(args.data or default_corpus_path())
+        train = open_run_data(args).train
     except (OSError, ValueError) as e:
-        raise UsageError(f"--data {args.data}: {e}") from None
+        raise UsageError(str(e)) from None
     if cfg is not None:
-        check_vocabulary(args, meta, cfg)
-    samples = max(0, int(meta["num_tokens"]) - 1) // args.seq_len
-    if samples < args.global_batch_size:
-        raise UsageError(f"--data has {samples} samples of --seq-len {args.seq_len}, fewer "
-                         f"than one --global-batch-size {args.global_batch_size}")
+        check_vocabulary(args, train.meta, cfg)
     for flag, value in (("--save-every", args.save_every), ("--keep-last", args.keep_last),
                         ("--no-resume", args.no_resume)):
         if value and not args.save:

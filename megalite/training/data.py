@@ -1,18 +1,23 @@
-"""Token files, fixed-length samples over them, and the dp-sharded sampler.
+"""Token files, fixed-length samples over them, blends of several, held-out splits.
 
 A token file is PREFIX.bin (the corpus's token ids back to back, uint16 or uint32, native
 little-endian) plus PREFIX.json (metadata; see `read_metadata`). Make one with
 
     python -m megalite.training.preprocess --input docs/*.txt --output data/mycorpus
 
-`TokenDataset` cuts the token stream into samples, `ShardedSampler` decides which samples
-each dp rank trains on at each step, `get_batch` stacks them into tensors.
+`TokenDataset` cuts the token stream into samples, `open_data` opens what ``--data`` names
+(one prefix or ``W1 PREFIX1 W2 PREFIX2 ...``) as a `DataBlend`, optionally holding out the
+end of each dataset for validation; `ShardedSampler` (in :mod:`megalite.training.sampler`)
+decides which samples each dp rank trains on at each step, `get_batch` stacks them.
 """
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from megalite.training.sampler import ShardedSampler, normalized_weights  # noqa: F401
 
 FORMAT = "megalite-tokens"
 FORMAT_VERSION = 1
@@ -133,89 +138,120 @@ def get_batch(dataset, indices):
     return torch.stack(tokens), torch.stack(targets)
 
 
-class ShardedSampler:
-    """Which samples each dp rank trains on at each optimizer step.
+class SampleRange:
+    """Samples [start, stop) of a dataset, numbered from 0: the training or the held-out
+    part of a token file."""
 
-    Every epoch is a permutation of range(num_samples) seeded by (seed, epoch). Step k of an
-    epoch takes the global batch perm[k*G : (k+1)*G] (G = global_batch_size); dp rank d takes
-    its contiguous slice of G/dp_size of it. So the global batch of a step depends only on
-    the seed and the number of samples consumed -- never on dp_size -- and every (tp, pp, dp)
-    layout trains on the same data. The incomplete last batch of an epoch is dropped.
+    def __init__(self, dataset, start, stop):
+        if not 0 <= start < stop <= len(dataset):
+            raise ValueError(f"sample range [{start}, {stop}) is empty or outside the "
+                             f"dataset's {len(dataset)} samples")
+        self.dataset, self.start, self.stop = dataset, start, stop
+        self.prefix, self.meta = dataset.prefix, dataset.meta
 
-    The position is the count of consumed samples (a multiple of G); state_dict() saves it,
-    and a resume, at any dp_size, continues with the next global batch: no repeat, no skip.
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, i):
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range [0, {len(self)})")
+        return self.dataset[self.start + i]
+
+
+def split_heldout(dataset, fraction):
+    """(training part, held-out part) of ``dataset``: the last floor(fraction * samples)
+    samples are held out. The parts share no target token (the training part's last target
+    is the held-out part's first input token, never one of its targets)."""
+    held = math.floor(len(dataset) * fraction)
+    if held < 1 or held >= len(dataset):
+        raise ValueError(f"--eval-split {fraction} of {dataset.prefix}'s {len(dataset)} "
+                         f"samples holds out {held}; give a fraction that holds out at least "
+                         "one sample and keeps at least one for training")
+    cut = len(dataset) - held
+    return SampleRange(dataset, 0, cut), SampleRange(dataset, cut, len(dataset))
+
+
+def parse_data_spec(values):
+    """``--data`` (or ``--eval-data``) values -> (weights, prefixes): ``[PREFIX]`` (weight 1)
+    or ``[W1, PREFIX1, W2, PREFIX2, ...]`` (Megatron's syntax); None or [] is the bundled
+    corpus. Raises ValueError naming the mistake."""
+    if isinstance(values, str):
+        values = [values]
+    values = list(values or [default_corpus_path()])
+    if len(values) == 1:
+        return [1.0], values
+    if len(values) % 2:
+        raise ValueError(f"give one PREFIX or WEIGHT PREFIX pairs, got {len(values)} values "
+                         f"({' '.join(values)})")
+    weights, prefixes = [], []
+    for weight, prefix in zip(values[::2], values[1::2]):
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ValueError(f"expected a weight before {prefix!r}, got {weight!r} (WEIGHT "
+                             f"PREFIX pairs, e.g. 0.7 data/web 0.3 data/code)") from None
+        if not (w > 0 and math.isfinite(w)):
+            raise ValueError(f"weight {weight} of {prefix!r} must be a positive number")
+        weights.append(w)
+        prefixes.append(prefix)
+    return weights, prefixes
+
+
+def check_same_tokenizer(metas, names):
+    """Blended (and evaluated) token files must come from one tokenizer: the same ids mean
+    the same text. Raises ValueError naming the two that differ."""
+    first = metas[0]
+    for name, meta in zip(names[1:], metas[1:]):
+        if (meta.get("tokenizer"), meta["vocab_size"]) != (first.get("tokenizer"),
+                                                          first["vocab_size"]):
+            raise ValueError(f"{names[0]} was tokenized with {first.get('tokenizer')} (vocab "
+                             f"{first['vocab_size']}) but {name} with {meta.get('tokenizer')} "
+                             f"(vocab {meta['vocab_size']}); re-run megalite.training.preprocess "
+                             "with one --tokenizer for all of them")
+
+
+class DataBlend:
+    """Several datasets behind one index space, with their blend weights.
+
+    Dataset d's sample i is index ``offsets[d] + i``; `ShardedSampler(blend.sizes, ...,
+    weights=blend.weights)` draws such indices. One dataset is a blend of one.
     """
 
-    def __init__(self, num_samples, global_batch_size, dp_rank=0, dp_size=1, seed=0):
-        if global_batch_size < 1 or global_batch_size % dp_size:
-            raise ValueError(f"global_batch_size ({global_batch_size}) must be a positive "
-                             f"multiple of dp_size ({dp_size})")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} out of range for dp_size {dp_size}")
-        if num_samples < global_batch_size:
-            raise ValueError(f"the dataset has {num_samples} samples, fewer than one global "
-                             f"batch of {global_batch_size}; use a smaller --global-batch-size "
-                             "or --seq-len, or more data")
-        self.num_samples = num_samples
-        self.global_batch_size = global_batch_size
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.seed = seed
-        self.steps_per_epoch = num_samples // global_batch_size
-        self.consumed_samples = 0
-        self._perm_epoch, self._perm = None, None
+    def __init__(self, datasets, weights, names=None):
+        self.datasets = list(datasets)
+        self.weights = normalized_weights(weights, len(self.datasets))
+        self.names = list(names or [d.prefix for d in self.datasets])
+        check_same_tokenizer([d.meta for d in self.datasets], self.names)
+        self.sizes = [len(d) for d in self.datasets]
+        self.offsets = np.cumsum([0] + self.sizes[:-1]).tolist()
+        self.meta = self.datasets[0].meta
+        self.vocab_size = int(self.meta["vocab_size"])
 
-    @property
-    def epoch(self):
-        return self.consumed_samples // (self.steps_per_epoch * self.global_batch_size)
+    def __len__(self):
+        return sum(self.sizes)
 
-    @property
-    def offset(self):
-        """Position inside the current epoch's permutation."""
-        return self.consumed_samples % (self.steps_per_epoch * self.global_batch_size)
+    def __getitem__(self, i):
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range [0, {len(self)})")
+        d = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.datasets[d][i - self.offsets[d]]
 
-    def permutation(self, epoch):
-        """The sample order of one epoch (cached: it is used for many steps)."""
-        if self._perm_epoch != epoch:
-            # Seeding with the pair (seed, epoch), not seed + epoch, keeps (seed=1, epoch=0)
-            # and (seed=0, epoch=1) distinct.
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm, self._perm_epoch = rng.permutation(self.num_samples), epoch
-        return self._perm
+    def describe(self):
+        """One line: each dataset's weight and samples."""
+        return ", ".join(f"{w:.3g} x {n} ({s} samples)"
+                         for w, n, s in zip(self.weights, self.names, self.sizes))
 
-    def global_batch_indices(self):
-        """All dp ranks' indices for the next step, without advancing."""
-        start = self.offset
-        return self.permutation(self.epoch)[start: start + self.global_batch_size].tolist()
 
-    def next_batch_indices(self):
-        """This rank's global_batch_size / dp_size sample indices for the next step."""
-        batch = self.global_batch_indices()
-        per_rank = self.global_batch_size // self.dp_size
-        self.consumed_samples += self.global_batch_size
-        return batch[self.dp_rank * per_rank: (self.dp_rank + 1) * per_rank]
-
-    def state_dict(self):
-        # epoch/offset are derived from consumed_samples; saved too for people reading it.
-        return {"consumed_samples": self.consumed_samples, "epoch": self.epoch,
-                "offset": self.offset, "seed": self.seed, "num_samples": self.num_samples,
-                "global_batch_size": self.global_batch_size}
-
-    def load_state_dict(self, state):
-        # dp_size may differ from the saving run (resharding); these may not, because they
-        # change what "the next global batch" means.
-        for key in ("seed", "num_samples", "global_batch_size"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(
-                    f"sampler state has {key}={state[key]} but this run has "
-                    f"{getattr(self, key)}; resume with the same --seed, --data, --seq-len "
-                    "and --global-batch-size as the saved run")
-        consumed = int(state["consumed_samples"])
-        if consumed < 0 or consumed % self.global_batch_size:
-            raise ValueError(f"sampler state consumed_samples={consumed} is not a multiple "
-                             f"of global_batch_size={self.global_batch_size}")
-        self.consumed_samples = consumed
-
-    def __repr__(self):
-        return (f"ShardedSampler(num_samples={self.num_samples}, global_batch_size="
-                f"{self.global_batch_size}, dp_rank={self.dp_rank}, dp_size={self.dp_size}, "
-                f"seed={self.seed}, epoch={self.epoch}, offset={self.offset})")
+def open_data(values, seq_len, eval_split=0.0):
+    """Open ``--data`` (see `parse_data_spec`) as (training blend, held-out blend or None).
+    With ``eval_split`` > 0 each dataset's last fraction of samples (`split_heldout`) forms
+    the held-out blend, with the same weights, and training never draws from it."""
+    weights, prefixes = parse_data_spec(values)
+    datasets = [TokenDataset(p, seq_len) for p in prefixes]
+    if not eval_split:
+        return DataBlend(datasets, weights, prefixes), None
+    parts = [split_heldout(d, eval_split) for d in datasets]
+    return (DataBlend([t for t, _ in parts], weights, prefixes),
+            DataBlend([h for _, h in parts], weights, prefixes))

@@ -28,7 +28,7 @@ from megalite.training.checkpoint_dir import find_resume_checkpoint, remove_chec
 from megalite.parallel.state import ParallelState
 from megalite.training.cli import RunPlan, check_args, default_warmup, schedule_note
 from megalite.training.config_file import write_effective_config
-from megalite.training.data import ShardedSampler, TokenDataset, default_corpus_path, get_batch
+from megalite.training.data import ShardedSampler, get_batch
 from megalite.training.errors import UsageError, write_launcher_error_file
 from megalite.training.fault import StepWatchdog, Stopper, StopSignals
 from megalite.training.metrics import MetricsLogger, peak_flops, peak_memory_gb
@@ -36,6 +36,8 @@ from megalite.training.optim import build_optimizer, build_scheduler
 from megalite.training.precision import DynamicLossScaler
 from megalite.training.reporting import measured_vs_planned, planner_prediction, write_timeline
 from megalite.training.hf import copy_tokenizer_files, gpt_from_hf, hf_model_type
+from megalite.training.run_data import describe as describe_data
+from megalite.training.run_data import evaluation_due, open_run_data, validation_metrics
 from megalite.training.step import train_step
 from megalite.training.trainable import TrainableModel, check_trainable
 
@@ -88,9 +90,10 @@ class Trainer:
         model = self.model = self.build_model(stages[ps.pp_rank],
                                               sum(map(len, stages.values())),
                                               from_hf=not resume_from)
-        dataset = self.dataset = TokenDataset(args.data or default_corpus_path(), args.seq_len)
-        self.sampler = ShardedSampler(len(dataset), args.global_batch_size, ps.dp_rank, ps.dp,
-                                      args.seed)
+        self.data = open_run_data(args)
+        self.dataset = self.data.train
+        self.sampler = ShardedSampler(self.dataset.sizes, args.global_batch_size, ps.dp_rank,
+                                      ps.dp, args.seed, weights=self.dataset.weights)
         # At dp=1 the distributed optimizer warns (on rank 0) that it shards nothing.
         self.optimizer = build_optimizer(model, args.lr, args.weight_decay,
                                          distributed=args.distributed_optimizer)
@@ -122,6 +125,7 @@ class Trainer:
         if note:
             say(note, flush=True)
         say(self.describe(start_step, resume_from), flush=True)
+        say(describe_data(self.data, args), flush=True)
         try:
             return self.train(start_step)
         finally:
@@ -234,6 +238,11 @@ class Trainer:
                 row["skipped"] = True
                 row["skip_reason"] = "non-finite loss or grad norm" if result.nonfinite else \
                     "fp16 overflow"
+            if evaluation_due(args, step):
+                with watchdog.paused():
+                    row.update(validation_metrics(model, self.data, args, self.plan.schedule))
+                say(f"validation at step {step}: loss {row['val_loss']:.4f}, perplexity "
+                    f"{row['val_ppl']:.2f}", flush=True)
             self.logger.log(row)
             stop = stopper.after_step(result.nonfinite, dt)  # collective: all ranks agree
             watchdog.step_finished(dt)

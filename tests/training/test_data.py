@@ -1,4 +1,5 @@
 """Tokenizers, preprocessing, TokenDataset and ShardedSampler (all in-process, no downloads)."""
+import gzip
 import json
 import pickle
 import subprocess
@@ -94,7 +95,7 @@ def test_preprocess_txt_and_jsonl(tmp_path):
     (tmp_path / "c.jsonl").write_text(
         "".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs)) + "\n")
     meta = preprocess([str(tmp_path / "*.txt"), str(tmp_path / "c.jsonl")],
-                      str(tmp_path / "out" / "corpus"), "byte", jsonl_key="body",
+                      str(tmp_path / "out" / "corpus"), "byte", text_key="body",
                       append_eos=True)
     texts = ["héllo\n\nworld", "xyz"] + docs  # globs sorted; a .txt is one document
     expected = [t for text in texts for t in list(text.encode()) + [0]]
@@ -107,7 +108,7 @@ def test_preprocess_txt_and_jsonl(tmp_path):
 
 def test_preprocess_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"other": 1}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2.*--jsonl-key"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2.*--text-key"):
         preprocess([str(tmp_path / "bad.jsonl")], str(tmp_path / "o"))
     with pytest.raises(FileNotFoundError, match="matches no files"):
         preprocess([str(tmp_path / "*.txt")], str(tmp_path / "o"))
@@ -129,10 +130,17 @@ def test_preprocess_dtype_choice(tmp_path):
 
 def test_preprocess_command_line(tmp_path):
     (tmp_path / "a.txt").write_text("command line text")
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"content": f"doc {i}"}) + "\n" for i in range(50))
     out = subprocess.run([sys.executable, "-m", "megalite.training.preprocess", "--input",
-                          str(tmp_path / "a.txt"), "--output", str(tmp_path / "cli")],
+                          str(tmp_path / "a.txt"), str(tmp_path / "*.jsonl.gz"), "--json-key",
+                          "content", "--workers", "2", "--output", str(tmp_path / "cli")],
                          capture_output=True, text=True, check=True).stdout
-    assert "17 tokens" in out and read_metadata(tmp_path / "cli")["num_tokens"] == 17
+    docs = ["command line text"] + [f"doc {i}" for i in range(50)]
+    assert f"{sum(map(len, docs))} tokens" in out and "51 documents" in out
+    assert "MB/s" in out and "2 worker(s)" in out
+    assert bytes(np.fromfile(tmp_path / "cli.bin", np.uint16).astype(np.uint8)).decode() == \
+        "".join(docs)
 
 
 # ---------------------------------------------------------------- dataset

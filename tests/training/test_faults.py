@@ -94,7 +94,8 @@ BAD_FLAGS = [  # (WORLD_SIZE, flags, the one line it must print)
     (2, ["--tp", "2", "--sequence-parallel", "--seq-len", "33"],
      "--seq-len 33 must be divisible by --tp 2"),
     (2, ["--model", "nope"], "--model nope: unknown preset 'nope'"),
-    (2, ["--data", "missing/corpus"], "token file 'missing/corpus.bin' not found"),
+    (2, ["--data", "1", "short", "1", "missing/corpus"],
+     "--data: token file 'missing/corpus.bin' not found"),
     (2, ["--kernels", "triton"], "--kernels triton needs"),
     (8, ["--pp", "8"], "n_layers=4 < 8 pipeline stages"),
     (8, ["--tp", "8"], "--tp 8 must divide the tiny preset's n_heads 4"),
@@ -105,7 +106,7 @@ BAD_FLAGS = [  # (WORLD_SIZE, flags, the one line it must print)
     (2, ["--save-every", "5"], "--save-every needs --save DIR"),
     (2, ["--load", "nowhere"], "--load nowhere does not exist"),
     (2, ["--data", "wide"], "the data's tokenizer has 50257 tokens but the tiny model only 256"),
-    (2, ["--data", "short"], "--data has 7 samples of --seq-len 128, fewer than one "
+    (2, ["--data", "short"], "--data short has 7 samples of --seq-len 128, fewer than one "
                              "--global-batch-size 16"),
     # the planner's verdict, before anything is allocated (a 70B model on one 8-GPU node)
     (8, ["--model", "llama-70b", "--check-memory", "--gpu-memory", "80GB"],
