@@ -73,7 +73,9 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, sampler, 
 
     Collective over all ranks; no rank returns before the checkpoint is complete and
     ``root/latest`` names it. ``extra`` is stored as JSON (other values as strings).
-    ``keep_last`` > 0 then deletes all but the newest ``keep_last`` checkpoints. A failure
+    ``keep_last`` > 0 then deletes all but the newest ``keep_last`` checkpoints; checkpoints
+    set aside (abandoned, corrupt) are pruned to the newest ``keep_last`` (or
+    ``SET_ASIDE_KEPT``) either way (:func:`prune_checkpoints`). A failure
     on any rank raises on every rank and leaves the previous checkpoint as ``latest``."""
     ps, rank = model.ps, model.ps.rank
     name = f"step_{int(step):08d}"
@@ -104,8 +106,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, sampler, 
             meta = _meta(step, model, optimizer, scheduler, sampler, scaler, extra, all_files)
             meta["checksums"] = dict(sorted(all_sums.items()))
             _commit(root, tmp, final, meta)
-            if keep_last:
-                prune_checkpoints(root, keep_last)
+            prune_checkpoints(root, keep_last)
         except Exception as e:  # noqa: BLE001
             error = e
     agree(error, f"committing checkpoint {final}")  # also the final barrier

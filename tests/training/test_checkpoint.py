@@ -21,6 +21,8 @@ from megalite import parallel
 from megalite.models import GPT, GPTConfig
 from megalite.training import checkpoint
 from megalite.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megalite.training.checkpoint_dir import (SET_ASIDE_KEPT, find_resume_checkpoint,
+                                              list_checkpoints)
 from megalite.training.data import ShardedSampler, TokenDataset, get_batch
 from megalite.training.optim import build_optimizer, build_scheduler
 from megalite.training.step import train_step
@@ -297,3 +299,32 @@ def test_clear_errors(single, tmp_path):
         with pytest.raises(ValueError, match=message):
             load_checkpoint(str(tmp_path / name), run.model, run.opt, run.sched, run.sampler,
                             verify=False)
+
+
+def test_set_aside_checkpoints_stay_bounded(single):
+    """Abandoned histories and corrupt checkpoints are set aside for inspection, but only
+    the newest few stay: SET_ASIDE_KEPT when every checkpoint is kept, K with keep_last=K."""
+    root = single.root
+
+    def set_aside():
+        return sorted(d for d in os.listdir(root) if ".abandoned-" in d or ".corrupt-" in d)
+
+    for _ in range(4):  # a run restarted from step 1 again and again abandons step 2
+        _save(root, 2, single)
+        _save(root, 1, single)
+    path = _save(root, 2, single)
+    with open(os.path.join(path, "model_stage0.safetensors"), "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert find_resume_checkpoint(root, set_aside=True, warn=lambda *a, **k: None) \
+        == os.path.join(root, "step_00000001")
+    corrupt = [d for d in set_aside() if ".corrupt-" in d]
+    assert len(corrupt) == 1, set_aside()
+    _save(root, 2, single)
+    kept = set_aside()
+    assert len(kept) == SET_ASIDE_KEPT and corrupt[0] in kept, kept
+    _save(root, 3, single, keep_last=1)
+    assert set_aside() == corrupt and [s for s, _ in list_checkpoints(root)] == [3]
+    assert not [d for d in os.listdir(root) if ".old-" in d or ".tmp-" in d]
