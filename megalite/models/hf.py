@@ -18,12 +18,11 @@ import os
 import re
 
 import torch
-import torch.distributed as dist
 
 from megalite.models.config import GPTConfig
 from megalite.models.gpt import GPT
 from megalite.parallel import comm
-from megalite.parallel.sharding import gather_full, shard_full
+from megalite.parallel.sharding import gather_full_to_cpu, send_stages_to_first, shard_full
 from megalite.parallel.state import ParallelState, get_state
 
 # ----------------------------------------------------------------------------- name tables
@@ -354,21 +353,14 @@ def save_hf(model: GPT, directory: str, dtype: torch.dtype | None = None) -> Non
 
     stage = {}
     for name, param in params.items():
-        full = gather_full(param, ps)      # collective over the TP group, same order everywhere
-        stage[name] = full.detach().to("cpu", dtype)
+        # collective over the TP group, same order everywhere; on the host at once
+        stage[name] = gather_full_to_cpu(param, ps, dtype=dtype)
 
-    distributed = dist.is_initialized() and ps.world_size > 1
     writer = ps.tp_rank == 0 and ps.dp_rank == 0 and ps.pp_rank == 0
-    if distributed and ps.pp > 1 and ps.tp_rank == 0 and ps.dp_rank == 0:
-        # One pipeline (the first replica's tp-rank-0 chain) ships its stages to the writer.
-        stages = [None] * ps.pp if writer else None
-        dist.gather_object(stage, stages, dst=ps.pp_ranks[0], group=ps.pp_group)
-        if writer:
-            merged = {}
-            for part in stages:    # tied embeddings: the last stage's copy is not written
-                for name, tensor in part.items():
-                    merged.setdefault(name, tensor)
-            stage = merged
+    if ps.tp_rank == 0 and ps.dp_rank == 0:
+        # One pipeline (the first replica's tp-rank-0 chain) ships its stages to the writer,
+        # tensor by tensor; tied embeddings: the last stage's copy is not sent.
+        stage = send_stages_to_first(stage, ps)
     error = None
     if writer:
         try:
