@@ -1,0 +1,328 @@
+"""The pretraining command line: every flag, and every check the flags alone decide.
+
+``parse_args`` reads the flags; ``check_args`` runs before any process group, model or data
+is built and raises :class:`~megalite.training.errors.UsageError` (one line, exit code 2)
+naming the flag and the fix. :mod:`megalite.training.trainer` runs what they describe;
+``python -m megalite.train``, the ``megalite-train`` script and ``examples/pretrain_gpt.py``
+are this one command line.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+import torch
+
+from megalite import plan
+from megalite.kernels import HAS_TRITON, interpreting
+from megalite.models import GPTConfig
+from megalite.parallel import check_layout
+from megalite.pipeline import (SCHEDULE_NAMES, build_schedule, layers_per_stage, load_schedule,
+                               rank_stages)
+from megalite.training.checkpoint_dir import list_checkpoints
+from megalite.training.data import default_corpus_path, read_metadata
+from megalite.training.errors import UsageError
+from megalite.training.step import check_placement
+
+DESCRIPTION = "Pretrain a GPT with tensor, pipeline and data parallelism."
+
+
+@dataclass
+class RunPlan:
+    """What the flags decide before anything starts (``check_args``)."""
+    dp: int                         # data-parallel size: world // (tp * pp)
+    num_microbatches: int           # per step and dp rank
+    cfg: GPTConfig                  # the model
+    schedule: dict[int, list[str]]  # the pipeline table every pipeline rank runs
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
+def _float_at_least(low: float, strict: bool = False):
+    def parse(text: str) -> float:
+        value = float(text)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be a number {'>' if strict else '>='} "
+                                             f"{low:g}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints its usage block on every rank; say the mistake in one line, once."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def parse_args(argv=None):
+    p = _Parser(description=DESCRIPTION,
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    layout = p.add_argument_group("layout")
+    layout.add_argument("--tp", type=POSITIVE, default=1, help="tensor-parallel size")
+    layout.add_argument("--pp", type=POSITIVE, default=1, help="pipeline-parallel size")
+    layout.add_argument("--schedule", choices=SCHEDULE_NAMES, default="1f1b",
+                        help="pipeline schedule (docs/pipeline.md)")
+    layout.add_argument("--virtual-stages", type=POSITIVE, default=None,
+                        help="stages per pipeline rank (interleaved-1f1b, interleaved-zb: "
+                             "default 2; zbv: 2)")
+    layout.add_argument("--schedule-file", default=None,
+                        help="run this schedule table (CSV or JSON, one row per pipeline rank) "
+                             "instead of --schedule")
+    layout.add_argument("--sequence-parallel", action="store_true")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="tiny", help="GPTConfig preset")
+    model.add_argument("--kernels", choices=["auto", "torch", "triton"], default="auto")
+    model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
+                       help="activation recomputation (docs/memory.md): full keeps only each "
+                            "layer's input; selective recomputes norms, attention core and "
+                            "the MLP activation")
+    model.add_argument("--recompute-layers", type=POSITIVE, default=None, metavar="N",
+                       help="with --recompute full: only the first N layers of each stage "
+                            "(default: all)")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default=None,
+                      help="token file prefix (python -m megalite.training.preprocess); "
+                           "default: the bundled corpus")
+    data.add_argument("--seq-len", type=POSITIVE, default=128)
+    data.add_argument("--micro-batch-size", type=POSITIVE, default=2)
+    data.add_argument("--global-batch-size", type=POSITIVE, default=16)
+    opt = p.add_argument_group("optimization")
+    opt.add_argument("--steps", type=POSITIVE, default=100, help="train until this optimizer step")
+    opt.add_argument("--lr", type=float, default=3e-3)
+    opt.add_argument("--min-lr-ratio", type=float, default=0.1)
+    opt.add_argument("--warmup", type=NON_NEGATIVE, default=None,
+                     help="default: 5%% of --steps, at least 10 steps, at most half the run")
+    opt.add_argument("--decay", choices=["cosine", "linear", "constant"], default="cosine")
+    opt.add_argument("--weight-decay", type=float, default=0.1)
+    opt.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+    opt.add_argument("--distributed-optimizer", action="store_true",
+                     help="shard the AdamW state over the dp group (ZeRO-1, docs/memory.md)")
+    opt.add_argument("--no-overlap-grad-reduce", action="store_true",
+                     help="reduce gradients over dp after the whole backward instead of "
+                          "bucket by bucket during the last microbatch's")
+    opt.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    opt.add_argument("--tf32", action="store_true",
+                     help="fp32 matmuls on TF32 tensor cores (GPU; fp32 MFU assumes it)")
+    opt.add_argument("--seed", type=int, default=1234)
+    out = p.add_argument_group("output")
+    out.add_argument("--metrics-out", default=None, help="JSONL file, one object per step")
+    out.add_argument("--log-interval", type=POSITIVE, default=10)
+    out.add_argument("--tensorboard", default=None, help="TensorBoard log directory")
+    out.add_argument("--save", default=None, help="checkpoint directory")
+    out.add_argument("--save-every", type=NON_NEGATIVE, default=0, help="0: only at the end")
+    out.add_argument("--keep-last", type=NON_NEGATIVE, default=0,
+                     help="keep only the newest K checkpoints in --save (0: all)")
+    out.add_argument("--load", default=None,
+                     help="start from this checkpoint (directory or one step_XXXXXXXX in it) "
+                          "when --save holds none")
+    out.add_argument("--no-resume", action="store_true",
+                     help="do not resume from --save's checkpoints; start from --load or "
+                          "scratch and delete --save's checkpoints newer than that start")
+    out.add_argument("--trace", default=None,
+                     help="directory for a Chrome trace + PNG timeline of the last step")
+    out.add_argument("--profile", default=None, metavar="DIR",
+                     help="profile the last step (after the others as warm-up): a torch "
+                          "profiler Chrome trace per rank in DIR and a table of time by "
+                          "category (matmul, attention, copies, ...) at the end")
+    out.add_argument("--verbose-p2p", action="store_true", help="log every pipeline send/recv")
+    out.add_argument("--debug", action="store_true",
+                     help="print full tracebacks (also MEGALITE_DEBUG=1)")
+    mem = p.add_argument_group("memory planning (docs/planner.md)")
+    mem.add_argument("--check-memory", action="store_true",
+                     help="stop before anything is allocated when the planner predicts the "
+                          "layout does not fit --gpu-memory")
+    mem.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                     help="memory per GPU for --check-memory and the printed prediction, e.g. "
+                          "80GB or 75GiB (default on GPU: the device's)")
+    run = p.add_argument_group("stopping and faults (docs/reliability.md)")
+    run.add_argument("--max-time", type=_float_at_least(0, strict=True), default=None,
+                     metavar="MINUTES", help="stop (with a checkpoint) before this wall time")
+    run.add_argument("--exit-after", type=POSITIVE, default=None, metavar="STEPS",
+                     help="stop (with a checkpoint) after this many steps of this launch")
+    run.add_argument("--max-skipped-steps", type=POSITIVE, default=5, metavar="K",
+                     help="stop after K steps in a row with a non-finite loss or grad norm")
+    run.add_argument("--comm-timeout", type=_float_at_least(0, strict=True), default=600.0,
+                     metavar="SECONDS", help="timeout of every collective")
+    run.add_argument("--step-timeout", type=_float_at_least(0), default=None, metavar="SECONDS",
+                     help="end all ranks when a step takes longer (0: off; default: "
+                          "--comm-timeout for the first steps, then max(60, 10 x median))")
+    return p.parse_args(argv)
+
+
+def check_batch_sizes(args, dp: int) -> int:
+    per_step = args.micro_batch_size * dp
+    if args.global_batch_size % per_step:
+        raise UsageError(f"--global-batch-size {args.global_batch_size} must be a multiple of "
+                         f"--micro-batch-size x dp = {args.micro_batch_size} x {dp}")
+    return args.global_batch_size // per_step
+
+
+def pipeline_table(args, num_microbatches: int) -> dict[int, list[str]]:
+    """The schedule every pipeline rank runs: built by name, or read from --schedule-file
+    and checked against the run (ranks, microbatches, a GPT's placement)."""
+    if args.schedule_file:
+        if args.virtual_stages is not None:
+            raise UsageError("--virtual-stages comes from the --schedule-file's table; drop it")
+        table = load_schedule(args.schedule_file, num_ranks=args.pp,
+                              num_microbatches=num_microbatches)
+    else:
+        table = build_schedule(args.schedule, args.pp, num_microbatches,
+                               virtual=args.virtual_stages)
+    check_placement(table, args.pp)
+    return table
+
+
+def check_args(args, world_size: int) -> RunPlan:
+    """Every check the flags alone decide, run before any process group, model or data is
+    built: a mistake raises UsageError naming the flag and the fix."""
+    try:
+        dp = check_layout(args.tp, args.pp, None, world_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    num_microbatches = check_batch_sizes(args, dp)
+    try:
+        table = pipeline_table(args, num_microbatches)
+    except ValueError as e:
+        flag = "--schedule-file" if args.schedule_file else "--schedule/--virtual-stages"
+        raise UsageError(f"{flag}: {e}") from None
+    num_stages = sum(map(len, rank_stages(table).values()))
+    if args.recompute_layers is not None and args.recompute != "full":
+        raise UsageError(f"--recompute-layers {args.recompute_layers} applies to full "
+                         f"recompute: add --recompute full (it is {args.recompute}), or drop "
+                         f"--recompute-layers")
+    try:
+        cfg = GPTConfig.preset(args.model, sequence_parallel=args.sequence_parallel,
+                               kernels=args.kernels, dropout=args.dropout)
+        counts = layers_per_stage(cfg.n_layers, num_stages, cfg.layers_per_stage)
+    except ValueError as e:
+        raise UsageError(f"--model {args.model}: {e}") from None
+    if args.recompute_layers is not None and args.recompute_layers > min(counts):
+        raise UsageError(f"--recompute-layers {args.recompute_layers} exceeds the layers of a "
+                         f"stage: {args.model}'s {cfg.n_layers} layers over {num_stages} "
+                         f"stages are {counts} per stage; use --recompute-layers <= "
+                         f"{min(counts)}, or drop it to recompute every layer")
+    cfg = cfg.replace(recompute=args.recompute, recompute_layers=args.recompute_layers)
+    if cfg.n_heads % args.tp or cfg.n_kv_heads % args.tp:
+        raise UsageError(f"--tp {args.tp} must divide the {args.model} preset's n_heads "
+                         f"{cfg.n_heads} and n_kv_heads {cfg.n_kv_heads}; lower --tp")
+    if args.seq_len > cfg.max_seq_len:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds the {args.model} preset's "
+                         f"max_seq_len {cfg.max_seq_len}")
+    if args.sequence_parallel and args.seq_len % args.tp:
+        raise UsageError(f"--sequence-parallel splits the sequence over tp ranks: --seq-len "
+                         f"{args.seq_len} must be divisible by --tp {args.tp}")
+    if args.kernels == "triton":
+        on_gpu = torch.cuda.is_available() and os.environ.get("MEGALITE_DEVICE") != "cpu"
+        if not HAS_TRITON:
+            raise UsageError("--kernels triton needs the triton package: pip install "
+                             "'megalite[triton]', or use --kernels auto")
+        if not (on_gpu or interpreting()):
+            raise UsageError("--kernels triton needs a CUDA GPU, or TRITON_INTERPRET=1 to run "
+                             "the kernels in Triton's (slow) CPU interpreter; or use "
+                             "--kernels auto")
+    try:
+        meta = read_metadata(args.data or default_corpus_path())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--data {args.data}: {e}") from None
+    if int(meta["vocab_size"]) > cfg.vocab_size:
+        raise UsageError(f"the data's tokenizer has {meta['vocab_size']} tokens but the "
+                         f"{args.model} model only {cfg.vocab_size}: pick a matching --model "
+                         f"or --data")
+    samples = max(0, int(meta["num_tokens"]) - 1) // args.seq_len
+    if samples < args.global_batch_size:
+        raise UsageError(f"--data has {samples} samples of --seq-len {args.seq_len}, fewer "
+                         f"than one --global-batch-size {args.global_batch_size}")
+    for flag, value in (("--save-every", args.save_every), ("--keep-last", args.keep_last),
+                        ("--no-resume", args.no_resume)):
+        if value and not args.save:
+            raise UsageError(f"{flag} needs --save DIR")
+    if args.save and os.path.exists(args.save) and not os.path.isdir(args.save):
+        raise UsageError(f"--save {args.save} is a file, not a directory")
+    if args.load and not os.path.exists(args.load):
+        raise UsageError(f"--load {args.load} does not exist; pass the --save directory of "
+                         f"an earlier run (or one step_XXXXXXXX directory in it)")
+    if args.load and not (os.path.isfile(os.path.join(args.load, "meta.json"))
+                          or list_checkpoints(args.load)):
+        raise UsageError(f"--load {args.load} holds no complete checkpoint (no meta.json in "
+                         f"it or in a step_XXXXXXXX directory below it)")
+    check_memory(args, dp, cfg, world_size)
+    return RunPlan(dp, num_microbatches, cfg, table)
+
+
+def _on_gpu() -> bool:
+    return torch.cuda.is_available() and os.environ.get("MEGALITE_DEVICE") != "cpu"
+
+
+def planned_layout(args, dp: int, cfg) -> plan.Layout | None:
+    """The planner's view of this run (None for a --schedule-file table, which it does not
+    model). The fused loss has no flag: it is ``cfg.fused_loss`` (on by default)."""
+    if args.schedule_file:
+        return None
+    triton = _on_gpu() and args.kernels != "torch"
+    return plan.Layout(
+        tp=args.tp, pp=args.pp, dp=dp, micro_batch_size=args.micro_batch_size,
+        seq_len=args.seq_len, global_batch_size=args.global_batch_size,
+        schedule=args.schedule, virtual_stages=args.virtual_stages,
+        sequence_parallel=args.sequence_parallel and args.tp > 1, dtype=args.dtype,
+        recompute=args.recompute, recompute_layers=args.recompute_layers,
+        distributed_optimizer=args.distributed_optimizer,
+        overlap_grad_reduce=not args.no_overlap_grad_reduce,
+        kernels="triton" if triton else "torch", fused_loss=cfg.fused_loss)
+
+
+def memory_budget(args) -> float | None:
+    """--gpu-memory, else the GPU's memory (queried without allocating), else None."""
+    if args.gpu_memory:
+        try:
+            return plan.parse_bytes(args.gpu_memory)
+        except ValueError:
+            raise UsageError(f"--gpu-memory {args.gpu_memory}: give a size such as 80GB or "
+                             f"75GiB") from None
+    if _on_gpu():
+        return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))
+                                                ).total_memory
+    return None
+
+
+def check_memory(args, dp: int, cfg, world_size: int) -> None:
+    """--check-memory: the planner's verdict on the flags, before any process group."""
+    if not args.check_memory:
+        return
+    budget = memory_budget(args)
+    if budget is None:
+        raise UsageError("--check-memory on CPU needs --gpu-memory SIZE (the GPU memory to "
+                         "check against)")
+    layout = planned_layout(args, dp, cfg)
+    if layout is None:
+        raise UsageError("--check-memory models the named schedules; drop --schedule-file "
+                         "or --check-memory")
+    try:
+        reason = plan.fit_reason(plan.memory(cfg, layout), budget)
+    except ValueError as e:
+        raise UsageError(f"--check-memory: {e}") from None
+    if reason:
+        raise UsageError(f"--check-memory: {layout.describe()} {reason}; python -m "
+                         f"megalite.plan --model {args.model} --gpus {world_size} "
+                         f"--gpu-memory {budget / 2**30:.1f}GiB --seq-len {args.seq_len} "
+                         f"--global-batch-size {args.global_batch_size} lists layouts that fit")
+
+
+def default_warmup(steps: int) -> int:
+    """5% of the run, but at least 10 steps (a 1-step warmup at full lr can blow a large
+    model up on its first updates), and never more than half of a short run."""
+    return min(max(10, steps // 20), max(1, steps // 2))

@@ -1,0 +1,240 @@
+"""The training loop as a library: layout, schedule, resume, checkpoints, the stop/watchdog/
+non-finite rules, metrics and the end-of-run reports.
+
+    from megalite.training.cli import parse_args
+    from megalite.training.trainer import Trainer
+    Trainer(parse_args(["--tp", "2", "--pp", "2", "--steps", "50"])).run()
+
+``python -m megalite.train``, ``megalite-train`` and ``examples/pretrain_gpt.py`` are this
+loop behind :mod:`megalite.training.cli`'s flags.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from megalite import parallel
+from megalite.models import GPT
+from megalite.parallel.comm import agree
+from megalite.pipeline import rank_stages
+from megalite.training import inject, profiling
+from megalite.training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from megalite.training.checkpoint_dir import find_resume_checkpoint, remove_checkpoints
+from megalite.training.cli import RunPlan, check_args, default_warmup
+from megalite.training.data import ShardedSampler, TokenDataset, default_corpus_path, get_batch
+from megalite.training.errors import UsageError, write_launcher_error_file
+from megalite.training.fault import StepWatchdog, Stopper, StopSignals
+from megalite.training.metrics import MetricsLogger, peak_flops, peak_memory_gb
+from megalite.training.optim import build_optimizer, build_scheduler
+from megalite.training.precision import DynamicLossScaler
+from megalite.training.reporting import measured_vs_planned, planner_prediction, write_timeline
+from megalite.training.step import train_step
+
+
+class Trainer:
+    """One training run of the flags ``args`` (:func:`megalite.training.cli.parse_args`).
+
+    ``run_plan`` is ``check_args``'s result (computed here when omitted); ``started`` the
+    ``time.monotonic()`` the run's wall time (``--max-time``) counts from. ``run()`` starts
+    the process group, trains to ``--steps`` and returns the exit code
+    (:mod:`megalite.training.errors`)."""
+
+    def __init__(self, args, run_plan: RunPlan | None = None, started: float | None = None):
+        self.started = time.monotonic() if started is None else started
+        self.args = args
+        self.plan = run_plan or check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+
+    # ------------------------------------------------------------------ setup
+    def run(self) -> int:
+        args, cfg, table = self.args, self.plan.cfg, self.plan.schedule
+        ps = self.ps = parallel.initialize(tp=args.tp, pp=args.pp, timeout_s=args.comm_timeout)
+        say = self.say = print if ps.rank == 0 else (lambda *a, **k: None)
+        if args.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+        resume_from = choose_start(args, ps, say)
+        start_step = read_checkpoint_meta(resume_from)["step"] if resume_from else 0
+        if start_step > args.steps:
+            raise UsageError(f"{resume_from} is at step {start_step}, past --steps {args.steps} "
+                             f"(--steps is the step to train until): pass a larger --steps, or "
+                             f"--no-resume to start over")
+        if resume_from and start_step == args.steps:
+            say(f"{resume_from} is already at --steps {args.steps}: nothing to train",
+                flush=True)
+            parallel.destroy()
+            return 0
+
+        parallel.model_parallel_seed(args.seed)
+        stages = rank_stages(table)
+        model = self.model = GPT(cfg, stages=stages[ps.pp_rank],
+                                 num_stages=sum(map(len, stages.values())))
+        dataset = self.dataset = TokenDataset(args.data or default_corpus_path(), args.seq_len)
+        self.sampler = ShardedSampler(len(dataset), args.global_batch_size, ps.dp_rank, ps.dp,
+                                      args.seed)
+        # At dp=1 the distributed optimizer warns (on rank 0) that it shards nothing.
+        self.optimizer = build_optimizer(model, args.lr, args.weight_decay,
+                                         distributed=args.distributed_optimizer)
+        warmup = args.warmup if args.warmup is not None else default_warmup(args.steps)
+        # The schedule always spans --steps, so a run stopped and resumed any number of times
+        # follows the same learning rates as one that ran through.
+        self.scheduler = build_scheduler(self.optimizer, warmup, args.steps, args.decay,
+                                         args.min_lr_ratio)
+        self.scaler = DynamicLossScaler() if args.dtype == "fp16" else None
+        if resume_from:
+            load_checkpoint(resume_from, model, self.optimizer, self.scheduler, self.sampler,
+                            self.scaler, verify=False)  # choose_start verified it
+
+        self.logger = MetricsLogger(ps.rank, args.steps, args.metrics_out, args.log_interval,
+                                    args.tensorboard,
+                                    resumed_at=start_step if resume_from else None)
+        self.schedule_name = args.schedule_file or args.schedule
+        if model.num_stages > ps.pp:
+            self.schedule_name += f" ({model.num_stages // ps.pp} stages per rank)"
+        self.predicted = planner_prediction(args, ps.dp, cfg, ps.device)
+        if self.predicted:
+            say(self.predicted[0], flush=True)
+        say(self.describe(start_step, resume_from), flush=True)
+        try:
+            return self.train(start_step)
+        finally:
+            self.logger.close()
+
+    def describe(self, start_step: int, resume_from: str | None) -> str:
+        """The run's one-line description, printed before the first step."""
+        args, ps, cfg = self.args, self.ps, self.plan.cfg
+        return (f"megalite: {args.model} ({cfg.num_params() / 1e6:.2f}M params) on "
+                f"{ps.world_size} {ps.device.type} processes: tp={ps.tp} pp={ps.pp} dp={ps.dp}, "
+                f"{self.plan.num_microbatches} microbatches of {args.micro_batch_size} x "
+                f"{args.seq_len}, {self.schedule_name}, {args.dtype}"
+                + (", distributed optimizer" if args.distributed_optimizer else "")
+                + (f", recompute {args.recompute}" if args.recompute != "none" else "")
+                + (f" (first {args.recompute_layers} layers of each stage)"
+                   if args.recompute_layers else "")
+                + f"; steps {start_step + 1}..{args.steps}"
+                + (f" (resumed from {resume_from})" if resume_from else ""))
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, start_step: int) -> int:
+        args, ps, model, say = self.args, self.ps, self.model, self.say
+        tokens_per_step = args.global_batch_size * args.seq_len
+        flops_per_token = self.plan.cfg.flops_per_token(args.seq_len)
+        peak = peak_flops(ps.device, args.dtype)
+        # Saved with every checkpoint: generate.py finds the tokenizer here.
+        extra = {"args": vars(args), "tokenizer": self.dataset.meta.get("tokenizer")}
+        # From here on SIGTERM/SIGINT stop the run after a step, with a checkpoint (before,
+        # with nothing to save, they end the process as usual).
+        signals = StopSignals().install()
+        stopper = Stopper(signals, max_time_min=args.max_time, exit_after=args.exit_after,
+                          max_skipped=args.max_skipped_steps, start_time=self.started,
+                          device=ps.device)
+        watchdog = StepWatchdog(ps.rank, ps.world_size, args.step_timeout,
+                                startup_s=args.comm_timeout)
+        if args.step_timeout != 0:
+            watchdog.start()
+        result, stop, saved, profiled = None, None, None, None
+        for step in range(start_step + 1, args.steps + 1):
+            watchdog.step_started(step)
+            inject.at_step_start(step, ps.rank)  # test-only faults (MEGALITE_FAULT)
+            tokens, targets = get_batch(self.dataset, self.sampler.next_batch_indices())
+            tokens, targets = tokens.to(ps.device), targets.to(ps.device)
+            if ps.device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            lr = self.scheduler.get_last_lr()[0]
+
+            def run_step():
+                return train_step(model, self.optimizer, tokens, targets,
+                                  micro_batch_size=args.micro_batch_size,
+                                  schedule=self.plan.schedule, max_grad_norm=args.clip_grad,
+                                  grad_scaler=self.scaler, dtype=args.dtype,
+                                  overlap_grad_reduce=not args.no_overlap_grad_reduce,
+                                  verbose=args.verbose_p2p,
+                                  trace=bool(args.trace) and step == args.steps,
+                                  loss_fn=inject.poison_loss(model.loss, step, ps.rank))
+            if args.profile and step == args.steps:
+                result, profiled = profiling.profile_step(
+                    run_step, args.profile, ps.device, f"trace_rank{ps.rank}.json")
+            else:
+                result = run_step()
+            self.scheduler.step()
+            if ps.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            row = {"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                   "tokens_per_sec": tokens_per_step / dt, "step_time_s": dt}
+            if peak:
+                row["mfu"] = flops_per_token * tokens_per_step / dt / (peak * ps.world_size)
+            row["peak_mem_gb"] = peak_memory_gb(ps.device)
+            if result.skipped:
+                row["skipped"] = True
+                row["skip_reason"] = "non-finite loss or grad norm" if result.nonfinite else \
+                    "fp16 overflow"
+            self.logger.log(row)
+            stop = stopper.after_step(result.nonfinite, dt)  # collective: all ranks agree
+            watchdog.step_finished(dt)
+            if args.save and (stop or step == args.steps
+                              or (args.save_every and step % args.save_every == 0)):
+                with watchdog.paused():
+                    saved = save_checkpoint(args.save, step, model, self.optimizer,
+                                            self.scheduler, self.sampler, self.scaler,
+                                            extra=extra, keep_last=args.keep_last)
+            if stop:
+                break
+        watchdog.close()
+        if stop and step == args.steps:
+            stop = None  # the run was complete anyway
+        if args.trace and result is not None and stop is None:
+            write_timeline(args.trace, result.spans, ps, self.schedule_name)
+        say(self.logger.summary() + (f"; checkpoint {saved}" if saved else ""), flush=True)
+        if args.profile and profiled is not None:
+            rows, total = profiling.breakdown(profiled, ps.device.type)
+            copies = profiling.count_calls(profiled)
+            say(f"profile of step {args.steps} on rank 0 (traces in {args.profile}/):\n"
+                + profiling.format_table(rows, total, ps.device.type) + "\ncopy calls: "
+                + ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in copies.items()),
+                flush=True)
+        if self.predicted and self.logger.history:
+            say(measured_vs_planned(self.logger.history, self.predicted[1], ps), flush=True)
+        if stop:  # the last line: what stopped the run and what to do next
+            line = f"{stop.message} after step {step}; " + (
+                "nothing saved (no --save)" if not saved else f"saved {saved}; {stop.advice}")
+            say(line, flush=True)
+            if stop.exit_code:
+                write_launcher_error_file(f"rank {ps.rank}: {line}")
+        parallel.destroy()
+        signals.uninstall()
+        return stop.exit_code if stop else 0
+
+
+def choose_start(args, ps, say) -> str | None:
+    """The checkpoint to start from (collective): --save's newest intact one unless
+    --no-resume, else --load's; with --no-resume, --save's newer checkpoints are deleted."""
+    if args.save and not args.no_resume:
+        found = find_resume_checkpoint(args.save, set_aside=True, warn=say)
+        if found:
+            note = (f"; --load {args.load} is used only when --save holds no checkpoint"
+                    if args.load else "")
+            say(f"resuming from {found} (the newest intact checkpoint in --save; "
+                f"--no-resume starts over{note})")
+            return found
+    found = None
+    if args.load:
+        found = find_resume_checkpoint(args.load, warn=say)
+        missing = ValueError(f"--load {args.load}: no intact checkpoint there (see the "
+                             f"warning above)") if found is None and ps.rank == 0 else None
+        agree(missing, f"--load {args.load}")  # rank 0 says why, the others stop quietly
+    if args.save and args.no_resume:
+        start, error = read_checkpoint_meta(found)["step"] if found else 0, None
+        if ps.rank == 0:
+            try:
+                removed = remove_checkpoints(args.save, after_step=start)
+                if removed:
+                    say(f"--no-resume: deleted {len(removed)} checkpoint(s) after step {start} "
+                        f"in {args.save}: {', '.join(os.path.basename(r) for r in removed)}")
+            except OSError as e:
+                error = e
+        agree(error, f"deleting old checkpoints in {args.save}")  # also a barrier
+    return found
