@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,8 @@ from megalite.pipeline import (SCHEDULE_NAMES, build_schedule, layers_per_stage,
 from megalite.training.checkpoint_dir import list_checkpoints
 from megalite.training.data import default_corpus_path, read_metadata
 from megalite.training.errors import UsageError
+from megalite.training import layout_auto
+from megalite.training.fault import check_timeouts
 from megalite.training.step import check_placement
 
 DESCRIPTION = "Pretrain a GPT with tensor, pipeline and data parallelism."
@@ -83,6 +86,10 @@ def parse_args(argv=None):
                         help="run this schedule table (CSV or JSON, one row per pipeline rank) "
                              "instead of --schedule")
     layout.add_argument("--sequence-parallel", action="store_true")
+    layout.add_argument("--layout", choices=["auto"], default=None,
+                        help="auto: the planner picks tp, pp, schedule, virtual stages, "
+                             "micro-batch, recompute and the distributed optimizer that fit "
+                             "--gpu-memory fastest (docs/training.md)")
     model = p.add_argument_group("model")
     model.add_argument("--model", default="tiny", help="GPTConfig preset")
     model.add_argument("--kernels", choices=["auto", "torch", "triton"], default="auto")
@@ -160,8 +167,14 @@ def parse_args(argv=None):
                      metavar="SECONDS", help="timeout of every collective")
     run.add_argument("--step-timeout", type=_float_at_least(0), default=None, metavar="SECONDS",
                      help="end all ranks when a step takes longer (0: off; default: "
-                          "--comm-timeout for the first steps, then max(60, 10 x median))")
-    return p.parse_args(argv)
+                          "--comm-timeout for the first steps, then max(60, 10 x median); "
+                          "always at most --comm-timeout - 10 s)")
+    args = p.parse_args(argv)
+    chosen = layout_auto.conflicting_flags(sys.argv[1:] if argv is None else argv)
+    if args.layout == "auto" and chosen:
+        raise UsageError(f"--layout auto chooses {', '.join(chosen)}: drop {' '.join(chosen)}, "
+                         f"or drop --layout auto")
+    return args
 
 
 def check_batch_sizes(args, dp: int) -> int:
@@ -190,11 +203,23 @@ def pipeline_table(args, num_microbatches: int) -> dict[int, list[str]]:
 def check_args(args, world_size: int) -> RunPlan:
     """Every check the flags alone decide, run before any process group, model or data is
     built: a mistake raises UsageError naming the flag and the fix."""
+    if args.layout == "auto":
+        try:
+            choice = layout_auto.choose_for_run(args, world_size, memory_budget(args))
+        except ValueError as e:
+            raise UsageError(f"--layout auto: {e}") from None
+        layout_auto.apply(args, choice)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"--layout auto: {choice.why}; running {' '.join(choice.flags)}", flush=True)
     try:
         dp = check_layout(args.tp, args.pp, None, world_size)
     except ValueError as e:
         raise UsageError(str(e)) from None
     num_microbatches = check_batch_sizes(args, dp)
+    try:
+        check_timeouts(args.step_timeout, args.comm_timeout)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     try:
         table = pipeline_table(args, num_microbatches)
     except ValueError as e:
