@@ -112,6 +112,10 @@ BAD_FLAGS = [  # (WORLD_SIZE, flags, the one line it must print)
      "--check-memory: tp=1 pp=1 dp=8 mbs=2 1f1b recompute=none does not fit: parameters + "
      "gradients + optimizer state alone need 1027.8 GiB on pipeline rank 0 (> 74.5 GiB)"),
     (2, ["--check-memory"], "--check-memory on CPU needs --gpu-memory SIZE"),
+    (2, ["--layout", "auto", "--tp=2", "--distributed-optimizer"],
+     "--layout auto chooses --tp, --distributed-optimizer: drop --tp --distributed-optimizer, "
+     "or drop --layout auto"),
+    (2, ["--step-timeout", "700"], "--step-timeout 700 must be at most --comm-timeout 600 - 10 s"),
 ]
 
 
