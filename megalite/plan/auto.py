@@ -92,8 +92,8 @@ def launch_command(model: str, layout: Layout, gpus_per_node: int, **flags) -> s
     per_node = layout.gpus // nodes
     launcher = f"torchrun --nproc-per-node {per_node}"
     if nodes > 1:
-        launcher += (f" --nnodes {nodes} --node-rank $NODE_RANK --rdzv-backend c10d "
-                     f"--rdzv-endpoint $MASTER_ADDR:29500")
+        launcher += (f" --nnodes {nodes} --node-rank $NODE_RANK --master-addr $MASTER_ADDR "
+                     f"--master-port 29500")
     rest = [f"--{k.replace('_', '-')} {v}" for k, v in flags.items() if v is not None]
     return " ".join([launcher, "-m megalite.train", f"--model {model}", *rest,
                      *layout_flags(layout)])
