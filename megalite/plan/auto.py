@@ -1,7 +1,8 @@
 """The planner's pick: the fastest layout that fits, why, and the flags that run it.
 
-Both ``--layout auto`` (the trainer) and ``python -m megalite.plan`` (its "run it:" line) call
-:func:`choose_layout`, so they agree by construction.
+``--layout auto`` (the trainer) takes :func:`choose_layout`'s layout: the first of the
+planner's ranking (:func:`~megalite.plan.search.search`), which ``python -m megalite.plan``
+prints with :func:`launch_command`'s ready-to-run line.
 
     from megalite.models import GPTConfig
     from megalite.plan.auto import choose_layout

@@ -115,7 +115,8 @@ BAD_FLAGS = [  # (WORLD_SIZE, flags, the one line it must print)
     (2, ["--layout", "auto", "--tp=2", "--distributed-optimizer"],
      "--layout auto chooses --tp, --distributed-optimizer: drop --tp --distributed-optimizer, "
      "or drop --layout auto"),
-    (2, ["--step-timeout", "700"], "--step-timeout 700 must be at most --comm-timeout 600 - 10 s"),
+    (2, ["--step-timeout", "700"],
+     "--step-timeout 700 must be at most --comm-timeout 600 - 10 s"),
 ]
 
 
