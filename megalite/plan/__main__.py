@@ -67,7 +67,8 @@ def main(argv=None) -> int:
         # memory to read) ranks against the same budget
         command = launch_command(args.model, best.layout, gpu.gpus_per_node,
                                  seq_len=args.seq_len, global_batch_size=args.global_batch_size,
-                                 dtype=args.dtype, gpu_memory=args.gpu_memory or f"{budget:.0f}B")
+                                 dtype=args.dtype,
+                                 gpu_memory=args.gpu_memory or f"{budget:.0f}B")
         print(f"\nrun it (or give --layout auto instead of the layout flags):\n{command}")
     else:
         print("no layout fits: more GPUs, a smaller model or a shorter sequence")
