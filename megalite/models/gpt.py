@@ -14,6 +14,7 @@ need the layers of earlier stages to initialize its own.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
@@ -34,6 +35,13 @@ from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
 from megalite.parallel.random import get_rng_tracker
 from megalite.parallel.state import ParallelState, get_state
 from megalite.parallel.partition import layers_per_stage, stage_layers
+
+
+# GPTConfig fields that change no saved tensor (layout, kernels, regularization, init): a
+# checkpoint loads across them. Every other field must match.
+CHECKPOINT_FREE_FIELDS = frozenset({
+    "dropout", "kernels", "sequence_parallel", "layers_per_stage", "master_init",
+    "pad_vocab_to", "init_std", "recompute", "recompute_layers", "fused_loss"})
 
 
 class _Init:
@@ -408,6 +416,33 @@ class GPT(nn.Module):
         return per_token.sum() / count
 
     loss.accepts_head_input = True  # training.forward_backward may pass a HeadInput
+
+    # ------------------------------------------------------------------ for the trainer
+    # (megalite.training.trainable.TrainableModel: what the pipeline and checkpoints need)
+    def activation_shape(self, micro_batch_size: int, seq_len: int) -> tuple[int, int, int]:
+        """Shape of the hidden states passed between stages."""
+        seq = seq_len // self.ps.tp if self.sequence_parallel else seq_len
+        return (micro_batch_size, seq, self.cfg.d_model)
+
+    def checkpoint_config(self) -> dict:
+        """The config a checkpoint records (``GPTConfig(**config)`` rebuilds the model)."""
+        return dataclasses.asdict(self.cfg)
+
+    def check_checkpoint_config(self, saved: dict) -> None:
+        """Raise a ValueError when a checkpoint's config is of another model. Fields that
+        change no saved tensor (layout, kernels, regularization, init) may differ."""
+        free = set(CHECKPOINT_FREE_FIELDS)
+        if self.cfg.position == "rope":  # no table depends on it: a longer context may load
+            free.add("max_seq_len")
+        diffs = [f"{k}={saved[k]!r} (model: {v!r})" for k, v in self.checkpoint_config().items()
+                 if k not in free and k in saved and saved[k] != v]
+        if diffs:
+            raise ValueError(f"another model: {', '.join(diffs)}; build the model with the "
+                             f"checkpoint's config (meta.json 'config')")
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token of the whole model (for MFU)."""
+        return self.cfg.flops_per_token(seq_len)
 
     def shared_embedding_params(self) -> list[nn.Parameter]:
         """Parameters duplicated on the first and last stage's ranks (tied embeddings with

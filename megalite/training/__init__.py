@@ -1,5 +1,6 @@
-"""Training: the 3D step, optimizer, mixed precision, data, checkpoints, metrics, and how a
-run stops (signals, limits, watchdog, one-line errors)."""
+"""Training: the trainer (the loop behind ``megalite-train``), the 3D step, optimizer, mixed
+precision, data, checkpoints, metrics, and how a run stops (signals, limits, watchdog,
+one-line errors)."""
 from megalite.training.checkpoint import (latest_checkpoint, load_checkpoint,
                                           read_checkpoint_meta, save_checkpoint)
 from megalite.training.checkpoint_dir import (find_resume_checkpoint, list_checkpoints,
@@ -14,6 +15,9 @@ from megalite.training.precision import DynamicLossScaler, autocast
 from megalite.training.step import (StepResult, attach_grad_buffer, check_placement,
                                     distributed_optimizer, forward_backward, train_step)
 from megalite.training.tokenizer import get_tokenizer
+from megalite.training.trainable import TrainableModel, check_trainable
+from megalite.training.cli import check_args, parse_args
+from megalite.training.trainer import Trainer
 
 __all__ = ["ShardedSampler", "TokenDataset", "default_corpus_path", "get_batch",
            "read_metadata", "build_optimizer", "build_scheduler", "param_groups",
@@ -23,4 +27,5 @@ __all__ = ["ShardedSampler", "TokenDataset", "default_corpus_path", "get_batch",
            "read_checkpoint_meta", "MetricsLogger", "peak_flops", "peak_memory_gb",
            "find_resume_checkpoint", "list_checkpoints", "prune_checkpoints",
            "verify_checkpoint", "RunStopped", "UsageError", "run_cli", "StepWatchdog",
-           "Stopper", "StopSignals"]
+           "Stopper", "StopSignals", "TrainableModel", "check_trainable", "check_args",
+           "parse_args", "Trainer"]

@@ -2,7 +2,7 @@
 
 A checkpoint is one directory ``ROOT/step_XXXXXXXX`` holding
 
-    meta.json                    step, layout, GPTConfig, which tensor is in which file,
+    meta.json                    step, layout, the model's config, which tensor is in which file,
                                  optimizer hyperparameters, scheduler, sampler, loss scaler,
                                  ``extra`` (the script's args); written last: it marks the
                                  checkpoint complete
@@ -27,7 +27,6 @@ save leaves only a ``*.tmp-*`` directory: never loaded, deleted by the next good
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -49,10 +48,6 @@ from megalite.training.checkpoint_dir import (FORMAT, VERSION, _LEFTOVER, _fsync
                                               read_checkpoint_meta, verify_checkpoint)
 
 _RNG_FILE = "rng_rank{:05d}.safetensors"
-# GPTConfig fields that change no saved tensor (layout, kernels, regularization, init):
-# a checkpoint loads across them. Every other field must match.
-_FREE_FIELDS = {"dropout", "kernels", "sequence_parallel", "layers_per_stage", "master_init",
-                "pad_vocab_to", "init_std", "recompute", "recompute_layers", "fused_loss"}
 
 
 # ----------------------------------------------------------------------------- files
@@ -170,7 +165,7 @@ def _meta(step, model, optimizer, scheduler, sampler, scaler, extra, files) -> d
         "format": FORMAT, "version": VERSION, "step": int(step),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
         "layout": {"tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "world_size": ps.world_size},
-        "config": dataclasses.asdict(model.cfg),
+        "config": model.checkpoint_config(),
         "files": dict(sorted(files.items())),
         "rng_files": [_RNG_FILE.format(r) for r in range(ps.world_size)],
         "optimizer": {"param_groups": groups},
@@ -217,7 +212,10 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None, sampler=No
     error, step = None, 0
     try:
         meta = read_checkpoint_meta(path)
-        _check_config(meta["config"], model.cfg, meta["path"])
+        try:
+            model.check_checkpoint_config(meta["config"])
+        except ValueError as e:
+            raise ValueError(f"checkpoint {meta['path']!r} is of {e}") from None
         files = _TensorFiles(meta)
         _load_model(files, model)
         if optimizer is not None:
@@ -237,18 +235,6 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None, sampler=No
         error = e
     agree(error, f"loading checkpoint {path}")
     return step
-
-
-def _check_config(saved: dict, cfg, ckpt: str) -> None:
-    free = set(_FREE_FIELDS)
-    if cfg.position == "rope":  # no table depends on it: a longer context may be loaded
-        free.add("max_seq_len")
-    current = dataclasses.asdict(cfg)
-    diffs = [f"{k}={saved[k]!r} (model: {v!r})" for k, v in current.items()
-             if k not in free and k in saved and saved[k] != v]
-    if diffs:
-        raise ValueError(f"checkpoint {ckpt!r} is of another model: {', '.join(diffs)}; build "
-                         f"the model with the checkpoint's config (meta.json 'config')")
 
 
 class _TensorFiles:

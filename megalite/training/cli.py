@@ -1,14 +1,17 @@
 """The pretraining command line: every flag, and every check the flags alone decide.
 
-``parse_args`` reads the flags; ``check_args`` runs before any process group, model or data
-is built and raises :class:`~megalite.training.errors.UsageError` (one line, exit code 2)
-naming the flag and the fix. :mod:`megalite.training.trainer` runs what they describe;
+``parse_args`` reads the flags (first from ``--config FILE.toml``, whose keys are the flag
+names, then from the command line, which overrides them); ``check_args`` runs before any
+process group, model or data is built and raises
+:class:`~megalite.training.errors.UsageError` (one line, exit code 2) naming the flag and
+the fix. :mod:`megalite.training.trainer` runs what they describe;
 ``python -m megalite.train``, the ``megalite-train`` script and ``examples/pretrain_gpt.py``
 are this one command line.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -17,11 +20,12 @@ import torch
 
 from megalite import plan
 from megalite.kernels import HAS_TRITON, interpreting
-from megalite.models import GPTConfig
+from megalite.models import GPTConfig, gpt_config_from_hf
 from megalite.parallel import check_layout
 from megalite.pipeline import (SCHEDULE_NAMES, build_schedule, layers_per_stage, load_schedule,
                                rank_stages)
 from megalite.training.checkpoint_dir import list_checkpoints
+from megalite.training.config_file import config_file_argv
 from megalite.training.data import default_corpus_path, read_metadata
 from megalite.training.errors import UsageError
 from megalite.training import layout_auto
@@ -36,8 +40,9 @@ class RunPlan:
     """What the flags decide before anything starts (``check_args``)."""
     dp: int                         # data-parallel size: world // (tp * pp)
     num_microbatches: int           # per step and dp rank
-    cfg: GPTConfig                  # the model
+    cfg: GPTConfig | None           # the GPT to train (None: the caller brings its model)
     schedule: dict[int, list[str]]  # the pipeline table every pipeline rank runs
+    model_name: str = "model"       # for the log: the preset, or the HF directory
 
 
 def _int_at_least(low: int):
@@ -56,9 +61,21 @@ POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 def _float_at_least(low: float, strict: bool = False):
     def parse(text: str) -> float:
         value = float(text)
-        if value < low or (strict and value == low):
+        if not math.isfinite(value) or value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"must be a number {'>' if strict else '>='} "
                                              f"{low:g}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def _fraction(high_open: bool):
+    """A number in [0, 1), or [0, 1] when not ``high_open``."""
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (0 <= value < 1 if high_open else 0 <= value <= 1):  # also refuses nan
+            bracket = ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(f"must be a number in [0, 1{bracket}, got {text}")
         return value
     parse.__name__ = "number"
     return parse
@@ -71,9 +88,12 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description=DESCRIPTION,
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, metavar="FILE.toml",
+                   help="read flags from a TOML file: keys are the flag names (seq-len or "
+                        "seq_len), the command line overrides them (docs/training.md)")
     layout = p.add_argument_group("layout")
     layout.add_argument("--tp", type=POSITIVE, default=1, help="tensor-parallel size")
     layout.add_argument("--pp", type=POSITIVE, default=1, help="pipeline-parallel size")
@@ -91,9 +111,13 @@ def parse_args(argv=None):
                              "micro-batch, recompute and the distributed optimizer that fit "
                              "--gpu-memory fastest (docs/training.md)")
     model = p.add_argument_group("model")
-    model.add_argument("--model", default="tiny", help="GPTConfig preset")
+    model.add_argument("--model", default=None,
+                       help="GPTConfig preset (default: tiny); not with --init-from-hf")
+    model.add_argument("--init-from-hf", default=None, metavar="DIR",
+                       help="start from a Hugging Face save_pretrained directory (Llama, "
+                            "GPT-2): its config.json is the model, its weights the start")
     model.add_argument("--kernels", choices=["auto", "torch", "triton"], default="auto")
-    model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--dropout", type=_fraction(high_open=True), default=0.0)
     model.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
                        help="activation recomputation (docs/memory.md): full keeps only each "
                             "layer's input; selective recomputes norms, attention core and "
@@ -110,13 +134,15 @@ def parse_args(argv=None):
     data.add_argument("--global-batch-size", type=POSITIVE, default=16)
     opt = p.add_argument_group("optimization")
     opt.add_argument("--steps", type=POSITIVE, default=100, help="train until this optimizer step")
-    opt.add_argument("--lr", type=float, default=3e-3)
-    opt.add_argument("--min-lr-ratio", type=float, default=0.1)
+    opt.add_argument("--lr", type=_float_at_least(0), default=3e-3, help="peak learning rate")
+    opt.add_argument("--min-lr-ratio", type=_fraction(high_open=False), default=0.1,
+                     help="the decay ends at --lr x this")
     opt.add_argument("--warmup", type=NON_NEGATIVE, default=None,
                      help="default: 5%% of --steps, at least 10 steps, at most half the run")
     opt.add_argument("--decay", choices=["cosine", "linear", "constant"], default="cosine")
-    opt.add_argument("--weight-decay", type=float, default=0.1)
-    opt.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+    opt.add_argument("--weight-decay", type=_float_at_least(0), default=0.1)
+    opt.add_argument("--clip-grad", type=_float_at_least(0), default=1.0,
+                     help="0 disables clipping")
     opt.add_argument("--distributed-optimizer", action="store_true",
                      help="shard the AdamW state over the dp group (ZeRO-1, docs/memory.md)")
     opt.add_argument("--no-overlap-grad-reduce", action="store_true",
@@ -128,8 +154,12 @@ def parse_args(argv=None):
     opt.add_argument("--seed", type=int, default=1234)
     out = p.add_argument_group("output")
     out.add_argument("--metrics-out", default=None, help="JSONL file, one object per step")
-    out.add_argument("--log-interval", type=POSITIVE, default=10)
+    out.add_argument("--log-interval", type=POSITIVE, default=10, metavar="STEPS",
+                     help="print a progress line every STEPS steps (--metrics-out has them all)")
     out.add_argument("--tensorboard", default=None, help="TensorBoard log directory")
+    out.add_argument("--export-hf", default=None, metavar="DIR",
+                     help="write the trained model as a Hugging Face directory when the run "
+                          "reaches --steps")
     out.add_argument("--save", default=None, help="checkpoint directory")
     out.add_argument("--save-every", type=NON_NEGATIVE, default=0, help="0: only at the end")
     out.add_argument("--keep-last", type=NON_NEGATIVE, default=0,
@@ -169,8 +199,25 @@ def parse_args(argv=None):
                      help="end all ranks when a step takes longer (0: off; default: "
                           "--comm-timeout for the first steps, then max(60, 10 x median); "
                           "always at most --comm-timeout - 10 s)")
-    args = p.parse_args(argv)
-    chosen = layout_auto.conflicting_flags(sys.argv[1:] if argv is None else argv)
+    return p
+
+
+def parse_args(argv=None, defaults: dict | None = None) -> argparse.Namespace:
+    """The flags of ``argv`` (default: sys.argv[1:]) over those of its ``--config`` file,
+    over ``defaults`` ({flag dest: value}, a program's own defaults), over the parser's."""
+    parser = build_parser()
+    if defaults:
+        unknown = set(defaults) - {a.dest for a in parser._actions}
+        if unknown:
+            raise ValueError(f"defaults for unknown flags: {sorted(unknown)}")
+        parser.set_defaults(**defaults)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", default=None)
+    path = config.parse_known_args(argv)[0].config
+    argv = (config_file_argv(path, parser) if path else []) + argv
+    args = parser.parse_args(argv)
+    chosen = layout_auto.conflicting_flags(argv)
     if args.layout == "auto" and chosen:
         raise UsageError(f"--layout auto chooses {', '.join(chosen)}: drop {' '.join(chosen)}, "
                          f"or drop --layout auto")
@@ -200,12 +247,28 @@ def pipeline_table(args, num_microbatches: int) -> dict[int, list[str]]:
     return table
 
 
-def check_args(args, world_size: int) -> RunPlan:
+def schedule_note(args, run_plan: RunPlan) -> str | None:
+    """What a schedule of several stages per rank does in a single pipeline rank."""
+    stages = sum(map(len, rank_stages(run_plan.schedule).values()))
+    if args.pp > 1 or stages == 1:
+        return None
+    name = args.schedule_file or args.schedule
+    return (f"note: {name} at --pp 1 runs the model as {stages} stages, one after the other "
+            f"in each process: the losses of 1f1b, and no pipeline overlap to gain (that "
+            f"needs --pp >= 2)")
+
+
+def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
     """Every check the flags alone decide, run before any process group, model or data is
-    built: a mistake raises UsageError naming the flag and the fix."""
+    built: a mistake raises UsageError naming the flag and the fix. ``gpt=False``: the
+    caller trains its own model (the GPT's flags are refused, its checks skipped)."""
     if args.layout == "auto":
+        if not gpt:
+            raise UsageError("--layout auto plans megalite's GPT; give your model's --tp/--pp")
         try:
-            choice = layout_auto.choose_for_run(args, world_size, memory_budget(args))
+            base = gpt_config_from_hf(hf_config_path(args.init_from_hf)) \
+                if args.init_from_hf else GPTConfig.preset(args.model or "tiny")
+            choice = layout_auto.choose_for_run(args, world_size, memory_budget(args), base)
         except ValueError as e:
             raise UsageError(f"--layout auto: {e}") from None
         layout_auto.apply(args, choice)
@@ -226,28 +289,7 @@ def check_args(args, world_size: int) -> RunPlan:
         flag = "--schedule-file" if args.schedule_file else "--schedule/--virtual-stages"
         raise UsageError(f"{flag}: {e}") from None
     num_stages = sum(map(len, rank_stages(table).values()))
-    if args.recompute_layers is not None and args.recompute != "full":
-        raise UsageError(f"--recompute-layers {args.recompute_layers} applies to full "
-                         f"recompute: add --recompute full (it is {args.recompute}), or drop "
-                         f"--recompute-layers")
-    try:
-        cfg = GPTConfig.preset(args.model, sequence_parallel=args.sequence_parallel,
-                               kernels=args.kernels, dropout=args.dropout)
-        counts = layers_per_stage(cfg.n_layers, num_stages, cfg.layers_per_stage)
-    except ValueError as e:
-        raise UsageError(f"--model {args.model}: {e}") from None
-    if args.recompute_layers is not None and args.recompute_layers > min(counts):
-        raise UsageError(f"--recompute-layers {args.recompute_layers} exceeds the layers of a "
-                         f"stage: {args.model}'s {cfg.n_layers} layers over {num_stages} "
-                         f"stages are {counts} per stage; use --recompute-layers <= "
-                         f"{min(counts)}, or drop it to recompute every layer")
-    cfg = cfg.replace(recompute=args.recompute, recompute_layers=args.recompute_layers)
-    if cfg.n_heads % args.tp or cfg.n_kv_heads % args.tp:
-        raise UsageError(f"--tp {args.tp} must divide the {args.model} preset's n_heads "
-                         f"{cfg.n_heads} and n_kv_heads {cfg.n_kv_heads}; lower --tp")
-    if args.seq_len > cfg.max_seq_len:
-        raise UsageError(f"--seq-len {args.seq_len} exceeds the {args.model} preset's "
-                         f"max_seq_len {cfg.max_seq_len}")
+    cfg = check_model(args, num_stages) if gpt else refuse_gpt_flags(args)
     if args.sequence_parallel and args.seq_len % args.tp:
         raise UsageError(f"--sequence-parallel splits the sequence over tp ranks: --seq-len "
                          f"{args.seq_len} must be divisible by --tp {args.tp}")
@@ -264,10 +306,8 @@ def check_args(args, world_size: int) -> RunPlan:
         meta = read_metadata(args.data or default_corpus_path())
     except (OSError, ValueError) as e:
         raise UsageError(f"--data {args.data}: {e}") from None
-    if int(meta["vocab_size"]) > cfg.vocab_size:
-        raise UsageError(f"the data's tokenizer has {meta['vocab_size']} tokens but the "
-                         f"{args.model} model only {cfg.vocab_size}: pick a matching --model "
-                         f"or --data")
+    if cfg is not None:
+        check_vocabulary(args, meta, cfg)
     samples = max(0, int(meta["num_tokens"]) - 1) // args.seq_len
     if samples < args.global_batch_size:
         raise UsageError(f"--data has {samples} samples of --seq-len {args.seq_len}, fewer "
@@ -285,8 +325,99 @@ def check_args(args, world_size: int) -> RunPlan:
                           or list_checkpoints(args.load)):
         raise UsageError(f"--load {args.load} holds no complete checkpoint (no meta.json in "
                          f"it or in a step_XXXXXXXX directory below it)")
-    check_memory(args, dp, cfg, world_size)
-    return RunPlan(dp, num_microbatches, cfg, table)
+    if cfg is not None:
+        check_memory(args, dp, cfg, world_size)
+    return RunPlan(dp, num_microbatches, cfg, table,
+                   model_name=(args.init_from_hf or args.model or "tiny") if gpt else "model")
+
+
+def check_model(args, num_stages: int) -> GPTConfig:
+    """The GPT the flags describe (--model's preset, or --init-from-hf's config.json) and the
+    checks that need it."""
+    if args.init_from_hf and args.model:
+        raise UsageError(f"--model {args.model} and --init-from-hf {args.init_from_hf} both "
+                         f"choose the model: drop --model (the architecture is the HF "
+                         f"directory's config.json)")
+    name = args.model or "tiny"
+    if args.recompute_layers is not None and args.recompute != "full":
+        raise UsageError(f"--recompute-layers {args.recompute_layers} applies to full "
+                         f"recompute: add --recompute full (it is {args.recompute}), or drop "
+                         f"--recompute-layers")
+    free = dict(sequence_parallel=args.sequence_parallel, kernels=args.kernels,
+                dropout=args.dropout)
+    try:
+        if args.init_from_hf:
+            name = args.init_from_hf
+            cfg = gpt_config_from_hf(hf_config_path(args.init_from_hf), **free)
+        else:
+            cfg = GPTConfig.preset(name, **free)
+        counts = layers_per_stage(cfg.n_layers, num_stages, cfg.layers_per_stage)
+    except (OSError, ValueError) as e:
+        flag = "--init-from-hf" if args.init_from_hf else "--model"
+        raise UsageError(f"{flag} {name}: {e}") from None
+    if args.recompute_layers is not None and args.recompute_layers > min(counts):
+        raise UsageError(f"--recompute-layers {args.recompute_layers} exceeds the layers of a "
+                         f"stage: {name}'s {cfg.n_layers} layers over {num_stages} "
+                         f"stages are {counts} per stage; use --recompute-layers <= "
+                         f"{min(counts)}, or drop it to recompute every layer")
+    cfg = cfg.replace(recompute=args.recompute, recompute_layers=args.recompute_layers)
+    what = "the HF model" if args.init_from_hf else f"the {name} preset"
+    if cfg.n_heads % args.tp or cfg.n_kv_heads % args.tp:
+        raise UsageError(f"--tp {args.tp} must divide {what}'s n_heads "
+                         f"{cfg.n_heads} and n_kv_heads {cfg.n_kv_heads}; lower --tp")
+    if args.seq_len > cfg.max_seq_len:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds {what}'s "
+                         f"max_seq_len {cfg.max_seq_len}")
+    return cfg
+
+
+def refuse_gpt_flags(args) -> None:
+    """A model of the caller's own: the flags that build or export a GPT do not apply."""
+    given = [flag for flag, is_set in (
+        ("--model", args.model), ("--init-from-hf", args.init_from_hf),
+        ("--export-hf", args.export_hf), ("--recompute", args.recompute != "none"),
+        ("--recompute-layers", args.recompute_layers), ("--kernels", args.kernels != "auto"),
+        ("--dropout", args.dropout), ("--check-memory", args.check_memory)) if is_set]
+    if given:
+        raise UsageError(f"{', '.join(given)}: these flags build the trainer's GPT, and this "
+                         f"run trains a model of its own; drop them")
+
+
+def hf_config_path(directory: str) -> str:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError("no config.json there; give a directory written by save_pretrained")
+    return path
+
+
+def check_vocabulary(args, meta: dict, cfg: GPTConfig) -> None:
+    """The data's tokens must be ids of the model's vocabulary; with --init-from-hf, a data
+    set tokenized by a Hugging Face tokenizer must have used the model's tokenizer."""
+    model = f"--init-from-hf {args.init_from_hf}" if args.init_from_hf else \
+        f"the {args.model or 'tiny'} model"
+    if int(meta["vocab_size"]) > cfg.vocab_size:
+        raise UsageError(f"the data's tokenizer has {meta['vocab_size']} tokens but "
+                         f"{model} only {cfg.vocab_size}: pick a matching "
+                         f"{'--init-from-hf' if args.init_from_hf else '--model'} or --data")
+    spec = str(meta.get("tokenizer") or "")
+    if args.init_from_hf and spec.startswith("hf:"):
+        if not same_tokenizer(spec[3:], args.init_from_hf):
+            raise UsageError(f"--data was tokenized with {spec}, whose tokenizer.json differs "
+                             f"from --init-from-hf {args.init_from_hf}'s: preprocess it with "
+                             f"--tokenizer hf:{args.init_from_hf}")
+
+
+def same_tokenizer(tokenizer: str, model_dir: str) -> bool:
+    """False when both name a tokenizer.json and the files differ (the same directory, or
+    one without a tokenizer.json, cannot be told apart: True)."""
+    def file(path):
+        path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        return path if os.path.isfile(path) else None
+    a, b = file(tokenizer), file(model_dir)
+    if a is None or b is None or os.path.samefile(a, b):
+        return True
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
 
 
 def _on_gpu() -> bool:
@@ -342,7 +473,7 @@ def check_memory(args, dp: int, cfg, world_size: int) -> None:
         raise UsageError(f"--check-memory: {e}") from None
     if reason:
         raise UsageError(f"--check-memory: {layout.describe()} {reason}; python -m "
-                         f"megalite.plan --model {args.model} --gpus {world_size} "
+                         f"megalite.plan --model {args.model or 'tiny'} --gpus {world_size} "
                          f"--gpu-memory {budget / 2**30:.1f}GiB --seq-len {args.seq_len} "
                          f"--global-batch-size {args.global_batch_size} lists layouts that fit")
 

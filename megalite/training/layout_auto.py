@@ -28,13 +28,14 @@ def conflicting_flags(argv: list[str]) -> list[str]:
     return [flag for flag in CHOSEN_FLAGS if flag in given]
 
 
-def choose_for_run(args, world_size: int, memory_budget: float | None) -> LayoutChoice:
-    """The planner's layout for these flags on ``world_size`` processes (ValueError when
-    none fits)."""
+def choose_for_run(args, world_size: int, memory_budget: float | None,
+                   cfg: GPTConfig) -> LayoutChoice:
+    """The planner's layout of the model ``cfg`` for these flags on ``world_size``
+    processes (ValueError when none fits)."""
     on_gpu = torch.cuda.is_available() and os.environ.get("MEGALITE_DEVICE") != "cpu"
     gpu = plan.gpu_for_device(torch.cuda.get_device_name(
         int(os.environ.get("LOCAL_RANK", "0")))) if on_gpu else None
-    cfg = GPTConfig.preset(args.model, kernels=args.kernels, dropout=args.dropout)
+    cfg = cfg.replace(kernels=args.kernels, dropout=args.dropout)
     return choose_layout(cfg, world_size, gpu or "h100", args.seq_len, args.global_batch_size,
                          memory_budget if memory_budget is not None else float("inf"),
                          dtype=args.dtype, kernels="torch" if args.kernels == "torch"

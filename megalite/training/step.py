@@ -43,12 +43,6 @@ def split_microbatches(tokens: torch.Tensor, micro_batch_size: int) -> list[torc
     return list(tokens.split(micro_batch_size))
 
 
-def activation_shape(model, micro_batch_size: int, seq_len: int) -> tuple[int, int, int]:
-    """Shape of the hidden states passed between stages."""
-    seq = seq_len // model.ps.tp if model.sequence_parallel else seq_len
-    return (micro_batch_size, seq, model.cfg.d_model)
-
-
 def pipeline_schedule(model, schedule, num_microbatches: int) -> dict[int, list[str]]:
     """The schedule (a name, or a {rank: actions} table) for ``model``'s placement: a name is
     built for the model's stages per rank; a table must place the stages as the model holds
@@ -62,14 +56,15 @@ def pipeline_schedule(model, schedule, num_microbatches: int) -> dict[int, list[
     if len(owner) != model.num_stages or mine != model.stages:
         raise ValueError(f"the schedule puts stages {mine} of {len(owner)} on pipeline rank "
                          f"{ps.pp_rank}, but the model there holds stages {model.stages} of "
-                         f"{model.num_stages}: build GPT(cfg, stages=pipeline.rank_stages("
-                         f"schedule)[pp_rank], num_stages=...) for this schedule")
+                         f"{model.num_stages}: build the model with stages=pipeline."
+                         f"rank_stages(schedule)[pp_rank] and num_stages=... of this schedule")
     return schedule
 
 
 def check_placement(schedule, pp: int) -> dict[int, int]:
-    """{stage: rank} of a schedule a GPT can train with: stage 0 (the embedding) on pipeline
-    rank 0, the last stage on rank 0 or pp-1 (the tied-embedding group's ranks)."""
+    """{stage: rank} of a schedule the trainer can run: stage 0 (the embedding) on pipeline
+    rank 0, the last stage on rank 0 or pp-1 (the ranks of the tied-embedding group, which
+    :meth:`shared_embedding_params` are summed over)."""
     owner = stage_to_rank(schedule)
     if owner[0] != 0 or owner[len(owner) - 1] not in (0, pp - 1):
         raise ValueError(f"the schedule puts stage 0 on pipeline rank {owner[0]} and the last "
@@ -93,10 +88,13 @@ def forward_backward(model, tokens, targets, *, micro_batch_size: int, schedule=
     labels = split_microbatches(targets, micro_batch_size)
     m = len(inputs)
     table = pipeline_schedule(model, schedule, m)
-    head_input = getattr(loss_fn, "accepts_head_input", False)
-    return run_schedule(table, model.stage_modules(head_input), ps, num_microbatches=m,
-                        activation_shape=activation_shape(model, micro_batch_size,
-                                                          tokens.shape[1]),
+    # A loss marked accepts_head_input (GPT.loss) takes what the stages return with
+    # head_input=True; other models' stage_modules() need not know the argument.
+    stages = (model.stage_modules(head_input=True)
+              if getattr(loss_fn, "accepts_head_input", False) else model.stage_modules())
+    return run_schedule(table, stages, ps, num_microbatches=m,
+                        activation_shape=model.activation_shape(micro_batch_size,
+                                                                tokens.shape[1]),
                         activation_dtype=activation_dtype, inputs=inputs, targets=labels,
                         loss_fn=loss_fn, verbose=verbose, trace=trace,
                         final_backward=final_backward)

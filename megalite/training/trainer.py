@@ -1,28 +1,33 @@
 """The training loop as a library: layout, schedule, resume, checkpoints, the stop/watchdog/
-non-finite rules, metrics and the end-of-run reports.
+non-finite rules, metrics, Hugging Face import/export and the end-of-run reports.
 
-    from megalite.training.cli import parse_args
-    from megalite.training.trainer import Trainer
-    Trainer(parse_args(["--tp", "2", "--pp", "2", "--steps", "50"])).run()
+    from megalite.training import Trainer, parse_args
+    Trainer(parse_args(["--tp", "2", "--pp", "2", "--steps", "50"])).run()      # a GPT
+    Trainer(parse_args([...]), model_provider=build).run()                        # your model
 
-``python -m megalite.train``, ``megalite-train`` and ``examples/pretrain_gpt.py`` are this
-loop behind :mod:`megalite.training.cli`'s flags.
+``model_provider(ps, stages, num_stages)`` builds this rank's part of a model of your own
+(:class:`megalite.training.trainable.TrainableModel`); without one the trainer builds the
+GPT of ``--model`` / ``--init-from-hf``. ``python -m megalite.train``, ``megalite-train``
+and ``examples/pretrain_gpt.py`` are this loop behind :mod:`megalite.training.cli`'s flags.
 """
 from __future__ import annotations
 
 import os
 import time
+from typing import Callable
 
 import torch
 
 from megalite import parallel
-from megalite.models import GPT
+from megalite.models import GPT, save_hf
 from megalite.parallel.comm import agree
 from megalite.pipeline import rank_stages
 from megalite.training import inject, profiling
 from megalite.training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from megalite.training.checkpoint_dir import find_resume_checkpoint, remove_checkpoints
-from megalite.training.cli import RunPlan, check_args, default_warmup
+from megalite.parallel.state import ParallelState
+from megalite.training.cli import RunPlan, check_args, default_warmup, schedule_note
+from megalite.training.config_file import write_effective_config
 from megalite.training.data import ShardedSampler, TokenDataset, default_corpus_path, get_batch
 from megalite.training.errors import UsageError, write_launcher_error_file
 from megalite.training.fault import StepWatchdog, Stopper, StopSignals
@@ -30,21 +35,33 @@ from megalite.training.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from megalite.training.optim import build_optimizer, build_scheduler
 from megalite.training.precision import DynamicLossScaler
 from megalite.training.reporting import measured_vs_planned, planner_prediction, write_timeline
+from megalite.training.hf import copy_tokenizer_files, gpt_from_hf
 from megalite.training.step import train_step
+from megalite.training.trainable import TrainableModel, check_trainable
+
+
+ModelProvider = Callable[[ParallelState, list, int], TrainableModel]
 
 
 class Trainer:
     """One training run of the flags ``args`` (:func:`megalite.training.cli.parse_args`).
 
-    ``run_plan`` is ``check_args``'s result (computed here when omitted); ``started`` the
-    ``time.monotonic()`` the run's wall time (``--max-time``) counts from. ``run()`` starts
-    the process group, trains to ``--steps`` and returns the exit code
-    (:mod:`megalite.training.errors`)."""
+    ``model_provider(ps, stages, num_stages)``, when given, builds this rank's ``stages`` of
+    ``num_stages`` of the model to train (after the process group started, so it may use the
+    parallel layers; every rank calls it with the same seed set); the GPT flags are refused
+    then. ``run_plan`` is ``check_args``'s result (computed here when omitted); ``started``
+    the ``time.monotonic()`` the run's wall time (``--max-time``) counts from. ``run()``
+    starts the process group, trains to ``--steps`` and returns the exit code
+    (:mod:`megalite.training.errors`); a bad flag raises UsageError before anything starts.
+    """
 
-    def __init__(self, args, run_plan: RunPlan | None = None, started: float | None = None):
+    def __init__(self, args, run_plan: RunPlan | None = None, *,
+                 model_provider: ModelProvider | None = None, started: float | None = None):
         self.started = time.monotonic() if started is None else started
         self.args = args
-        self.plan = run_plan or check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+        self.model_provider = model_provider
+        self.plan = run_plan or check_args(args, int(os.environ.get("WORLD_SIZE", "1")),
+                                           gpt=model_provider is None)
 
     # ------------------------------------------------------------------ setup
     def run(self) -> int:
@@ -60,7 +77,7 @@ class Trainer:
             raise UsageError(f"{resume_from} is at step {start_step}, past --steps {args.steps} "
                              f"(--steps is the step to train until): pass a larger --steps, or "
                              f"--no-resume to start over")
-        if resume_from and start_step == args.steps:
+        if resume_from and start_step == args.steps and not args.export_hf:
             say(f"{resume_from} is already at --steps {args.steps}: nothing to train",
                 flush=True)
             parallel.destroy()
@@ -68,8 +85,9 @@ class Trainer:
 
         parallel.model_parallel_seed(args.seed)
         stages = rank_stages(table)
-        model = self.model = GPT(cfg, stages=stages[ps.pp_rank],
-                                 num_stages=sum(map(len, stages.values())))
+        model = self.model = self.build_model(stages[ps.pp_rank],
+                                              sum(map(len, stages.values())),
+                                              from_hf=not resume_from)
         dataset = self.dataset = TokenDataset(args.data or default_corpus_path(), args.seq_len)
         self.sampler = ShardedSampler(len(dataset), args.global_batch_size, ps.dp_rank, ps.dp,
                                       args.seed)
@@ -82,9 +100,14 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, warmup, args.steps, args.decay,
                                          args.min_lr_ratio)
         self.scaler = DynamicLossScaler() if args.dtype == "fp16" else None
-        if resume_from:
+        if resume_from:  # a run that resumes continues its own weights, not the HF ones
             load_checkpoint(resume_from, model, self.optimizer, self.scheduler, self.sampler,
                             self.scaler, verify=False)  # choose_start verified it
+        if start_step == args.steps:  # already trained: only --export-hf is left to do
+            self.export_hf()
+            parallel.destroy()
+            return 0
+        write_effective_config(args, ps)
 
         self.logger = MetricsLogger(ps.rank, args.steps, args.metrics_out, args.log_interval,
                                     args.tensorboard,
@@ -92,19 +115,51 @@ class Trainer:
         self.schedule_name = args.schedule_file or args.schedule
         if model.num_stages > ps.pp:
             self.schedule_name += f" ({model.num_stages // ps.pp} stages per rank)"
-        self.predicted = planner_prediction(args, ps.dp, cfg, ps.device)
+        self.predicted = planner_prediction(args, ps.dp, cfg, ps.device) if cfg else None
         if self.predicted:
             say(self.predicted[0], flush=True)
+        note = schedule_note(args, self.plan)
+        if note:
+            say(note, flush=True)
         say(self.describe(start_step, resume_from), flush=True)
         try:
             return self.train(start_step)
         finally:
             self.logger.close()
 
+    def build_model(self, stages: list[int], num_stages: int, from_hf: bool):
+        """This rank's part of the model: the provider's, or the GPT of the flags (with the
+        --init-from-hf weights when ``from_hf``)."""
+        if self.model_provider is not None:
+            model = self.model_provider(self.ps, stages, num_stages)
+            check_trainable(model)
+            return model
+        if self.args.init_from_hf and from_hf:
+            return gpt_from_hf(self.args.init_from_hf, self.plan.cfg, self.ps, stages,
+                               num_stages)
+        return GPT(self.plan.cfg, self.ps, stages=stages, num_stages=num_stages)
+
+    def export_hf(self) -> None:
+        """--export-hf: the model as a Hugging Face directory (collective), with the
+        tokenizer files of --init-from-hf's directory, if it has any."""
+        args = self.args
+        if not args.export_hf:
+            return
+        save_hf(self.model, args.export_hf)
+        copied = copy_tokenizer_files(args.init_from_hf, args.export_hf) \
+            if args.init_from_hf and self.ps.rank == 0 else []
+        self.say(f"exported the model to {args.export_hf} (Hugging Face format"
+                 + (f"; tokenizer files from {args.init_from_hf}" if copied else "") + ")",
+                 flush=True)
+
     def describe(self, start_step: int, resume_from: str | None) -> str:
         """The run's one-line description, printed before the first step."""
-        args, ps, cfg = self.args, self.ps, self.plan.cfg
-        return (f"megalite: {args.model} ({cfg.num_params() / 1e6:.2f}M params) on "
+        args, ps = self.args, self.ps
+        count = sum(p.numel() for p in self.model.parameters())  # this rank's share
+        size = (f"{self.plan.cfg.num_params() / 1e6:.2f}M params" if self.plan.cfg else
+                f"{count / 1e6:.2f}M params on rank {ps.rank}")
+        name = type(self.model).__name__ if self.model_provider else self.plan.model_name
+        return (f"megalite: {name} ({size}) on "
                 f"{ps.world_size} {ps.device.type} processes: tp={ps.tp} pp={ps.pp} dp={ps.dp}, "
                 f"{self.plan.num_microbatches} microbatches of {args.micro_batch_size} x "
                 f"{args.seq_len}, {self.schedule_name}, {args.dtype}"
@@ -119,8 +174,8 @@ class Trainer:
     def train(self, start_step: int) -> int:
         args, ps, model, say = self.args, self.ps, self.model, self.say
         tokens_per_step = args.global_batch_size * args.seq_len
-        flops_per_token = self.plan.cfg.flops_per_token(args.seq_len)
-        peak = peak_flops(ps.device, args.dtype)
+        flops_per_token = getattr(model, "flops_per_token", lambda seq_len: None)(args.seq_len)
+        peak = peak_flops(ps.device, args.dtype) if flops_per_token else None
         # Saved with every checkpoint: generate.py finds the tokenizer here.
         extra = {"args": vars(args), "tokenizer": self.dataset.meta.get("tokenizer")}
         # From here on SIGTERM/SIGINT stop the run after a step, with a checkpoint (before,
@@ -159,7 +214,11 @@ class Trainer:
                     run_step, args.profile, ps.device, f"trace_rank{ps.rank}.json")
             else:
                 result = run_step()
-            self.scheduler.step()
+            # As in Megatron, a skipped step (fp16 overflow, non-finite loss) consumed its
+            # batch but does not advance the learning-rate schedule: the schedule counts
+            # updates, so the run's lrs do not depend on how many steps were skipped.
+            if not result.skipped:
+                self.scheduler.step()
             if ps.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -204,6 +263,8 @@ class Trainer:
             say(line, flush=True)
             if stop.exit_code:
                 write_launcher_error_file(f"rank {ps.rank}: {line}")
+        elif args.export_hf:
+            self.export_hf()
         parallel.destroy()
         signals.uninstall()
         return stop.exit_code if stop else 0

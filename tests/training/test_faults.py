@@ -102,6 +102,7 @@ BAD_FLAGS = [  # (WORLD_SIZE, flags, the one line it must print)
     (2, ["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
     (2, ["--max-time", "0"], "argument --max-time: must be a number > 0"),
     (2, ["--bogus"], "unrecognized arguments: --bogus"),
+    (2, ["--lr", "-1"], "argument --lr: must be a number >= 0, got -1"),
     (2, ["--save-every", "5"], "--save-every needs --save DIR"),
     (2, ["--load", "nowhere"], "--load nowhere does not exist"),
     (2, ["--data", "wide"], "the data's tokenizer has 50257 tokens but the tiny model only 256"),
@@ -189,7 +190,8 @@ def test_stop_resume_and_the_save_directory_in_one_process(tmp_path):
     # Each step once in the metrics, with exactly the uninterrupted losses (fp32).
     assert [r["step"] for r in rows(tmp_path / "m.jsonl")] == [1, 2, 3, 4, 5, 6]
     assert losses(tmp_path / "m.jsonl") == losses(tmp_path / "ref.jsonl")
-    assert sorted(os.listdir(tmp_path / "ck")) == ["latest", "step_00000005", "step_00000006"]
+    assert sorted(os.listdir(tmp_path / "ck")) == ["config.toml", "latest", "step_00000005",
+                                                   "step_00000006"]  # config: the flags
     assert (tmp_path / "ck" / "latest").read_text().strip() == "step_00000006"
 
     run = launch(tmp_path, *same)
@@ -201,7 +203,8 @@ def test_stop_resume_and_the_save_directory_in_one_process(tmp_path):
     run = launch(tmp_path, *same[2:], "--steps", "2", "--no-resume")
     assert run.rc == 0 and "--no-resume: deleted 2 checkpoint(s) after step 0" in run.out, run
     assert [r["step"] for r in rows(tmp_path / "m.jsonl")] == [1, 2]
-    assert sorted(os.listdir(tmp_path / "ck")) == ["latest", "step_00000001", "step_00000002"]
+    assert sorted(os.listdir(tmp_path / "ck")) == ["config.toml", "latest", "step_00000001",
+                                                   "step_00000002"]
 
 
 def test_stopper_counts_non_finite_steps_in_a_row():
@@ -356,6 +359,12 @@ def test_nan_loss_skips_the_step_everywhere_and_k_in_a_row_stop(tmp_path):
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
     assert [r.get("skipped", False) for r in got] == [False, False, True, True, True]
     assert got[2]["skip_reason"] == "non-finite loss or grad norm"
+    # Skipped steps keep the learning rate (the schedule counts updates; the default warmup
+    # of 4 steps is still rising here) but consume their batches, as in Megatron.
+    lrs = [r["lr"] for r in got]
+    assert lrs[0] < lrs[1] < lrs[2] == lrs[3] == lrs[4], lrs
+    sampler = json.loads((tmp_path / "ck" / "step_00000005" / "meta.json").read_text())["sampler"]
+    assert sampler["consumed_samples"] == 5 * 8, sampler  # --global-batch-size 8
     # Both stages (written by ranks 0 and 1) kept the weights of step 2: nobody updated.
     good = _model_tensors(tmp_path / "ck" / "step_00000002")
     assert any(not torch.equal(v, _model_tensors(tmp_path / "ck" / "step_00000001")[k])
@@ -432,7 +441,8 @@ def test_corrupt_newest_checkpoint_falls_back_and_read_only_save_fails(tmp_path,
     table("corrupt newest checkpoint (1 byte flipped)", "warning, fallback to the previous one",
           run.seconds, 2)
 
-    # Saving into a read-only directory: resumes from step 4 there, fails to save step 6.
+    # A read-only --save: it finds step 4 there, and fails before training, on writing the
+    # run's effective flags (ro/config.toml), instead of at its first save.
     if ro is None:
         pytest.skip("running as root without permission to mount read-only")
     run = launch(tmp_path, *cmd, "--save", "ro", nproc=2)

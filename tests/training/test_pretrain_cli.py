@@ -11,21 +11,24 @@ from pathlib import Path
 
 import pytest
 
+from megalite.training.cli import schedule_note
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "examples" / "pretrain_gpt.py")
 COMMON = ["--model", "tiny", "--seq-len", "32", "--global-batch-size", "8",
           "--micro-batch-size", "2", "--log-interval", "1", "--seed", "3"]
 
 
-def run(tmp_path, name, *args, nproc=1):
+def run(tmp_path, name, *args, nproc=1, command=(sys.executable, SCRIPT), common=COMMON):
+    """Run ``command`` (default: examples/pretrain_gpt.py) with ``common`` and ``args``."""
     metrics = tmp_path / f"{name}.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEGALITE_DEVICE": "cpu"}
     if nproc == 1:
-        cmd = [sys.executable, SCRIPT]
+        cmd = list(command)
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-port", str(29500 + os.getpid() % 1000), SCRIPT]
-    proc = subprocess.run(cmd + COMMON + ["--metrics-out", str(metrics), *args], env=env,
+    proc = subprocess.run(cmd + list(common) + ["--metrics-out", str(metrics), *args], env=env,
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -53,6 +56,16 @@ def test_layouts_resume_and_reshard_through_the_command_line(tmp_path):
     assert re.search(r"copy calls: copy_ \d+, to \d+, _to_copy \d+, cat \d+", out)
     # the planner's prediction first, the measured figures next to it at the end
     assert out.startswith("planner: peak ") and "measured vs planner: peak " in out
+
+    # One command line, three ways to call it: python -m megalite.train, and megalite-train
+    # reading the effective configuration the run above wrote beside its metrics.
+    module, _ = run(tmp_path, "module", "--steps", "4", command=[sys.executable, "-m",
+                                                                   "megalite.train"])
+    effective = tmp_path / "single.config.toml"
+    assert 'profile = "prof"' in effective.read_text()
+    script, _ = run(tmp_path, "script", "--config", str(effective), common=[],
+                    command=[str(Path(sys.executable).parent / "megalite-train")])
+    assert losses(module) == losses(script) == losses(single)
 
     # tp=2, pp=2 on 4 processes: the single-process losses; save at step 2, then at 4.
     # The distributed optimizer at dp=1 runs and says it shards nothing.
@@ -172,7 +185,15 @@ def test_bad_arguments_fail_with_a_clear_message():
     for argv, message in ((["--micro-batch-size", "0"], "--micro-batch-size: must be an "
                                                         "integer >= 1, got 0"),
                           (["--steps", "-3"], "--steps: must be an integer >= 1"),
-                          (["--save-every", "-1"], "--save-every: must be an integer >= 0")):
+                          (["--save-every", "-1"], "--save-every: must be an integer >= 0"),
+                          (["--lr", "-0.1"], "--lr: must be a number >= 0, got -0.1"),
+                          (["--lr", "nan"], "--lr: must be a number >= 0, got nan"),
+                          (["--weight-decay", "-1"], "--weight-decay: must be a number >= 0"),
+                          (["--clip-grad", "-1"], "--clip-grad: must be a number >= 0"),
+                          (["--warmup", "-1"], "--warmup: must be an integer >= 0"),
+                          (["--dropout", "1"], "--dropout: must be a number in [0, 1), got 1"),
+                          (["--min-lr-ratio", "1.5"], "--min-lr-ratio: must be a number in "
+                                                      "[0, 1], got 1.5")):
         with pytest.raises(ValueError) as error:  # UsageError: run_cli prints it once
             script.parse_args(argv)
         assert message in str(error.value)
@@ -184,6 +205,34 @@ def test_bad_arguments_fail_with_a_clear_message():
              r"over 4 stages are \[1, 1, 1, 1\] per stage; use --recompute-layers <= 1")):
         with pytest.raises(ValueError, match=message):  # before any process group
             script.check_args(script.parse_args(argv), world_size=world)
+    # Several stages per rank at pp=1 (zbv's V, interleaving) run, and say what they do.
+    args = script.parse_args(["--schedule", "zbv"])
+    note = schedule_note(args, script.check_args(args, world_size=1))
+    assert note.startswith("note: zbv at --pp 1 runs the model as 2 stages"), note
+    args = script.parse_args(["--schedule", "zbv", "--pp", "2"])
+    assert schedule_note(args, script.check_args(args, world_size=2)) is None
     args = script.parse_args(["--global-batch-size", "6", "--micro-batch-size", "4"])
     with pytest.raises(ValueError, match="multiple of --micro-batch-size x dp = 4 x 1"):
         script.check_batch_sizes(args, dp=1)
+
+
+def test_config_files(tmp_path):
+    """Keys are flag names with - or _, values go through the flags' checks, the command
+    line wins, unknown keys are refused by name."""
+    from megalite.training.cli import parse_args
+    config = tmp_path / "run.toml"
+    config.write_text('seq-len = 64\nglobal_batch_size = 16\nsequence-parallel = true\n'
+                      'lr = 1e-3\nschedule = "gpipe"\n')
+    args = parse_args(["--config", str(config), "--seq-len", "32"])
+    assert (args.seq_len, args.global_batch_size, args.sequence_parallel, args.lr,
+            args.schedule) == (32, 16, True, 1e-3, "gpipe")
+    assert parse_args([]).seq_len == 128
+    for text, message in (("seq-len = 64\nbogus = 1\nother_key = 2\n",
+                           "unknown key(s) bogus, other_key"),
+                          ("lr = -1\n", "argument --lr: must be a number >= 0, got -1"),
+                          ("steps = [1, 2]\n", "steps = [1, 2]: --steps takes one value"),
+                          ("seq-len = \n", "--config")):
+        config.write_text(text)
+        with pytest.raises(ValueError) as error:  # UsageError: one line, exit 2
+            parse_args(["--config", str(config)])
+        assert message in str(error.value), str(error.value)
