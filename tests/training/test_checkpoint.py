@@ -5,7 +5,9 @@ resumes from that checkpoint in the same layout and at (tp=1, pp=2, dp=2) with t
 distributed optimizer; the test process itself then resumes it as a single process. A world
 of 8 does the same from a distributed-optimizer checkpoint at (2, 2, 2): resumed without it,
 at (2, 1, 4) with it, and in one process. Every resumed run must continue with the
-uninterrupted run's losses.
+uninterrupted run's losses. That world also checks that its save and a save_hf stream: at
+most one full tensor gathered onto the (simulated) device at a time, no tensor inside an
+object message. Abandoned and corrupt checkpoints set aside stay bounded in number.
 """
 import contextlib
 import json
