@@ -36,17 +36,18 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1",
            "MEGALITE_DEVICE": "cpu"}
     env.pop("MEGALITE_FAULT", None)
-    where = _run([sys.executable, "-c", "import megalite, megalite.kernels, megalite.plan, "
-                  "megalite.train; from megalite.training.data import default_corpus_path; "
-                  "print(megalite.__file__, megalite.kernels.__file__, megalite.plan.__file__, "
-                  "megalite.train.__file__, default_corpus_path())"],
-                 cwd=work, env=env).split()
+    # One interpreter: where every module comes from, then python -m megalite.plan's main.
+    out = _run([sys.executable, "-c", "import sys, megalite, megalite.kernels, megalite.plan, "
+                "megalite.train; from megalite.training.data import default_corpus_path; "
+                "print(megalite.__file__, megalite.kernels.__file__, megalite.plan.__file__, "
+                "megalite.train.__file__, default_corpus_path()); "
+                "from megalite.plan.__main__ import main; sys.exit(main(sys.argv[1:]))",
+                "--model", "tiny", "--gpus", "2", "--seq-len", "32", "--global-batch-size", "4",
+                "--gpu-memory", "1GB", "--top", "1", "--rejected", "0"], cwd=work, env=env)
+    where = out.splitlines()[0].split()
     # every module from the install, none from the checkout (its editable install)
     assert len(where) == 5 and all(path.startswith(str(site)) for path in where), where
-    plan = _run([sys.executable, "-m", "megalite.plan", "--model", "tiny", "--gpus", "2",
-                 "--seq-len", "32", "--global-batch-size", "4", "--gpu-memory", "1GB",
-                 "--top", "1", "--rejected", "0"], cwd=work, env=env)
-    assert "torchrun --nproc-per-node 2 -m megalite.train --model tiny" in plan, plan
+    assert "torchrun --nproc-per-node 2 -m megalite.train --model tiny" in out, out
     train = _run([site / "bin" / "megalite-train", "--steps", "2", "--seq-len", "32",
                   "--global-batch-size", "4", "--log-interval", "1"], cwd=work, env=env)
     assert "done: steps 1..2" in train, train
