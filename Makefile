@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: run test gpu-check bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
@@ -33,7 +33,8 @@ test: $(VENV)/.installed
 GPU_OUT ?= gpu-results
 gpu-check:
 	$(PYTHON) -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-	$(PYTHON) -m pip install -q --no-deps --no-build-isolation --no-index -e .
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation --no-index -e . || { echo \
+		"gpu-check: the install needs setuptools >= 77 (pyproject's SPDX license) in $(PYTHON)"; exit 1; }
 	mkdir -p $(GPU_OUT)
 	-timeout 120 $(PYTHON) -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -n 15
 	-timeout 210 $(PYTHON) -m megalite.kernels.bench --quick --budget-s 150 --compile-budget-s 100 \

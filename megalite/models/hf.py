@@ -8,8 +8,8 @@ LM into a GPT of any (tp, pp) layout, and export a GPT as a directory that
 Every weight goes through one table (``_GLOBAL`` / ``_LAYER``): our parameter name -> the
 Hugging Face keys it is made of (Qwen2/3 and Mistral use Llama's names). Import reads of
 those tensors only the slices this rank's shard holds (``shard_full`` says which, see
-``_local_tensor``; ``hf_files`` reads them); export gathers with ``gather_full`` and splits
-them again. transformers itself is never imported: configs are plain dicts (``hf_config``),
+``_local_tensor``; ``hf_files`` reads them); export gathers tensor by tensor to the host
+(``gather_full_to_cpu``) and splits them again. transformers itself is never imported: configs are plain dicts (``hf_config``),
 safetensors files are read directly and ``.bin`` files with torch.
 """
 from __future__ import annotations
@@ -20,7 +20,6 @@ import os
 import re
 
 import torch
-import torch.distributed as dist
 
 from megalite.models.config import GPTConfig
 from megalite.models.gpt import GPT
@@ -28,7 +27,8 @@ from megalite.models.hf_config import (as_dict, family_of, family_of_hf, gpt_con
                                        hf_config_from_gpt)
 from megalite.models.hf_files import Tensors, open_directory
 from megalite.parallel import comm
-from megalite.parallel.sharding import gather_full, is_tp_sharded, shard_full
+from megalite.parallel.sharding import (gather_full_to_cpu, is_tp_sharded, send_stages_to_first,
+                                       shard_full)
 from megalite.parallel.state import ParallelState, get_state
 
 # ----------------------------------------------------------------------------- name tables
@@ -221,21 +221,14 @@ def save_hf(model: GPT, directory: str, dtype: torch.dtype | None = None) -> Non
 
     stage = {}
     for name, param in params.items():
-        full = gather_full(param, ps)      # collective over the TP group, same order everywhere
-        stage[name] = full.detach().to("cpu", dtype)
+        # collective over the TP group, same order everywhere; on the host at once
+        stage[name] = gather_full_to_cpu(param, ps, dtype=dtype)
 
-    distributed = dist.is_initialized() and ps.world_size > 1
     writer = ps.tp_rank == 0 and ps.dp_rank == 0 and ps.pp_rank == 0
-    if distributed and ps.pp > 1 and ps.tp_rank == 0 and ps.dp_rank == 0:
-        # One pipeline (the first replica's tp-rank-0 chain) ships its stages to the writer.
-        stages = [None] * ps.pp if writer else None
-        dist.gather_object(stage, stages, dst=ps.pp_ranks[0], group=ps.pp_group)
-        if writer:
-            merged = {}
-            for part in stages:    # tied embeddings: the last stage's copy is not written
-                for name, tensor in part.items():
-                    merged.setdefault(name, tensor)
-            stage = merged
+    if ps.tp_rank == 0 and ps.dp_rank == 0:
+        # One pipeline (the first replica's tp-rank-0 chain) ships its stages to the writer,
+        # tensor by tensor; tied embeddings: the last stage's copy is not sent.
+        stage = send_stages_to_first(stage, ps)
     error = None
     if writer:
         try:

@@ -103,9 +103,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def gathered_state(self, p) -> dict:
         """``p``'s optimizer state with every tensor whole, shaped like ``p`` (collective
         over dp; every rank returns it); scalars such as AdamW's ``step`` as they are."""
+        return dict(self.iter_gathered_state(p))
+
+    def iter_gathered_state(self, p):
+        """:meth:`gathered_state` one ``(key, value)`` at a time, each tensor gathered when
+        it is asked for (a save holds one whole state tensor on the device at a time)."""
         _, view, _, _ = self._shards[id(p)]
-        return {k: self.grad_buffer.gather_dp(p, v) if torch.is_tensor(v) and v.dim() else v
-                for k, v in sorted(self.optimizer.state.get(view, {}).items())}
+        for k, v in sorted(self.optimizer.state.get(view, {}).items()):
+            yield k, self.grad_buffer.gather_dp(p, v) if torch.is_tensor(v) and v.dim() else v
 
     def load_full_state(self, p, state: dict) -> None:
         """Set ``p``'s state from whole tensors shaped like ``p`` (keeps the owned range)."""

@@ -4,10 +4,16 @@ Every TP-sharded parameter carries its layout (``tp_dim``, ``tp_sizes``, ``tp_re
 set by :func:`megalite.parallel.layers.set_tp_layout`); replicated parameters carry none.
 Checkpoints, Hugging Face conversion and the tests all use these two functions, so there is
 one definition of "which slice lives where".
+
+Saving streams: :func:`gather_full_to_cpu` copies each gathered tensor to host memory before
+the next is gathered, and :func:`send_stages_to_first` moves the pipeline stages' host
+tensors to the first stage one message per tensor, so no GPU ever holds more than one full
+tensor of a model or optimizer being saved.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from megalite.parallel import comm
@@ -65,3 +71,46 @@ def gather_full(param: torch.Tensor, state: ParallelState | None = None,
     if param.tp_real_size is not None:
         gathered = gathered.narrow(dim, 0, param.tp_real_size)
     return gathered
+
+
+def gather_full_to_cpu(param: torch.Tensor, state: ParallelState | None = None,
+                       tensor: torch.Tensor | None = None, keep: bool = True,
+                       dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """:func:`gather_full`, copied to host memory (cast to ``dtype`` if given) at once, so
+    the device holds one full tensor at a time however many are gathered in a row. Ranks
+    that write nothing pass ``keep=False``: they join the collective and get None."""
+    full = gather_full(param, state, tensor)
+    if not keep:
+        return None
+    return full.to("cpu", dtype) if dtype is not None else full.cpu()
+
+
+def send_stages_to_first(stage: dict[str, torch.Tensor], state: ParallelState | None = None
+                         ) -> dict[str, torch.Tensor] | None:
+    """Merge every pipeline stage's ``{name: host tensor}`` on this pipeline group's first
+    rank, one point-to-point message per tensor (an object collective would stage a whole
+    stage on the GPU under NCCL). Collective over the pp group; returns the merged dict on
+    the first stage (stage order; a name already there, e.g. the last stage's copy of a
+    tied embedding, is not sent again), None on the others."""
+    ps = state or get_state()
+    if ps.pp == 1 or not dist.is_initialized():
+        return stage
+    first, merged = ps.pp_ranks[0], dict(stage) if ps.pp_rank == 0 else None
+    seen = set(stage) if ps.pp_rank == 0 else set()
+    for src_stage in range(ps.pp):
+        src = ps.pp_ranks[src_stage]
+        catalogue = [[(n, tuple(t.shape), t.dtype) for n, t in stage.items()]
+                     if ps.pp_rank == src_stage else None]
+        dist.broadcast_object_list(catalogue, src=src, group=ps.pp_group, device=ps.device)
+        new = [entry for entry in catalogue[0] if entry[0] not in seen]
+        seen.update(name for name, _, _ in catalogue[0])
+        if src_stage == 0:
+            continue
+        for name, shape, dtype in new:
+            if ps.pp_rank == src_stage:
+                dist.send(stage[name].to(ps.device), dst=first, group=ps.pp_group)
+            elif ps.pp_rank == 0:
+                buffer = torch.empty(shape, dtype=dtype, device=ps.device)
+                dist.recv(buffer, src=src, group=ps.pp_group)
+                merged[name] = buffer.cpu()
+    return merged

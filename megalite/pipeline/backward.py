@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
-from torch.autograd.variable import Variable
 
 
 def backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
     """Full backward of ``output`` (the loss when ``grad`` is None)."""
     if grad is None:
         output.backward()
-    else:  # the engine call skips the shape check against a freed output (see executor)
-        Variable._execution_engine.run_backward((output,), (grad,), False, False, (), True, True)
+    else:  # the executor may have freed the sent output's storage: start from its graph
+        # edge, whose recorded shape (not the freed tensor's) the gradient is checked against
+        torch.autograd.backward(get_gradient_edge(output), grad)
 
 
 class WeightGrad:

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 
 from megalite.models import GPTConfig
+from megalite.plan.auto import launch_command
 from megalite.plan.gpus import GPUS, get_gpu
 from megalite.plan.memory import parse_bytes
 from megalite.plan.search import format_table, search
@@ -62,6 +63,13 @@ def main(argv=None) -> int:
         print(format_table(fits, args.top))
         best = fits[0]
         print(f"\nbest: {best.layout.describe()}\n{best.memory.table()}")
+        # --gpu-memory is given explicitly so that --layout auto (which on CPU has no GPU
+        # memory to read) ranks against the same budget
+        command = launch_command(args.model, best.layout, gpu.gpus_per_node,
+                                 seq_len=args.seq_len, global_batch_size=args.global_batch_size,
+                                 dtype=args.dtype,
+                                 gpu_memory=args.gpu_memory or f"{budget:.0f}B")
+        print(f"\nrun it (or give --layout auto instead of the layout flags):\n{command}")
     else:
         print("no layout fits: more GPUs, a smaller model or a shorter sequence")
     if rejected:

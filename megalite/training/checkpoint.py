@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from megalite.parallel.comm import agree
 from megalite.parallel.distributed_optimizer import DistributedOptimizer
 from megalite.parallel.random import get_rng_tracker
-from megalite.parallel.sharding import gather_full, shard_full
+from megalite.parallel.sharding import gather_full_to_cpu, shard_full
 from megalite.parallel.state import global_rank
 from megalite.training.checkpoint_dir import (FORMAT, VERSION, _LEFTOVER, _fsync,  # noqa: F401
                                               _write_atomic, file_checksum, latest_checkpoint,
@@ -68,7 +68,9 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, sampler, 
 
     Collective over all ranks; no rank returns before the checkpoint is complete and
     ``root/latest`` names it. ``extra`` is stored as JSON (other values as strings).
-    ``keep_last`` > 0 then deletes all but the newest ``keep_last`` checkpoints. A failure
+    ``keep_last`` > 0 then deletes all but the newest ``keep_last`` checkpoints; checkpoints
+    set aside (abandoned, corrupt) are pruned to the newest ``keep_last`` (or
+    ``SET_ASIDE_KEPT``) either way (:func:`prune_checkpoints`). A failure
     on any rank raises on every rank and leaves the previous checkpoint as ``latest``."""
     ps, rank = model.ps, model.ps.rank
     name = f"step_{int(step):08d}"
@@ -99,8 +101,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, sampler, 
             meta = _meta(step, model, optimizer, scheduler, sampler, scaler, extra, all_files)
             meta["checksums"] = dict(sorted(all_sums.items()))
             _commit(root, tmp, final, meta)
-            if keep_last:
-                prune_checkpoints(root, keep_last)
+            prune_checkpoints(root, keep_last)
         except Exception as e:  # noqa: BLE001
             error = e
     agree(error, f"committing checkpoint {final}")  # also the final barrier
@@ -108,26 +109,28 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, sampler, 
 
 
 def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
-    """Gather this stage's full parameters and optimizer state (collective over TP); the
-    stage's (tp_rank 0, dp_rank 0) rank writes them. Returns {file: names} of what it wrote
-    and {file: checksum}."""
+    """Gather this stage's full parameters and optimizer state (collective over TP, and over
+    dp for a sharded optimizer) tensor by tensor into host memory; the stage's (tp_rank 0,
+    dp_rank 0) rank writes them. Returns {file: names} of what it wrote and {file:
+    checksum}."""
     sharded = isinstance(optimizer, DistributedOptimizer)
     if ps.dp_rank != 0 and not sharded:  # dp replicas hold identical values: replica 0 writes
         return {}, {}
+    writer = ps.tp_rank == 0 and ps.dp_rank == 0
     params, states = {}, {}
     for name, p in model.named_parameters():
         if getattr(p, "pipeline_duplicate", False):
             continue  # tied embedding copy on the last stage: the first stage saves it
-        state = _param_state(optimizer, p)  # collective over dp when sharded
-        if ps.dp_rank != 0:
-            continue
-        params[name] = gather_full(p, ps)
-        for key, value in state.items():
+        if ps.dp_rank == 0:
+            params[name] = gather_full_to_cpu(p, ps, keep=writer)
+        for key, value in _param_state(optimizer, p):  # gathered over dp one at a time
+            if ps.dp_rank != 0:
+                continue
             if torch.is_tensor(value) and value.shape == p.shape:  # exp_avg, exp_avg_sq
-                states[f"{name}.{key}"] = gather_full(p, ps, value)
+                states[f"{name}.{key}"] = gather_full_to_cpu(p, ps, value, keep=writer)
             else:  # per-parameter scalars: AdamW's step
-                states[f"{name}.{key}"] = torch.as_tensor(value).detach().clone()
-    if ps.tp_rank != 0 or ps.dp_rank != 0:
+                states[f"{name}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
+    if not writer:
         return {}, {}
     written, sums = {}, {}
     for kind, tensors in (("model", params), ("optim", states)):
@@ -137,11 +140,12 @@ def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
     return written, sums
 
 
-def _param_state(optimizer, p) -> dict:
-    """``p``'s optimizer state, tensors shaped like ``p`` (this TP shard, all of dp)."""
+def _param_state(optimizer, p):
+    """``(key, value)`` of ``p``'s optimizer state, tensors shaped like ``p`` (this TP shard,
+    all of dp); a sharded state is gathered over dp as it is consumed."""
     if isinstance(optimizer, DistributedOptimizer):
-        return optimizer.gathered_state(p)
-    return optimizer.state.get(p, {})
+        return optimizer.iter_gathered_state(p)
+    return iter(optimizer.state.get(p, {}).items())
 
 
 def _rng_states(ps) -> dict[str, torch.Tensor]:

@@ -10,7 +10,9 @@ Three promises hold for a run that saves into ROOT:
 * every file's sha256 and size are in meta.json, and :func:`verify_checkpoint` checks them;
   :func:`find_resume_checkpoint` skips a corrupt or incomplete newest checkpoint, with a
   warning, for the previous intact one;
-* :func:`prune_checkpoints` keeps the newest K.
+* :func:`prune_checkpoints` keeps the newest K checkpoints, and the newest K directories set
+  aside for inspection (``step_XXXXXXXX.abandoned-<id>``, ``.corrupt-<id>``; K =
+  ``SET_ASIDE_KEPT`` when every checkpoint is kept), so neither grows without bound.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ FORMAT, VERSION = "megalite-checkpoint", 1
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Leftovers of interrupted saves and of replaced or pruned steps: deleted by the next save.
 _LEFTOVER = re.compile(r"^(step_\d{8}\.(tmp|old)|latest\.tmp)-[0-9a-f]+$")
+# Checkpoints set aside (a later, abandoned history; a corrupt newest one): kept for a look.
+_SET_ASIDE = re.compile(r"^step_\d{8}\.(abandoned|corrupt)-[0-9a-f]+$")
+SET_ASIDE_KEPT = 2  # how many set-aside directories a run that keeps every checkpoint keeps
 
 
 # ----------------------------------------------------------------------------- files
@@ -137,18 +142,22 @@ def verify_checkpoint(path: str) -> list[str]:
 
 
 def prune_checkpoints(root: str, keep_last: int) -> list[str]:
-    """Delete all but the newest ``keep_last`` complete checkpoints (and leftovers of
-    interrupted saves); returns the deleted paths. Call on one rank."""
+    """Delete all but the newest ``keep_last`` complete checkpoints (0: keep them all), and
+    all but the newest ``keep_last`` (or ``SET_ASIDE_KEPT``) set-aside directories, newest
+    by when they were set aside; returns the deleted paths. Call on one rank."""
     found = list_checkpoints(root)
     doomed = [path for _, path in found[:-keep_last]] if keep_last > 0 else []
+    set_aside = sorted((os.path.join(root, d) for d in os.listdir(root) if _SET_ASIDE.match(d)),
+                       key=lambda path: (os.stat(path).st_ctime, path))  # a rename sets ctime
+    doomed += set_aside[:-(keep_last or SET_ASIDE_KEPT)]
     for path in doomed:
         # Rename first, so a crash mid-delete never leaves a step directory that looks
         # complete but lacks files.
-        trash = f"{path}.old-{uuid.uuid4().hex[:8]}"
+        step_dir = os.path.basename(path)[:len("step_00000000")]
+        trash = os.path.join(root, f"{step_dir}.old-{uuid.uuid4().hex[:8]}")
         os.rename(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
     return doomed
-
 
 
 # ----------------------------------------------------------------------------- resuming

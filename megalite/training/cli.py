@@ -27,6 +27,8 @@ from megalite.pipeline import (SCHEDULE_NAMES, build_schedule, layers_per_stage,
 from megalite.training.checkpoint_dir import list_checkpoints
 from megalite.training.config_file import config_file_argv
 from megalite.training.errors import UsageError
+from megalite.training import layout_auto
+from megalite.training.fault import check_timeouts
 from megalite.training.run_data import open_run_data
 from megalite.training.step import check_placement
 
@@ -104,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run this schedule table (CSV or JSON, one row per pipeline rank) "
                              "instead of --schedule")
     layout.add_argument("--sequence-parallel", action="store_true")
+    layout.add_argument("--layout", choices=["auto"], default=None,
+                        help="auto: the planner picks tp, pp, schedule, virtual stages, "
+                             "micro-batch, recompute and the distributed optimizer that fit "
+                             "--gpu-memory fastest (docs/training.md)")
     model = p.add_argument_group("model")
     model.add_argument("--model", default=None,
                        help="GPTConfig preset (default: tiny); not with --init-from-hf")
@@ -203,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="SECONDS", help="timeout of every collective")
     run.add_argument("--step-timeout", type=_float_at_least(0), default=None, metavar="SECONDS",
                      help="end all ranks when a step takes longer (0: off; default: "
-                          "--comm-timeout for the first steps, then max(60, 10 x median))")
+                          "--comm-timeout for the first steps, then max(60, 10 x median); "
+                          "always at most --comm-timeout - 10 s)")
     return p
 
 
@@ -220,7 +227,13 @@ def parse_args(argv=None, defaults: dict | None = None) -> argparse.Namespace:
     config = argparse.ArgumentParser(add_help=False)
     config.add_argument("--config", default=None)
     path = config.parse_known_args(argv)[0].config
-    return parser.parse_args((config_file_argv(path, parser) if path else []) + argv)
+    argv = (config_file_argv(path, parser) if path else []) + argv
+    args = parser.parse_args(argv)
+    chosen = layout_auto.conflicting_flags(argv)
+    if args.layout == "auto" and chosen:
+        raise UsageError(f"--layout auto chooses {', '.join(chosen)}: drop {' '.join(chosen)}, "
+                         f"or drop --layout auto")
+    return args
 
 
 def check_batch_sizes(args, dp: int) -> int:
@@ -261,11 +274,27 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
     """Every check the flags alone decide, run before any process group, model or data is
     built: a mistake raises UsageError naming the flag and the fix. ``gpt=False``: the
     caller trains its own model (the GPT's flags are refused, its checks skipped)."""
+    if args.layout == "auto":
+        if not gpt:
+            raise UsageError("--layout auto plans megalite's GPT; give your model's --tp/--pp")
+        try:
+            base = gpt_config_from_hf(hf_config_path(args.init_from_hf)) \
+                if args.init_from_hf else GPTConfig.preset(args.model or "tiny")
+            choice = layout_auto.choose_for_run(args, world_size, memory_budget(args), base)
+        except ValueError as e:
+            raise UsageError(f"--layout auto: {e}") from None
+        layout_auto.apply(args, choice)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"--layout auto: {choice.why}; running {' '.join(choice.flags)}", flush=True)
     try:
         dp = check_layout(args.tp, args.pp, None, world_size)
     except ValueError as e:
         raise UsageError(str(e)) from None
     num_microbatches = check_batch_sizes(args, dp)
+    try:
+        check_timeouts(args.step_timeout, args.comm_timeout)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     try:
         table = pipeline_table(args, num_microbatches)
     except ValueError as e:

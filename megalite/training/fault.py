@@ -153,12 +153,46 @@ def _where(frame) -> str:
     return fallback or "?"
 
 
+# The watchdog's limit stays this far under the communication timeout: firing, collecting
+# the other ranks' reports (report_wait_s) and exiting must end before a collective of the
+# stuck step can time out, so a stuck step always ends the same way (exit 4, the report).
+COMM_TIMEOUT_MARGIN_S = 10.0
+
+
+def watchdog_ceiling(comm_timeout_s: float) -> float:
+    """The longest step the watchdog may allow under ``--comm-timeout``; ValueError, naming
+    the fix, when the timeout leaves it no room."""
+    ceiling = comm_timeout_s - COMM_TIMEOUT_MARGIN_S
+    if ceiling <= 0:
+        raise ValueError(f"--comm-timeout {comm_timeout_s:g} leaves the step watchdog no time "
+                         f"to report a stuck step before a collective times out: use "
+                         f"--comm-timeout > {COMM_TIMEOUT_MARGIN_S:g}, or --step-timeout 0 "
+                         f"to turn the watchdog off")
+    return ceiling
+
+
+def check_timeouts(step_timeout_s: float | None, comm_timeout_s: float) -> None:
+    """The flags' part of the watchdog/communication-timeout rule (ValueError naming the
+    fix): a fixed ``--step-timeout`` must leave COMM_TIMEOUT_MARGIN_S under it."""
+    if step_timeout_s == 0:
+        return
+    ceiling = watchdog_ceiling(comm_timeout_s)
+    if step_timeout_s is not None and step_timeout_s > ceiling:
+        raise ValueError(f"--step-timeout {step_timeout_s:g} must be at most --comm-timeout "
+                         f"{comm_timeout_s:g} - {COMM_TIMEOUT_MARGIN_S:g} s, so the watchdog "
+                         f"(exit 4) ends a stuck step before a collective's timeout (exit 1) "
+                         f"does: lower --step-timeout or raise --comm-timeout")
+
+
 class StepWatchdog:
     """A thread that ends the process when a step does not finish in time.
 
     ``timeout_s`` > 0 is a fixed limit; None derives it: ``startup_s`` until ``warmup``
     steps have been timed (the first steps include compilation and allocation), then
-    ``max(floor_s, factor * median step time)``. When it fires, every rank's watchdog
+    ``max(floor_s, factor * median step time)``. With ``comm_timeout_s`` (the process
+    groups' timeout) the limit never exceeds ``watchdog_ceiling(comm_timeout_s)``: a stuck
+    step is always reported by the watchdog (exit 4), never by a collective timing out
+    first on some ranks (exit 1, or an abort under NCCL). When it fires, every rank's watchdog
     (they fire within about a second of each other, as steps start together) posts where its
     main thread is to the process group's key-value store, prints its Python stacks
     (faulthandler) and exits with ``EXIT_STUCK``; the lowest rank that reported names the
@@ -171,8 +205,12 @@ class StepWatchdog:
     def __init__(self, rank: int = 0, world_size: int = 1, timeout_s: float | None = None, *,
                  startup_s: float = 600.0, warmup: int = 3, floor_s: float = 60.0,
                  factor: float = 10.0, exit_code: int = EXIT_STUCK, report_wait_s: float = 3.0,
-                 backstop_s: float = 60.0):
+                 backstop_s: float = 60.0, comm_timeout_s: float | None = None):
         self.rank, self.world_size = rank, world_size
+        self.ceiling_s = float("inf")
+        if comm_timeout_s is not None and timeout_s != 0:  # 0: the watchdog is off
+            check_timeouts(timeout_s, comm_timeout_s)
+            self.ceiling_s = watchdog_ceiling(comm_timeout_s)
         self.timeout_s, self.startup_s = timeout_s, startup_s
         self.warmup, self.floor_s, self.factor = warmup, floor_s, factor
         self.exit_code, self.report_wait_s = exit_code, report_wait_s
@@ -190,8 +228,9 @@ class StepWatchdog:
         if self.timeout_s:
             return self.timeout_s
         if len(self.times) < self.warmup:
-            return self.startup_s
-        return max(self.floor_s, self.factor * statistics.median(self.times[-100:]))
+            return min(self.startup_s, self.ceiling_s)
+        return min(max(self.floor_s, self.factor * statistics.median(self.times[-100:])),
+                   self.ceiling_s)
 
     def start(self) -> "StepWatchdog":
         self._running = True

@@ -192,7 +192,7 @@ class Trainer:
                           max_skipped=args.max_skipped_steps, start_time=self.started,
                           device=ps.device)
         watchdog = StepWatchdog(ps.rank, ps.world_size, args.step_timeout,
-                                startup_s=args.comm_timeout)
+                                startup_s=args.comm_timeout, comm_timeout_s=args.comm_timeout)
         if args.step_timeout != 0:
             watchdog.start()
         result, stop, saved, profiled = None, None, None, None

@@ -92,3 +92,38 @@ def test_a_backward_that_edits_its_gradient_in_place_is_refused():
     (gx,), w = backward_input(y, torch.ones(4, 8), [x])
     with pytest.raises(RuntimeError, match="changed the gradient it received in place"):
         w.run()
+
+
+def test_full_backward_of_a_freed_output_uses_only_public_autograd(monkeypatch):
+    """B of a stage whose sent output the executor freed (its storage replaced by one
+    element) gives torch's gradients, through public autograd alone: megalite calling
+    torch's private engine entry point itself fails the test (torch's own calls pass)."""
+    import sys
+
+    from torch.autograd.variable import Variable
+
+    from megalite.pipeline import backward as backward_module
+    from megalite.pipeline.executor import _free_storage
+
+    engine = Variable._execution_engine
+
+    class OnlyTorchMayCallTheEngine:
+        def run_backward(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+            assert "/torch/" in caller, f"{caller} calls the private run_backward"
+            return engine.run_backward(*args, **kwargs)
+
+    monkeypatch.setattr(Variable, "_execution_engine", OnlyTorchMayCallTheEngine())
+    torch.manual_seed(0)
+    stage = Stage()
+    x = torch.randn(3, 4, 8, requires_grad=True)
+    y = stage(x)
+    g = torch.randn_like(y)
+    ref_x, ref_p = _reference(stage, x, g)
+    _free_storage(y)
+    backward_module.backward(y, g)
+    torch.testing.assert_close(x.grad, ref_x, rtol=0, atol=0)
+    for n, p in stage.named_parameters():
+        torch.testing.assert_close(p.grad, ref_p[n], rtol=0, atol=0, msg=n)
+    with pytest.raises(RuntimeError, match="Mismatch in shape"):  # a mismatched gradient
+        backward_module.backward(stage(x), torch.randn(3, 4, 9))

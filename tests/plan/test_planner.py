@@ -127,3 +127,27 @@ def test_cli_ranks_fitting_layouts_and_rejects_70b_on_one_node(capsys):
     assert rows and "GiB" in out and "rejected:" in out
     budget = get_gpu("h100").memory / GIB
     assert float(rows[0].split("|")[7]) <= budget
+
+
+def test_layout_auto_runs_what_the_planner_ranks_first(capsys):
+    """A simulated world of 8 x 80 GB (no processes): the trainer's --layout auto sets
+    exactly the flags of `python -m megalite.plan`'s first row and of its run-it line."""
+    from megalite.training.cli import check_args, parse_args, planned_layout
+
+    main(["--model", "llama-7b", "--gpus", "8", "--gpu-memory", "80GB", "--seq-len", "4096",
+          "--global-batch-size", "128", "--rejected", "0"])
+    out = capsys.readouterr().out
+    first_row = next(line for line in out.splitlines() if line.startswith("| 1 |"))
+    command = out.split("run it (or give --layout auto instead of the layout flags):\n")[1]
+    command = command.splitlines()[0]
+    assert command.startswith("torchrun --nproc-per-node 8 -m megalite.train --model llama-7b")
+    printed = parse_args(command.split(" -m megalite.train ")[1].split())
+
+    auto = parse_args(["--model", "llama-7b", "--layout", "auto", "--gpu-memory", "80GB",
+                       "--seq-len", "4096", "--global-batch-size", "128", "--dtype", "bf16"])
+    run = check_args(auto, 8)
+    assert capsys.readouterr().out.startswith("--layout auto: ")
+    assert f"| {planned_layout(auto, run.dp, run.cfg).describe()} |" in first_row, first_row
+    for flag in ("tp", "pp", "micro_batch_size", "schedule", "virtual_stages",
+                 "sequence_parallel", "recompute", "recompute_layers", "distributed_optimizer"):
+        assert getattr(auto, flag) == getattr(printed, flag), flag

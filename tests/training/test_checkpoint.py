@@ -5,22 +5,32 @@ resumes from that checkpoint in the same layout and at (tp=1, pp=2, dp=2) with t
 distributed optimizer; the test process itself then resumes it as a single process. A world
 of 8 does the same from a distributed-optimizer checkpoint at (2, 2, 2): resumed without it,
 at (2, 1, 4) with it, and in one process. Every resumed run must continue with the
-uninterrupted run's losses.
+uninterrupted run's losses. That world also checks that its save and a save_hf stream: at
+most one full tensor gathered onto the (simulated) device at a time, no tensor inside an
+object message. Abandoned and corrupt checkpoints set aside stay bounded in number.
 """
+import contextlib
 import json
 import os
+import pickle
 import shutil
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from megalite import parallel
-from megalite.models import GPT, GPTConfig
+from megalite.models import GPT, GPTConfig, save_hf
+from megalite.parallel import comm
+from megalite.parallel.grad_buffer import GradBuffer
 from megalite.training import checkpoint
 from megalite.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megalite.training.checkpoint_dir import (SET_ASIDE_KEPT, find_resume_checkpoint,
+                                              list_checkpoints)
 from megalite.training.data import ShardedSampler, TokenDataset, get_batch
 from megalite.training.optim import build_optimizer, build_scheduler
 from megalite.training.step import train_step
@@ -105,11 +115,98 @@ def _world_resume_and_reshard(rank, world, data, root):
     return losses, resumed, resharded, path
 
 
+class _OnDevice(torch.Tensor):
+    """Stands in a CPU test for a tensor on a GPU: moving it to the host copies it, and the
+    bytes of every live one are tracked (distinct storages; ops on one make more of them)."""
+    live: dict = {}   # id -> weak reference (tensors compare elementwise: no WeakSet)
+    peak_bytes = 0
+
+    @classmethod
+    def _track(cls, t):
+        if id(t) not in cls.live:
+            cls.live[id(t)] = weakref.ref(t, lambda _, key=id(t): cls.live.pop(key, None))
+        with torch._C.DisableTorchFunctionSubclass():
+            storages = {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes()
+                        for x in (r() for r in list(cls.live.values())) if x is not None}
+        cls.peak_bytes = max(cls.peak_bytes, sum(storages.values()))
+
+    @classmethod
+    def adopt(cls, t):
+        t = t.as_subclass(cls)
+        cls._track(t)
+        return t
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, cls):
+                cls._track(t)
+        return out
+
+    def to(self, *args, **kwargs):
+        with torch._C.DisableTorchFunctionSubclass():
+            return torch.Tensor.to(self, *args, **kwargs).clone()
+
+    def cpu(self):
+        return self.to("cpu")
+
+
+@contextlib.contextmanager
+def _gathers_on_device():
+    """Every tensor a save gathers (over TP, over dp for a sharded optimizer) becomes an
+    _OnDevice; yields the peak bytes of those alive at once."""
+    real_gather, real_gather_dp = comm.all_gather, GradBuffer.gather_dp
+    comm.all_gather = lambda *a, **k: _OnDevice.adopt(real_gather(*a, **k))
+    GradBuffer.gather_dp = lambda self, *a: _OnDevice.adopt(real_gather_dp(self, *a))
+    _OnDevice.peak_bytes = 0
+    result = SimpleNamespace()
+    try:
+        yield result
+    finally:
+        comm.all_gather, GradBuffer.gather_dp = real_gather, real_gather_dp
+        result.peak_bytes = _OnDevice.peak_bytes
+
+
+@contextlib.contextmanager
+def _object_messages():
+    """The largest pickled payload of any object collective inside the block."""
+    names = ("gather_object", "all_gather_object", "broadcast_object_list")
+    real = {n: getattr(dist, n) for n in names}
+    result = SimpleNamespace(largest=0)
+
+    def recording(name):
+        def call(obj, *args, **kwargs):
+            result.largest = max(result.largest, len(pickle.dumps(obj)))
+            return real[name](obj, *args, **kwargs)
+        return call
+    for n in names:
+        setattr(dist, n, recording(n))
+    try:
+        yield result
+    finally:
+        for n in names:
+            setattr(dist, n, real[n])
+
+
 def _world_distributed_optimizer_checkpoint(rank, world, data, root):
     ps = parallel.initialize(tp=2, pp=2, dp=2)
     run = _build(data, ps, distributed=True)
     losses = _train(run, SAVE_AT)
-    path = _save(root, SAVE_AT, run)
+    # Saving never holds a stage's model or optimizer state on the device: one full tensor
+    # is gathered at a time (its dp-gathered shard, the all-gather's buffers and the copy
+    # that reorders q|k|v segments; the previous shard may still be referenced: < 4x the
+    # largest tensor; before streaming, 30x), and pipeline stages reach the writer one
+    # tensor per message, never inside an object message.
+    largest = max(p.numel() * ps.tp for p in run.model.parameters()) * 4
+    with _gathers_on_device() as saving, _object_messages() as messages:
+        path = _save(root, SAVE_AT, run)
+    assert saving.peak_bytes < 4 * largest, (saving.peak_bytes, largest)
+    with _gathers_on_device() as exporting, _object_messages() as exporting_messages:
+        save_hf(run.model, os.path.join(root, "..", "hf"))
+    assert exporting.peak_bytes < 4 * largest, (exporting.peak_bytes, largest)
+    assert max(messages.largest, exporting_messages.largest) < largest, \
+        (messages.largest, exporting_messages.largest, largest)
     losses += _train(run, STEPS - SAVE_AT)  # the uninterrupted run
     plain = _build(data, ps, model_seed=1)
     assert _load(path, plain) == SAVE_AT
@@ -297,3 +394,32 @@ def test_clear_errors(single, tmp_path):
         with pytest.raises(ValueError, match=message):
             load_checkpoint(str(tmp_path / name), run.model, run.opt, run.sched, run.sampler,
                             verify=False)
+
+
+def test_set_aside_checkpoints_stay_bounded(single):
+    """Abandoned histories and corrupt checkpoints are set aside for inspection, but only
+    the newest few stay: SET_ASIDE_KEPT when every checkpoint is kept, K with keep_last=K."""
+    root = single.root
+
+    def set_aside():
+        return sorted(d for d in os.listdir(root) if ".abandoned-" in d or ".corrupt-" in d)
+
+    for _ in range(4):  # a run restarted from step 1 again and again abandons step 2
+        _save(root, 2, single)
+        _save(root, 1, single)
+    path = _save(root, 2, single)
+    with open(os.path.join(path, "model_stage0.safetensors"), "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert find_resume_checkpoint(root, set_aside=True, warn=lambda *a, **k: None) \
+        == os.path.join(root, "step_00000001")
+    corrupt = [d for d in set_aside() if ".corrupt-" in d]
+    assert len(corrupt) == 1, set_aside()
+    _save(root, 2, single)
+    kept = set_aside()
+    assert len(kept) == SET_ASIDE_KEPT and corrupt[0] in kept, kept
+    _save(root, 3, single, keep_last=1)
+    assert set_aside() == corrupt and [s for s, _ in list_checkpoints(root)] == [3]
+    assert not [d for d in os.listdir(root) if ".old-" in d or ".tmp-" in d]

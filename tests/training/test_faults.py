@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from megalite.training.checkpoint_dir import verify_checkpoint
 from megalite.training.errors import EXIT_NONFINITE
 from megalite.training import inject
-from megalite.training.fault import StepWatchdog, Stopper, summarize
+from megalite.training.fault import (COMM_TIMEOUT_MARGIN_S, StepWatchdog, Stopper,
+                                     check_timeouts, summarize)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "examples" / "pretrain_gpt.py")
@@ -113,6 +114,11 @@ BAD_FLAGS = [  # (WORLD_SIZE, flags, the one line it must print)
      "--check-memory: tp=1 pp=1 dp=8 mbs=2 1f1b recompute=none does not fit: parameters + "
      "gradients + optimizer state alone need 1027.8 GiB on pipeline rank 0 (> 74.5 GiB)"),
     (2, ["--check-memory"], "--check-memory on CPU needs --gpu-memory SIZE"),
+    (2, ["--layout", "auto", "--tp=2", "--distributed-optimizer"],
+     "--layout auto chooses --tp, --distributed-optimizer: drop --tp --distributed-optimizer, "
+     "or drop --layout auto"),
+    (2, ["--step-timeout", "700"],
+     "--step-timeout 700 must be at most --comm-timeout 600 - 10 s"),
 ]
 
 
@@ -237,6 +243,26 @@ def test_watchdog_limit_follows_the_median_step_after_warmup():
     assert StepWatchdog(timeout_s=5).limit_s() == 5
 
 
+def test_watchdog_fires_before_a_collective_times_out():
+    """A stuck step must end one way: the watchdog's report and exit 4. So its limit stays
+    COMM_TIMEOUT_MARGIN_S under --comm-timeout however slow the steps were, and a fixed
+    --step-timeout that does not is refused."""
+    dog = StepWatchdog(timeout_s=None, startup_s=600, warmup=3, comm_timeout_s=600)
+    assert dog.limit_s() == 600 - COMM_TIMEOUT_MARGIN_S  # the first steps: not the same 600
+    for seconds in (1.0, 100.0, 100.0, 100.0):
+        dog.step_started(1)
+        dog.step_finished(seconds)
+    assert dog.limit_s() == 600 - COMM_TIMEOUT_MARGIN_S  # 10 x 100 s, capped
+    assert StepWatchdog(timeout_s=590, comm_timeout_s=600).limit_s() == 590
+    with pytest.raises(ValueError, match=r"--step-timeout 595 must be at most --comm-timeout "
+                                         r"600 - 10 s"):
+        check_timeouts(595, 600)
+    with pytest.raises(ValueError, match="--comm-timeout 8 leaves the step watchdog no time"):
+        check_timeouts(None, 8)
+    check_timeouts(0, 8)  # the watchdog off: any --comm-timeout
+    assert StepWatchdog(timeout_s=0, comm_timeout_s=8).ceiling_s == float("inf")
+
+
 def test_fault_specs():
     assert inject.parse("nan@3-5:rank1, hang@4") == [("nan", 3, 5, 1), ("hang", 4, 4, None)]
     with pytest.raises(ValueError, match="cannot read 'oops@2'"):
@@ -299,7 +325,9 @@ def test_sigterm_and_kill_at_tp2_pp2_then_resume_exactly(tmp_path):
 
 
 def test_stuck_rank_ends_every_rank_within_the_step_timeout(tmp_path):
-    run = launch(tmp_path, "--pp", "2", "--steps", "6", "--step-timeout", "5", nproc=2,
+    # No --step-timeout: the first steps' limit is --comm-timeout less the margin (5 s), so
+    # the watchdog, not rank 0's receive timing out at 15 s, ends the stuck step.
+    run = launch(tmp_path, "--pp", "2", "--steps", "6", "--comm-timeout", "15", nproc=2,
                  fault="hang@3:rank1")
     assert run.rc != 0 and run.seconds < 5 + EXIT_BOUND_S, run
     assert "rank 1: step 3 did not finish within 5 s (--step-timeout); main thread at " \
@@ -310,7 +338,7 @@ def test_stuck_rank_ends_every_rank_within_the_step_timeout(tmp_path):
     assert run.out.count("most recent call first") >= 4, run
     assert "in at_step_start" in run.out and "in recv" in run.out, run
     assert "exitcode  : 4" in run.out, run
-    table("rank 1 stuck (pp=2, --step-timeout 5)", "stacks printed, rank 1 named, all exit 4",
+    table("rank 1 stuck (pp=2, --comm-timeout 15)", "stacks printed, rank 1 named, all exit 4",
           run.seconds, 1)
 
 
