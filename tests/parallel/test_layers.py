@@ -265,6 +265,15 @@ def check_rng_tracker(ps):
         assert torch.equal(masks[i, 0], masks[0, 0]), "dropout outside TP regions must agree"
         assert torch.equal(masks[i, 2], masks[0, 2]), "fork must not advance the default stream"
         assert not torch.equal(masks[i, 1], masks[0, 1]), "TP-region dropout must differ"
+    # Against fresh generators seeded by the documented formula (parallel/random.py): the
+    # default stream from the seed itself, the TP stream from seed + 2718 + 100 pp + tp.
+    def dropout_mask(gen):
+        return torch.empty(64).bernoulli_(0.5, generator=gen) * 2.0  # as F.dropout draws
+    default = torch.Generator().manual_seed(1234)
+    assert torch.equal(outside, dropout_mask(default)), "default stream: seed"
+    assert torch.equal(after, dropout_mask(default)), "default stream after the fork"
+    tp_stream = torch.Generator().manual_seed(1234 + 2718 + 100 * ps.pp_rank + ps.tp_rank)
+    assert torch.equal(inside, dropout_mask(tp_stream)), "TP stream: seed + 2718 + tp_rank"
 
 
 def _layers_world(rank, world):
