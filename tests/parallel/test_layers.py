@@ -276,7 +276,19 @@ def check_rng_tracker(ps):
     assert torch.equal(inside, dropout_mask(tp_stream)), "TP stream: seed + 2718 + tp_rank"
 
 
+def check_agree(rank, world):
+    """comm.agree, the collective error check: every rank's payload in rank order; one
+    rank's error raises there and, as a PeerFailure naming it, on every other rank."""
+    assert comm.agree(None, "sharing", payload=rank * 10) == [10 * r for r in range(world)]
+    error = ValueError("disk full") if rank == 1 else None
+    with pytest.raises(ValueError if rank == 1 else comm.PeerFailure) as raised:
+        comm.agree(error, "saving")
+    if rank != 1:
+        assert str(raised.value) == "saving failed on rank(s) [1]: {1: 'ValueError: disk full'}"
+
+
 def _layers_world(rank, world):
+    check_agree(rank, world)
     for tp in (1, 2, 4):
         ps = parallel.initialize(tp=tp)
         check_comm_ops(ps)
@@ -341,6 +353,14 @@ def test_bad_sizes_raise_before_any_collective():
         parallel.ColumnParallelLinear(4, 8, partition_sizes=[4, 2])
     with pytest.raises(ValueError, match="input_is_parallel"):
         parallel.RowParallelLinear(4, 4, input_is_parallel=False, sequence_parallel=True)
+    # vocab_size beyond the logits' (padded) columns, or 0: refused, never read past them
+    ps, logits, target = parallel.initialize(), torch.zeros(3, 10), torch.zeros(3).long()
+    for vocab in (11, 0):
+        with pytest.raises(ValueError, match=r"must be in \(0, 10\]"):
+            parallel.vocab_parallel_cross_entropy(logits, target, vocab_size=vocab, state=ps)
+        with pytest.raises(ValueError, match=r"must be in \(0, 10\]"):
+            parallel.vocab_parallel_linear_cross_entropy(torch.zeros(3, 4), torch.zeros(10, 4),
+                                                         target, vocab_size=vocab, state=ps)
 
 
 def test_rank_layout_matches_design():

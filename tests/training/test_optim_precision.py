@@ -115,6 +115,28 @@ def test_fp16_scaler_skips_an_overflowing_step_and_recovers():
         train_step(model, opt, tokens, targets, micro_batch_size=2, dtype="fp16")
 
 
+def test_loss_scale_follows_the_dynamic_scaling_rule():
+    """The documented rule, step by step: double after every ``growth_interval`` clean steps
+    in a row, halve on an overflow (never below ``min_scale``) and count again from there.
+    Defaults as torch's own GradScaler (start 2^16, x2, x0.5). Mutants this kills: growing
+    only at the first interval (``clean_steps - interval == 0``), a default start of 1."""
+    torch_scaler = torch.amp.GradScaler("cpu")
+    default = DynamicLossScaler()
+    assert (default.scale_value, default.growth, default.backoff) == (
+        torch_scaler.get_scale(), torch_scaler.get_growth_factor(),
+        torch_scaler.get_backoff_factor())
+    scaler = DynamicLossScaler(init_scale=8.0, growth_interval=3, min_scale=1.0)
+    overflow = [False] * 7 + [True] + [False] * 3 + [True] * 5
+    scales = []
+    for found_inf in overflow:
+        scaler.update(found_inf)
+        scales.append(scaler.scale_value)
+    assert scales == [8, 8, 16, 16, 16, 32, 32, 16, 16, 16, 32, 16, 8, 4, 2, 1]
+    restored = DynamicLossScaler()
+    restored.load_state_dict(scaler.state_dict())
+    assert (restored.scale_value, restored.clean_steps) == (1, 0)
+
+
 def test_profile_categories_add_up_and_name_the_ops():
     """The --profile table's categorization on a hand-made workload: each op lands in its
     category and the rows sum to the profiled total."""
