@@ -36,11 +36,11 @@ CR = str(Path(sys.executable).parent / "cosmic-ray")
 # module key: (file, the fast tests that exercise it)
 MODULES = {
     "comm": ("megalite/parallel/comm.py",
-             "tests/parallel/test_layers.py -k 'dense_at_tp or single_process'"),
+             "tests/parallel/test_layers.py -k 'dense_at_tp or single_process or bad_sizes'"),
     "cross_entropy": ("megalite/parallel/cross_entropy.py",
-                      "tests/parallel/test_layers.py -k 'dense_at_tp or single_process'"),
+                      "tests/parallel/test_layers.py -k 'dense_at_tp or single_process or bad_sizes'"),
     "layers": ("megalite/parallel/layers.py",
-               "tests/parallel/test_layers.py -k 'dense_at_tp or single_process'"),
+               "tests/parallel/test_layers.py -k 'dense_at_tp or single_process or bad_sizes'"),
     "grad_buffer": ("megalite/parallel/grad_buffer.py",
                     "tests/parallel/test_grad_buffer.py "
                     "tests/training/test_distributed_optimizer.py"),
