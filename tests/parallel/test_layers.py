@@ -353,6 +353,8 @@ def test_bad_sizes_raise_before_any_collective():
         parallel.ColumnParallelLinear(4, 8, partition_sizes=[4, 2])
     with pytest.raises(ValueError, match="input_is_parallel"):
         parallel.RowParallelLinear(4, 4, input_is_parallel=False, sequence_parallel=True)
+    with pytest.raises(ValueError, match="gather_output would interleave"):
+        parallel.ColumnParallelLinear(4, 8, gather_output=True, partition_sizes=[4, 4])
     # vocab_size beyond the logits' (padded) columns, or 0: refused, never read past them
     ps, logits, target = parallel.initialize(), torch.zeros(3, 10), torch.zeros(3).long()
     for vocab in (11, 0):
@@ -361,6 +363,20 @@ def test_bad_sizes_raise_before_any_collective():
         with pytest.raises(ValueError, match=r"must be in \(0, 10\]"):
             parallel.vocab_parallel_linear_cross_entropy(torch.zeros(3, 4), torch.zeros(10, 4),
                                                          target, vocab_size=vocab, state=ps)
+
+
+def test_defaults_and_padding_rows_of_a_locally_initialized_embedding():
+    """The design's defaults (bias on), and a vocabulary of 10 over tp = 4 (padded to 12, 3
+    rows per rank) initialized per shard: exactly the rows past the vocabulary are zero."""
+    parallel.destroy()
+    assert parallel.ColumnParallelLinear(4, 8).bias is not None
+    assert parallel.RowParallelLinear(8, 4).bias is not None
+    for r in range(4):
+        emb = parallel.VocabParallelEmbedding(10, 4, master_init=False,
+                                              state=ParallelState(tp=4, tp_rank=r))
+        real = max(0, min(3, 10 - 3 * r))
+        assert emb.weight.shape == (3, 4)
+        assert (emb.weight[real:] == 0).all() and (emb.weight[:real] != 0).all(), r
 
 
 def test_rank_layout_matches_design():
