@@ -288,6 +288,11 @@ def test_executor_rejects_bad_actions_and_matches_dense():
                            (["0F0", "0F2", "0B0", "0B2"], "microbatch 2 out of range")):
         with pytest.raises(ValueError, match=match):
             run_schedule(actions, stage, ps, **kwargs)
+    for missing, match in (("inputs", "the first stage needs 2 microbatch inputs"),
+                           ("targets", "the last stage needs 2 targets and a loss_fn"),
+                           ("loss_fn", "the last stage needs 2 targets and a loss_fn")):
+        with pytest.raises(ValueError, match=match):
+            run_schedule(["0F0", "0B0", "0F1", "0B1"], stage, ps, **{**kwargs, missing: None})
     # Valid lists, full and split backward, match the dense mean loss and its gradient.
     dense = torch.nn.Linear(4, 4)
     dense.load_state_dict(stage.state_dict())
