@@ -25,7 +25,7 @@ test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 # Mutation testing of the core modules with cosmic-ray, outside CI (docs/testing.md): a
-# sample of mutants per module against a fast test subset, on a copy of the tree (~45 min).
+# sample of mutants per module against a fast test subset, on a copy of the tree (~45-60 min).
 mutation: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[mutation]'
 	$(PY) scripts/mutation.py

@@ -9,7 +9,7 @@ killed (the subset failed or timed out) or survived. It works on a copy of the w
 module in place while a mutant is tested.
 
     pip install -e '.[mutation]'                  # cosmic-ray
-    make mutation                                 # every module, ~45 min on 2 CPU cores
+    make mutation                                 # every module, 8 mutants each: ~45-60 min
     .venv/bin/python scripts/mutation.py --module step --per-module 5
     .venv/bin/python scripts/mutation.py --survivors-of /tmp/megalite-mutation/results.json
 
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--module", action="append", choices=sorted(MODULES),
                    help="only these modules (repeatable; default: all)")
-    p.add_argument("--per-module", type=int, default=16, help="mutants sampled per module")
+    p.add_argument("--per-module", type=int, default=8, help="mutants sampled per module")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="/tmp/megalite-mutation")
     p.add_argument("--ref", default=None,
