@@ -209,13 +209,14 @@ def test_dropout_resumes_exactly_with_sequence_parallelism_and_reshards_as_docum
 
     Breakages checked: dropping the tracker-stream restore in checkpoint._load_rng, or the
     CPU-state restore, fails the exact resume; restoring the tracker streams across layouts
-    (or not reseeding them) fails the reshard's stream check."""
+    fails the reshard's stream check."""
     data, root = _token_file(tmp_path), str(tmp_path / "ckpt")
     curves = run_world(2, _world_dropout_resume, data, root, timeout=240)[0]
     for name, (losses, resumed, _) in curves.items():
         assert resumed == losses[SAVE_AT:], f"{name}: resumed {resumed} != {losses[SAVE_AT:]}"
-    # Dropout is on: the two runs (same weights and data) differ from the first step.
-    assert curves["sp"][0][0] != curves["plain"][0][0]
+    # Dropout is on: the two runs (same weights and data, other masks) differ by more than
+    # float reassociation does (< 1e-5, the reshard tests' bound; 1.4e-4 at step 1 here).
+    assert max(abs(a - b) for a, b in zip(curves["sp"][0], curves["plain"][0])) > 1e-5
 
     ps = parallel.initialize()
     try:
