@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch; on a GPU machine use `make TORCH=torch ...` (or your own env).
 TORCH  ?= torch==2.13.0
 
-.PHONY: run test gpu-check bench clean
+.PHONY: run test gpu-check bench clean mutation
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+# Mutation testing of the core modules with cosmic-ray, outside CI (docs/testing.md): a
+# sample of mutants per module against a fast test subset, on a copy of the tree (~45-60 min).
+mutation: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[mutation]'
+	$(PY) scripts/mutation.py
 
 # On a CUDA machine that already has torch and triton (no package registry needed): installs
 # megalite into $(PYTHON) without dependencies, then the GPU tests, the kernel table,

@@ -1,6 +1,7 @@
 """The benchmark script's plumbing, on the CPU (GPU timings need a CUDA machine)."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,3 +43,21 @@ def test_bench_main_without_cuda_exits_zero(tmp_path, capsys):
                for r in rows)
     assert (tmp_path / "rms_norm.png").exists()
     assert all("spread_pct" in r for r in rows)
+
+
+def test_cpu_timer_reports_the_median_and_spread_of_its_timed_calls(monkeypatch):
+    """The real CPU timer (not a stand-in) on a fake clock that each call advances by a
+    known time: one untimed warm-up call, then the median of five timed calls and their
+    20-80 percentile spread relative to it (numpy's "weibull" percentiles, statistics'
+    default "exclusive" method, as the reference)."""
+    clock = [0.0]
+    durations_ms = iter([9.0, 1.0, 2.0, 10.0, 3.0, 4.0])  # the first call is the warm-up
+
+    def fn():
+        clock[0] += next(durations_ms) / 1e3
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    ms, spread = bench.timer("cpu")(fn, None)
+    samples = [1.0, 2.0, 10.0, 3.0, 4.0]
+    p20, p80 = np.percentile(samples, [20, 80], method="weibull")
+    assert ms == pytest.approx(np.median(samples))
+    assert spread == pytest.approx((p80 - p20) / np.median(samples))

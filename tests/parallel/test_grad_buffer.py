@@ -1,10 +1,11 @@
-"""GradBuffer's layout and bookkeeping, in one process (the reductions themselves run in the
-multi-process layout and checkpoint tests)."""
+"""GradBuffer's layout and bookkeeping in one process, and its reductions at dp = 2 against
+one process (more layouts: tests/pipeline/test_3d.py and the checkpoint tests)."""
 import pytest
 import torch
 
 from megalite.parallel import ParallelState
 from megalite.parallel.grad_buffer import GradBuffer
+from world import run_world
 
 
 def _params():
@@ -51,3 +52,41 @@ def test_two_accumulations_in_the_final_action_are_refused():
         params[1].sum().backward()
         with pytest.raises(RuntimeError, match="two gradient accumulations"):
             params[1].sum().backward()
+
+
+# ------------------------------------------------------------------- reductions at dp = 2
+
+def _dp2_steps(rank, world):
+    """Two ranks at dp = 2 train a small GPT three steps with the overlapped gradient buffer
+    (plain AdamW) and with the distributed optimizer (bucket reduce-scatter, dp-sharded
+    AdamW); each rank also trains the same model in one process on the whole batch."""
+    from megalite import parallel
+    from megalite.models import GPT, GPTConfig
+    from megalite.training import build_optimizer
+    from megalite.training.step import train_step
+    cfg = GPTConfig(vocab_size=97, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, d_ff=64,
+                    max_seq_len=16, kernels="torch", tie_embeddings=True)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (8, 9), generator=g) for _ in range(3)]
+    runs = {}
+    for name, state, distributed in (("one process", ParallelState(), False),
+                                     ("overlap", parallel.initialize(dp=2), False),
+                                     ("distributed", parallel.initialize(dp=2), True)):
+        torch.manual_seed(0)
+        model = GPT(cfg, state=state)
+        opt = build_optimizer(model, lr=1e-2, distributed=distributed)
+        mine = slice(0, 8) if state.dp == 1 else slice(4 * state.dp_rank, 4 * state.dp_rank + 4)
+        losses = [train_step(model, opt, d[mine, :-1], d[mine, 1:], micro_batch_size=2).loss
+                  for d in batches]
+        runs[name] = (losses, [p.detach().clone() for p in model.parameters()])
+    ref_losses, ref_params = runs.pop("one process")
+    for name, (losses, params) in runs.items():
+        assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 1e-5, (name, losses)
+        for p, q in zip(params, ref_params):
+            torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_dp2_reductions_train_like_one_process():
+    """Fast dp = 2 check of the buffer's reductions (the layouts of tests/pipeline/test_3d.py
+    cover them too, in minutes; this is the mutation pass's subset for grad_buffer.py)."""
+    run_world(2, _dp2_steps, timeout=180)

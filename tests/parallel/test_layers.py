@@ -265,9 +265,30 @@ def check_rng_tracker(ps):
         assert torch.equal(masks[i, 0], masks[0, 0]), "dropout outside TP regions must agree"
         assert torch.equal(masks[i, 2], masks[0, 2]), "fork must not advance the default stream"
         assert not torch.equal(masks[i, 1], masks[0, 1]), "TP-region dropout must differ"
+    # Against fresh generators seeded by the documented formula (parallel/random.py): the
+    # default stream from the seed itself, the TP stream from seed + 2718 + 100 pp + tp.
+    def dropout_mask(gen):
+        return torch.empty(64).bernoulli_(0.5, generator=gen) * 2.0  # as F.dropout draws
+    default = torch.Generator().manual_seed(1234)
+    assert torch.equal(outside, dropout_mask(default)), "default stream: seed"
+    assert torch.equal(after, dropout_mask(default)), "default stream after the fork"
+    tp_stream = torch.Generator().manual_seed(1234 + 2718 + 100 * ps.pp_rank + ps.tp_rank)
+    assert torch.equal(inside, dropout_mask(tp_stream)), "TP stream: seed + 2718 + tp_rank"
+
+
+def check_agree(rank, world):
+    """comm.agree, the collective error check: every rank's payload in rank order; one
+    rank's error raises there and, as a PeerFailure naming it, on every other rank."""
+    assert comm.agree(None, "sharing", payload=rank * 10) == [10 * r for r in range(world)]
+    error = ValueError("disk full") if rank == 1 else None
+    with pytest.raises(ValueError if rank == 1 else comm.PeerFailure) as raised:
+        comm.agree(error, "saving")
+    if rank != 1:
+        assert str(raised.value) == "saving failed on rank(s) [1]: {1: 'ValueError: disk full'}"
 
 
 def _layers_world(rank, world):
+    check_agree(rank, world)
     for tp in (1, 2, 4):
         ps = parallel.initialize(tp=tp)
         check_comm_ops(ps)
@@ -332,6 +353,30 @@ def test_bad_sizes_raise_before_any_collective():
         parallel.ColumnParallelLinear(4, 8, partition_sizes=[4, 2])
     with pytest.raises(ValueError, match="input_is_parallel"):
         parallel.RowParallelLinear(4, 4, input_is_parallel=False, sequence_parallel=True)
+    with pytest.raises(ValueError, match="gather_output would interleave"):
+        parallel.ColumnParallelLinear(4, 8, gather_output=True, partition_sizes=[4, 4])
+    # vocab_size beyond the logits' (padded) columns, or 0: refused, never read past them
+    ps, logits, target = parallel.initialize(), torch.zeros(3, 10), torch.zeros(3).long()
+    for vocab in (11, 0):
+        with pytest.raises(ValueError, match=r"must be in \(0, 10\]"):
+            parallel.vocab_parallel_cross_entropy(logits, target, vocab_size=vocab, state=ps)
+        with pytest.raises(ValueError, match=r"must be in \(0, 10\]"):
+            parallel.vocab_parallel_linear_cross_entropy(torch.zeros(3, 4), torch.zeros(10, 4),
+                                                         target, vocab_size=vocab, state=ps)
+
+
+def test_defaults_and_padding_rows_of_a_locally_initialized_embedding():
+    """The design's defaults (bias on), and a vocabulary of 10 over tp = 4 (padded to 12, 3
+    rows per rank) initialized per shard: exactly the rows past the vocabulary are zero."""
+    parallel.destroy()
+    assert parallel.ColumnParallelLinear(4, 8).bias is not None
+    assert parallel.RowParallelLinear(8, 4).bias is not None
+    for r in range(4):
+        emb = parallel.VocabParallelEmbedding(10, 4, master_init=False,
+                                              state=ParallelState(tp=4, tp_rank=r))
+        real = max(0, min(3, 10 - 3 * r))
+        assert emb.weight.shape == (3, 4)
+        assert (emb.weight[real:] == 0).all() and (emb.weight[:real] != 0).all(), r
 
 
 def test_rank_layout_matches_design():

@@ -425,3 +425,16 @@ def test_schedule_file_errors(tmp_path, name, text, kwargs, match):
     assert str(tmp_path / name) in str(e.value)
     with pytest.raises(ValueError, match="cannot read schedule file"):
         load_schedule(tmp_path / "missing.json")
+
+
+def test_a_gpt_placement_is_checked_with_the_fix_named():
+    """A GPT needs the embedding (stage 0) on pipeline rank 0 and the head on rank 0 or the
+    last rank (they share the tied embedding); the error names both ranks."""
+    from megalite.training.step import check_placement
+    table = {0: ["0F0", "0B0"], 1: ["2F0", "2B0"], 2: ["1F0", "1B0"]}
+    with pytest.raises(ValueError) as raised:
+        check_placement(table, 3)
+    assert str(raised.value) == ("the schedule puts stage 0 on pipeline rank 0 and the last "
+                                 "stage on rank 1: a GPT needs stage 0 on rank 0 and the last "
+                                 "stage on rank 0 or 2")
+    assert check_placement(build_schedule("zbv", 2, 4, virtual=2), 2) == {0: 0, 1: 1, 2: 1, 3: 0}

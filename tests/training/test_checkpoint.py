@@ -27,6 +27,7 @@ from megalite import parallel
 from megalite.models import GPT, GPTConfig, save_hf
 from megalite.parallel import comm
 from megalite.parallel.grad_buffer import GradBuffer
+from megalite.parallel.random import get_rng_tracker
 from megalite.training import checkpoint
 from megalite.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megalite.training.checkpoint_dir import (SET_ASIDE_KEPT, find_resume_checkpoint,
@@ -267,6 +268,71 @@ def test_resume_and_reshard(tmp_path):
         == (CFG.vocab_size, CFG.d_model)
 
     _check_single_process_continues(data, root, expected, "a (2,2,1)")
+
+
+# ---------------------------------------------------------------------- dropout
+
+DROPOUT = CFG.replace(dropout=0.2)
+
+
+def _world_dropout_resume(rank, world, data, root):
+    """tp=2 with dropout 0.2: with sequence parallelism (residual-stream masks from each TP
+    rank's tracker stream) and without (every mask from the default stream)."""
+    ps = parallel.initialize(tp=2, pp=1, dp=1)
+    curves = {}
+    for name, cfg in (("sp", DROPOUT.replace(sequence_parallel=True)), ("plain", DROPOUT)):
+        run = _build(data, ps, cfg=cfg)
+        losses = _train(run, SAVE_AT)
+        path = _save(os.path.join(root, name), SAVE_AT, run)
+        losses += _train(run, STEPS - SAVE_AT)  # the uninterrupted run
+        fresh = _build(data, ps, model_seed=1, cfg=cfg)
+        _load(path, fresh)
+        curves[name] = (losses, _train(fresh, STEPS - SAVE_AT), path)
+    return curves
+
+
+def test_dropout_resumes_exactly_with_sequence_parallelism_and_reshards_as_documented(
+        tmp_path):
+    """What a checkpoint restores of the random streams (docs/training.md, "RNG states"):
+
+    - same layout: every rank's default stream and TP-tracker streams, so a resume at
+      tp=2 with sequence parallelism and dropout 0.2 has the uninterrupted losses exactly;
+    - another layout: the default stream of global rank 0, and the tracker streams as
+      ``model_parallel_seed`` makes them (seed + 2718 + 100 pp_rank + tp_rank: checked here
+      against a fresh torch.Generator). Without sequence parallelism every dropout mask
+      comes from the default stream, identical on all TP ranks, so tp=2 -> one process
+      continues the uninterrupted curve (up to float reassociation); with it, the TP-region
+      masks of the new layout have no counterpart in the old one and the losses differ.
+
+    Breakages checked: dropping the tracker-stream restore in checkpoint._load_rng, or the
+    CPU-state restore, fails the exact resume; restoring the tracker streams across layouts
+    fails the reshard's stream check."""
+    data, root = _token_file(tmp_path), str(tmp_path / "ckpt")
+    curves = run_world(2, _world_dropout_resume, data, root, timeout=240)[0]
+    for name, (losses, resumed, _) in curves.items():
+        assert resumed == losses[SAVE_AT:], f"{name}: resumed {resumed} != {losses[SAVE_AT:]}"
+    # Dropout is on: the two runs (same weights and data, other masks) differ by more than
+    # float reassociation does (< 1e-5, the reshard tests' bound; 1.4e-4 at step 1 here).
+    assert max(abs(a - b) for a, b in zip(curves["sp"][0], curves["plain"][0])) > 1e-5
+
+    ps = parallel.initialize()
+    try:
+        plain = _build(data, ps, model_seed=3, cfg=DROPOUT)
+        _load(curves["plain"][2], plain)
+        continued = _train(plain, STEPS - SAVE_AT)
+
+        seed = 7
+        sp = _build(data, ps, model_seed=seed, cfg=DROPOUT.replace(sequence_parallel=True))
+        _load(curves["sp"][2], sp)
+        saved = load_file(os.path.join(curves["sp"][2], "rng_rank00000.safetensors"))
+        assert torch.equal(torch.get_rng_state(), saved["cpu"])
+        fresh = torch.Generator().manual_seed(seed + 2718)
+        assert torch.equal(get_rng_tracker().states["tensor-parallel"], fresh.get_state())
+        assert not torch.equal(saved["tracker.tensor-parallel"], fresh.get_state())
+    finally:
+        parallel.destroy()
+    expected = curves["plain"][0][SAVE_AT:]
+    assert np.allclose(continued, expected, rtol=0, atol=1e-5), (continued, expected)
 
 
 # --------------------------------------------------------------------- single process

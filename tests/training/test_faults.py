@@ -8,6 +8,7 @@ rows of the table in docs/reliability.md ("RELIABILITY | fault | outcome | s | s
 """
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -271,6 +272,17 @@ def test_fault_specs():
 
 # ----------------------------------------------------------------------------- torchrun
 
+def _start_ranks(cwd, nproc: int, args, fault: str) -> list[subprocess.Popen]:
+    """``nproc`` ranks of the command, started as a launcher would (RANK, WORLD_SIZE, ...)
+    but without torchrun, each with its own stdout and stderr."""
+    port = _free_port()
+    return [subprocess.Popen(
+        [sys.executable, SCRIPT] + COMMON + [str(a) for a in args], cwd=cwd, text=True,
+        env=_env(MEGALITE_FAULT=fault, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
+                 LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(nproc)]
+
+
 def _wait_for_rows(proc, metrics: Path, count: int, timeout=90):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -302,20 +314,29 @@ def test_sigterm_and_kill_at_tp2_pp2_then_resume_exactly(tmp_path):
     table("SIGTERM to torchrun, tp=2 pp=2", f"finish step {stopped}, checkpoint, exit 143",
           seconds, 0)
 
-    # A rank dies (kill -9) right after the next step: every process is gone within 30 s.
+    # A rank dies (kill -9) at the start of a step. The ranks are started without torchrun,
+    # which would end the survivors itself: this is what megalite does under any launcher.
+    # Every survivor's next collective or receive fails; each says one line naming the
+    # operation (and whom it waited for) and exits 1, within the bound.
     dies_at = stopped + 2
-    proc = subprocess.Popen(_cmd(4, cmd), cwd=tmp_path, text=True,
-                            env=_env(MEGALITE_FAULT=f"kill@{dies_at}:rank1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _wait_for_rows(proc, tmp_path / "m.jsonl", dies_at - 1)
+    procs = _start_ranks(tmp_path, 4, cmd, fault=f"kill@{dies_at}:rank1")
+    _wait_for_rows(procs[0], tmp_path / "m.jsonl", dies_at - 1)
     t0 = time.monotonic()
-    out = proc.communicate(timeout=60)[0]
+    ends = [p.communicate(timeout=60) for p in procs]
     seconds = time.monotonic() - t0
-    assert proc.returncode != 0 and seconds < EXIT_BOUND_S, out
-    assert "exitcode  : -9" in out and "Signal 9 (SIGKILL) received by PID" in out, out
+    assert procs[1].returncode == -signal.SIGKILL and seconds < EXIT_BOUND_S, ends
+    lines = {}
+    for rank in (0, 2, 3):
+        err = ends[rank][1].strip()
+        assert procs[rank].returncode == 1 and len(err.splitlines()) == 1, (rank, ends[rank])
+        assert re.match(rf"rank {rank}: RuntimeError: .+ failed: ", err), err
+        lines[rank] = err
+    # Rank 1's peers name it: its TP partner's all-reduce, its next stage's receive.
+    assert "all_reduce of (2, 32, 128) torch.float32 over ranks [0, 1] failed" in lines[0]
+    assert "waiting for 1F0 from rank 1" in lines[3], lines[3]
     last_saved = max(s for s in range(stopped, dies_at) if s % 2 == 0 or s == stopped)
-    table("kill -9 of rank 1, tp=2 pp=2", "all ranks exit non-zero", seconds,
-          dies_at - 1 - last_saved)
+    table("kill -9 of rank 1, tp=2 pp=2 (no torchrun)", "each survivor: one line, exit 1",
+          seconds, dies_at - 1 - last_saved)
 
     # The same command again: resumes from the newest checkpoint, the same losses.
     run = launch(tmp_path, *cmd, nproc=4)

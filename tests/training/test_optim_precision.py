@@ -1,4 +1,5 @@
-"""Optimizer groups, learning-rate schedule, mixed precision and the fp16 loss scaler."""
+"""Optimizer groups, learning-rate schedule and the fp16 loss scaler (mixed precision:
+test_mixed_precision.py)."""
 import math
 
 import pytest
@@ -114,29 +115,26 @@ def test_fp16_scaler_skips_an_overflowing_step_and_recovers():
         train_step(model, opt, tokens, targets, micro_batch_size=2, dtype="fp16")
 
 
-def test_bf16_autocast_keeps_fp32_master_weights_and_tracks_fp32():
-    model, tokens, targets = _model_and_batch()
-    ref, _, _ = _model_and_batch()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
-    for _ in range(3):
-        low = train_step(model, opt, tokens, targets, micro_batch_size=2, dtype="bf16")
-        full = train_step(ref, ref_opt, tokens, targets, micro_batch_size=2)
-        assert abs(low.loss - full.loss) < 0.05 * full.loss
-    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32
-               for p in model.parameters())
-    assert low.loss != full.loss  # autocast really ran in bf16
-    with pytest.raises(ValueError, match="--dtype"):
-        train_step(model, opt, tokens, targets, micro_batch_size=2, dtype="int8")
-
-
-def test_fp16_autocast_with_scaler_trains():
-    model, tokens, targets = _model_and_batch()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scaler = DynamicLossScaler()
-    losses = [train_step(model, opt, tokens, targets, micro_batch_size=2, dtype="fp16",
-                         grad_scaler=scaler).loss for _ in range(5)]
-    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+def test_loss_scale_follows_the_dynamic_scaling_rule():
+    """The documented rule, step by step: double after every ``growth_interval`` clean steps
+    in a row, halve on an overflow (never below ``min_scale``) and count again from there.
+    Defaults as torch's own GradScaler (start 2^16, x2, x0.5). Mutants this kills: growing
+    only at the first interval (``clean_steps - interval == 0``), a default start of 1."""
+    torch_scaler = torch.amp.GradScaler("cpu")
+    default = DynamicLossScaler()
+    assert (default.scale_value, default.growth, default.backoff) == (
+        torch_scaler.get_scale(), torch_scaler.get_growth_factor(),
+        torch_scaler.get_backoff_factor())
+    scaler = DynamicLossScaler(init_scale=8.0, growth_interval=3, min_scale=1.0)
+    overflow = [False] * 7 + [True] + [False] * 3 + [True] * 5
+    scales = []
+    for found_inf in overflow:
+        scaler.update(found_inf)
+        scales.append(scaler.scale_value)
+    assert scales == [8, 8, 16, 16, 16, 32, 32, 16, 16, 16, 32, 16, 8, 4, 2, 1]
+    restored = DynamicLossScaler()
+    restored.load_state_dict(scaler.state_dict())
+    assert (restored.scale_value, restored.clean_steps) == (1, 0)
 
 
 def test_profile_categories_add_up_and_name_the_ops():
