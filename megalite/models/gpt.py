@@ -452,8 +452,13 @@ class GPT(nn.Module):
         free = set(CHECKPOINT_FREE_FIELDS)
         if self.cfg.position == "rope":  # no table depends on it: a longer context may load
             free.add("max_seq_len")
+        # A field the checkpoint lacks was added after it was written, so the saved model
+        # had that field's default (an old llama-1b checkpoint has plain RoPE, not the
+        # llama3 scaling the preset has now): complete it as GPTConfig would.
+        names = {f.name for f in dataclasses.fields(GPTConfig)}
+        saved = dataclasses.asdict(GPTConfig(**{k: v for k, v in saved.items() if k in names}))
         diffs = [f"{k}={saved[k]!r} (model: {v!r})" for k, v in self.checkpoint_config().items()
-                 if k not in free and k in saved and saved[k] != v]
+                 if k not in free and saved[k] != v]
         if diffs:
             raise ValueError(f"another model: {', '.join(diffs)}; build the model with the "
                              f"checkpoint's config (meta.json 'config')")

@@ -9,8 +9,9 @@ Every weight goes through one table (``_GLOBAL`` / ``_LAYER``): our parameter na
 Hugging Face keys it is made of (Qwen2/3 and Mistral use Llama's names). Import reads of
 those tensors only the slices this rank's shard holds (``shard_full`` says which, see
 ``_local_tensor``; ``hf_files`` reads them); export gathers tensor by tensor to the host
-(``gather_full_to_cpu``) and splits them again. transformers itself is never imported: configs are plain dicts (``hf_config``),
-safetensors files are read directly and ``.bin`` files with torch.
+(``gather_full_to_cpu``) and splits them again. transformers itself is never imported:
+configs are plain dicts (``hf_config``), safetensors files are read directly and ``.bin``
+files with torch.
 """
 from __future__ import annotations
 

@@ -166,3 +166,17 @@ def test_stages_of_one_rank_compose_to_the_whole_model():
         GPT(cfg, stages=[0], num_stages=6)
     with pytest.raises(ValueError, match="stages \\[7\\] must be a non-empty list"):
         GPT(cfg, stages=[7], num_stages=4)
+
+
+def test_a_checkpoint_config_without_a_newer_field_means_its_default():
+    """A checkpoint written before a field existed held that field's default: an old
+    llama-1b-like config without ``rope_scaling`` is plain RoPE, so a model with the llama3
+    scaling the preset has now is another model, and a plain-RoPE one is the same."""
+    cfg = GPTConfig.preset("tiny", rope_scaling={"type": "linear", "factor": 2.0})
+    scaled, plain = GPT(cfg), GPT(cfg.replace(rope_scaling=None))
+    old = {k: v for k, v in plain.checkpoint_config().items()
+           if k not in ("rope_scaling", "head_dim", "qk_norm")}
+    plain.check_checkpoint_config(old)
+    with pytest.raises(ValueError, match="another model: rope_scaling=None"):
+        scaled.check_checkpoint_config(old)
+    scaled.check_checkpoint_config(scaled.checkpoint_config())
