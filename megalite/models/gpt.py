@@ -455,9 +455,11 @@ class GPT(nn.Module):
         # A field the checkpoint lacks was added after it was written, so the saved model
         # had that field's default (an old llama-1b checkpoint has plain RoPE, not the
         # llama3 scaling the preset has now): complete it as GPTConfig would.
-        names = {f.name for f in dataclasses.fields(GPTConfig)}
+        names, written = {f.name for f in dataclasses.fields(GPTConfig)}, set(saved)
         saved = dataclasses.asdict(GPTConfig(**{k: v for k, v in saved.items() if k in names}))
-        diffs = [f"{k}={saved[k]!r} (model: {v!r})" for k, v in self.checkpoint_config().items()
+        diffs = [f"{k}={saved[k]!r}" + (" (the checkpoint predates this field)"
+                                         if k not in written else "") + f" (model: {v!r})"
+                 for k, v in self.checkpoint_config().items()
                  if k not in free and saved[k] != v]
         if diffs:
             raise ValueError(f"another model: {', '.join(diffs)}; build the model with the "

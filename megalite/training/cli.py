@@ -89,7 +89,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=DESCRIPTION,
+    # No abbreviations: --layout auto's conflict check must see every layout flag by name.
+    p = _Parser(description=DESCRIPTION, allow_abbrev=False,
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, metavar="FILE.toml",
                    help="read flags from a TOML file: keys are the flag names (seq-len or "

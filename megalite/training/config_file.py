@@ -57,11 +57,18 @@ def config_file_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
     return words
 
 
+# Flags that act once, at the launch that gives them, and would do harm on a rerun of the
+# file (--no-resume deletes --save's checkpoints; --exit-after stops the rerun early), and
+# --layout, whose choice the file records as the layout flags it picked.
+NOT_RECORDED = {"config", "no_resume", "exit_after", "layout"}
+
+
 def effective_config(args) -> str:
-    """The run's flags as a TOML file that ``--config`` reads back (unset flags left out)."""
+    """The run's flags as a TOML file that ``--config`` reads back (unset flags and the
+    one-launch flags of ``NOT_RECORDED`` left out)."""
     lines = ["# The effective flags of this run: megalite-train --config THIS_FILE reruns it."]
     for key, value in sorted(vars(args).items()):
-        if value is None or value is False or key == "config":
+        if value is None or value is False or key in NOT_RECORDED:
             continue
         lines.append(f"{key.replace('_', '-')} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"

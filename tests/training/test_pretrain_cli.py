@@ -289,3 +289,25 @@ def test_config_files(tmp_path):
         with pytest.raises(ValueError) as error:  # UsageError: one line, exit 2
             parse_args(["--config", str(config)])
         assert message in str(error.value), str(error.value)
+
+
+def test_the_written_config_reruns_without_one_launch_flags(tmp_path):
+    """A run's effective config.toml leaves out --no-resume (rerun, it would delete the
+    run's checkpoints), --exit-after and --layout (it records the layout chosen); reading it
+    back gives the same flags otherwise. Layout flags cannot be abbreviated past --layout
+    auto's conflict check."""
+    from megalite.training.cli import parse_args
+    from megalite.training.config_file import effective_config
+    args = parse_args(["--save", str(tmp_path / "run"), "--no-resume", "--exit-after", "3",
+                       "--seq-len", "64", "--lr", "1e-3", "--tp", "2"])
+    config = tmp_path / "config.toml"
+    config.write_text(effective_config(args))
+    text = config.read_text()
+    assert "no-resume" not in text and "exit-after" not in text, text
+    again = parse_args(["--config", str(config)])
+    assert (again.no_resume, again.exit_after) == (False, None)
+    skip = {"config", "no_resume", "exit_after"}
+    assert {k: v for k, v in vars(again).items() if k not in skip} == \
+        {k: v for k, v in vars(args).items() if k not in skip}
+    with pytest.raises(ValueError, match="unrecognized arguments: --micro"):
+        parse_args(["--layout", "auto", "--micro", "4"])
