@@ -65,11 +65,20 @@ def main(argv=None) -> int:
         print(f"\nbest: {best.layout.describe()}\n{best.memory.table()}")
         # --gpu-memory is given explicitly so that --layout auto (which on CPU has no GPU
         # memory to read) ranks against the same budget
-        command = launch_command(args.model, best.layout, gpu.gpus_per_node,
-                                 seq_len=args.seq_len, global_batch_size=args.global_batch_size,
-                                 dtype=args.dtype,
-                                 gpu_memory=args.gpu_memory or f"{budget:.0f}B")
-        print(f"\nrun it (or give --layout auto instead of the layout flags):\n{command}")
+        if args.model.endswith(".json"):  # the trainer's --model takes preset names only
+            print("\nthe trainer builds presets (--model) or Hugging Face directories "
+                  "(--init-from-hf): run one of those with the layout above")
+        else:
+            try:
+                command = launch_command(args.model, best.layout, gpu.gpus_per_node,
+                                         seq_len=args.seq_len,
+                                         global_batch_size=args.global_batch_size,
+                                         dtype=args.dtype,
+                                         gpu_memory=args.gpu_memory or f"{budget:.0f}B")
+                print(f"\nrun it (or give --layout auto instead of the layout flags):\n"
+                      f"{command}")
+            except ValueError as e:
+                print(f"\nno launch line: {e}")
     else:
         print("no layout fits: more GPUs, a smaller model or a shorter sequence")
     if rejected:

@@ -90,6 +90,9 @@ def launch_command(model: str, layout: Layout, gpus_per_node: int, **flags) -> s
     """A ready-to-run command line for ``layout``: torchrun on one node, or the per-node
     line of a multi-node launch (docs/training.md), then the trainer's flags."""
     nodes = max(1, -(-layout.gpus // gpus_per_node))
+    if layout.gpus % nodes:  # torchrun starts the same number of processes on every node
+        raise ValueError(f"{layout.gpus} GPUs do not split evenly over {nodes} nodes of "
+                         f"{gpus_per_node}: use a multiple of {gpus_per_node} GPUs")
     per_node = layout.gpus // nodes
     launcher = f"torchrun --nproc-per-node {per_node}"
     if nodes > 1:

@@ -480,6 +480,9 @@ def check_memory(args, dp: int, cfg, world_size: int) -> None:
         reason = plan.fit_reason(plan.memory(cfg, layout), budget)
     except ValueError as e:
         raise UsageError(f"--check-memory: {e}") from None
+    if reason and args.init_from_hf:  # the planner's command line plans presets only
+        raise UsageError(f"--check-memory: {layout.describe()} {reason}; --layout auto "
+                         f"picks a layout that fits, if one does")
     if reason:
         raise UsageError(f"--check-memory: {layout.describe()} {reason}; python -m "
                          f"megalite.plan --model {args.model or 'tiny'} --gpus {world_size} "

@@ -151,3 +151,23 @@ def test_layout_auto_runs_what_the_planner_ranks_first(capsys):
     for flag in ("tp", "pp", "micro_batch_size", "schedule", "virtual_stages",
                  "sequence_parallel", "recompute", "recompute_layers", "distributed_optimizer"):
         assert getattr(auto, flag) == getattr(printed, flag), flag
+
+
+def test_launch_lines_that_torchrun_can_run(tmp_path, capsys):
+    """The run-it line only names presets (the trainer's --model), and a multi-node line
+    starts the same number of processes on every node or is not printed."""
+    import json
+
+    from megalite.plan.auto import launch_command
+    cfg = tmp_path / "my.json"
+    cfg.write_text(json.dumps(dict(vocab_size=256, n_layers=4, n_heads=4, d_model=128)))
+    assert main(["--model", str(cfg), "--gpus", "2", "--gpu", "h100", "--seq-len", "128",
+                 "--global-batch-size", "8", "--rejected", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "run it" not in out and "the trainer builds presets" in out
+    sixteen = launch_command("llama-7b", Layout(tp=8, pp=2, dp=1, micro_batch_size=1,
+                                                seq_len=4096, global_batch_size=8), 8)
+    assert sixteen.startswith("torchrun --nproc-per-node 8 --nnodes 2 ")
+    with pytest.raises(ValueError, match="9 GPUs do not split evenly over 2 nodes of 8"):
+        launch_command("llama-7b", Layout(tp=1, pp=1, dp=9, micro_batch_size=1, seq_len=4096,
+                                          global_batch_size=9), 8)
