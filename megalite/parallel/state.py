@@ -100,10 +100,16 @@ def check_layout(tp: int, pp: int, dp: int | None, world_size: int) -> int:
     return dp
 
 
+def cuda_selected() -> bool:
+    """Whether this process runs on CUDA: when a GPU is there, unless MEGALITE_DEVICE=cpu
+    forces the CPU (gloo)."""
+    return torch.cuda.is_available() and os.environ.get("MEGALITE_DEVICE", "") != "cpu"
+
+
 def _start_process_group(timeout: datetime.timedelta) -> None:
     """Start the default group from torchrun's environment: NCCL on CUDA, gloo on CPU."""
     global _WE_STARTED_DIST
-    use_cuda = torch.cuda.is_available() and os.environ.get("MEGALITE_DEVICE", "") != "cpu"
+    use_cuda = cuda_selected()
     if use_cuda:
         _use_local_rank_gpu()
     dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
@@ -122,8 +128,7 @@ def _default_device() -> torch.device:
     if dist.is_initialized() and "nccl" in str(dist.get_backend()):
         _use_local_rank_gpu()
         return torch.device("cuda", torch.cuda.current_device())
-    if not dist.is_initialized() and torch.cuda.is_available() \
-            and os.environ.get("MEGALITE_DEVICE", "") != "cpu":
+    if not dist.is_initialized() and cuda_selected():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

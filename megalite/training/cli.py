@@ -22,6 +22,7 @@ from megalite import plan
 from megalite.kernels import HAS_TRITON, interpreting
 from megalite.models import GPTConfig, gpt_config_from_hf
 from megalite.parallel import check_layout
+from megalite.parallel.state import cuda_selected
 from megalite.pipeline import (SCHEDULE_NAMES, build_schedule, layers_per_stage, load_schedule,
                                rank_stages)
 from megalite.training.checkpoint_dir import list_checkpoints
@@ -307,11 +308,10 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
         raise UsageError(f"--sequence-parallel splits the sequence over tp ranks: --seq-len "
                          f"{args.seq_len} must be divisible by --tp {args.tp}")
     if args.kernels == "triton":
-        on_gpu = torch.cuda.is_available() and os.environ.get("MEGALITE_DEVICE") != "cpu"
         if not HAS_TRITON:
             raise UsageError("--kernels triton needs the triton package: pip install "
                              "'megalite[triton]', or use --kernels auto")
-        if not (on_gpu or interpreting()):
+        if not (cuda_selected() or interpreting()):
             raise UsageError("--kernels triton needs a CUDA GPU, or TRITON_INTERPRET=1 to run "
                              "the kernels in Triton's (slow) CPU interpreter; or use "
                              "--kernels auto")
@@ -429,16 +429,12 @@ def same_tokenizer(tokenizer: str, model_dir: str) -> bool:
         return fa.read() == fb.read()
 
 
-def _on_gpu() -> bool:
-    return torch.cuda.is_available() and os.environ.get("MEGALITE_DEVICE") != "cpu"
-
-
 def planned_layout(args, dp: int, cfg) -> plan.Layout | None:
     """The planner's view of this run (None for a --schedule-file table, which it does not
     model). The fused loss has no flag: it is ``cfg.fused_loss`` (on by default)."""
     if args.schedule_file:
         return None
-    triton = _on_gpu() and args.kernels != "torch"
+    triton = cuda_selected() and args.kernels != "torch"
     return plan.Layout(
         tp=args.tp, pp=args.pp, dp=dp, micro_batch_size=args.micro_batch_size,
         seq_len=args.seq_len, global_batch_size=args.global_batch_size,
@@ -458,7 +454,7 @@ def memory_budget(args) -> float | None:
         except ValueError:
             raise UsageError(f"--gpu-memory {args.gpu_memory}: give a size such as 80GB or "
                              f"75GiB") from None
-    if _on_gpu():
+    if cuda_selected():
         return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))
                                                 ).total_memory
     return None

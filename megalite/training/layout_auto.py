@@ -14,6 +14,7 @@ import torch
 
 from megalite import plan
 from megalite.models import GPTConfig
+from megalite.parallel.state import cuda_selected
 from megalite.plan.auto import LayoutChoice, choose_layout
 
 # The flags --layout auto sets; one of them given as well is a usage error.
@@ -32,9 +33,8 @@ def choose_for_run(args, world_size: int, memory_budget: float | None,
                    cfg: GPTConfig) -> LayoutChoice:
     """The planner's layout of the model ``cfg`` for these flags on ``world_size``
     processes (ValueError when none fits)."""
-    on_gpu = torch.cuda.is_available() and os.environ.get("MEGALITE_DEVICE") != "cpu"
     gpu = plan.gpu_for_device(torch.cuda.get_device_name(
-        int(os.environ.get("LOCAL_RANK", "0")))) if on_gpu else None
+        int(os.environ.get("LOCAL_RANK", "0")))) if cuda_selected() else None
     cfg = cfg.replace(kernels=args.kernels, dropout=args.dropout)
     return choose_layout(cfg, world_size, gpu or "h100", args.seq_len, args.global_batch_size,
                          memory_budget if memory_budget is not None else float("inf"),
