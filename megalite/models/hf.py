@@ -94,14 +94,17 @@ def _segment_sizes(cfg: GPTConfig, name: str) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- import
-def from_hf(source, state: ParallelState | None = None, config=None, **cfg_overrides) -> GPT:
+def from_hf(source, state: ParallelState | None = None, config=None, *,
+            stages: list[int] | None = None, num_stages: int | None = None,
+            **cfg_overrides) -> GPT:
     """A GPT for ``state`` (default: the current ParallelState) with the weights of ``source``.
 
     ``source``: an in-memory HF causal LM (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
     ``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``GPT2LMHeadModel``), a local
     ``save_pretrained`` directory, or a state dict (then ``config`` is its HF config, a
-    PretrainedConfig, dict or config.json path). Each rank reads only its pipeline stage's
-    tensors and keeps its TP shard. Not collective: every rank can load independently.
+    PretrainedConfig, dict or config.json path). Each rank reads only its pipeline stages'
+    tensors (``stages`` of ``num_stages``, as for :class:`GPT`: one per rank by default) and
+    keeps its TP shard. Not collective: every rank can load independently.
     The model remembers its architecture (``model.hf_model_type``) for :func:`save_hf`.
     """
     ps = state or get_state()
@@ -127,7 +130,7 @@ def from_hf(source, state: ParallelState | None = None, config=None, **cfg_overr
         # not shift later sampling.
         build_cfg = cfg.replace(master_init=False)
         with torch.random.fork_rng(devices=[]):
-            model = GPT(build_cfg, state=ps)
+            model = GPT(build_cfg, state=ps, stages=stages, num_stages=num_stages)
         for module in model.modules():
             if getattr(module, "cfg", None) is build_cfg:
                 module.cfg = cfg

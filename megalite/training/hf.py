@@ -1,20 +1,14 @@
 """Hugging Face at either end of a run: ``--init-from-hf`` starts from a ``save_pretrained``
 directory in any layout and schedule, ``--export-hf`` writes the trained model back.
 
-:func:`megalite.models.from_hf` builds the GPT of one stage per pipeline rank. A schedule
-may give a rank several stages (interleaved, zbv): :func:`gpt_from_hf` builds the rank's
-model as training does and fills each of its stages from ``from_hf`` seen as that stage
-alone (a pipeline of ``num_stages`` ranks, this rank at that stage), so each stage's tensors
-are read once, only by the ranks that hold it.
+:func:`gpt_from_hf` builds the rank's stages (several under interleaved or zbv schedules)
+with :func:`megalite.models.from_hf`, which reads only those stages' tensors.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
-
-import torch
 
 from megalite.models import GPT, GPTConfig, from_hf
 from megalite.parallel.state import ParallelState
@@ -27,20 +21,8 @@ def gpt_from_hf(directory: str, cfg: GPTConfig, ps: ParallelState, stages: list[
                 num_stages: int) -> GPT:
     """This rank's ``stages`` (of ``num_stages``) of ``cfg``'s GPT with the weights of the
     Hugging Face directory (whose config.json gave ``cfg``). Not collective."""
-    # Every weight is overwritten: initialize only this rank's shards (master_init=False
-    # makes no full tensor; it changes no saved tensor either), off the caller's RNG stream.
-    with torch.random.fork_rng(devices=[]):
-        model = GPT(cfg.replace(master_init=False), ps, stages=stages, num_stages=num_stages)
-    params = dict(model.named_parameters())
-    run_fields = {k: getattr(cfg, k) for k in _RUN_FIELDS}
-    for stage in stages:
-        alone = dataclasses.replace(ps, pp=num_stages, pp_rank=stage)
-        part = from_hf(directory, state=alone, **run_fields)
-        with torch.no_grad():
-            for name, param in part.named_parameters():
-                params[name].copy_(param)
-    model.hf_model_type = hf_model_type(directory)  # save_hf writes this architecture back
-    return model
+    return from_hf(directory, state=ps, stages=stages, num_stages=num_stages,
+                   **{k: getattr(cfg, k) for k in _RUN_FIELDS})
 
 
 def hf_model_type(directory: str) -> str:
