@@ -66,7 +66,7 @@ _INTERP = {"BLOCK_M": 32, "BLOCK_N": 16}
      key=["D", "CAUSAL", "HAS_WINDOW"], interpret_meta=_INTERP)
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                      sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
-                     H, GROUP, SQ, SK, WINDOW, qk_scale,
+                     H, GROUP, SQ, SK, WINDOW, OFFSET, qk_scale,
                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, D: tl.constexpr,
                      PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -88,10 +88,10 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     lo = 0  # the key blocks to visit: none right of the diagonal, none left of the window
     hi = SK
-    if CAUSAL:
-        hi = tl.minimum(SK, (pid_m + 1) * BLOCK_M)
+    if CAUSAL:  # query row i sits at position i + OFFSET of the keys' frame
+        hi = tl.minimum(SK, (pid_m + 1) * BLOCK_M + OFFSET)
     if HAS_WINDOW:
-        lo = tl.maximum(0, pid_m * BLOCK_M - WINDOW + 1) // BLOCK_N * BLOCK_N
+        lo = tl.maximum(0, pid_m * BLOCK_M + OFFSET - WINDOW + 1) // BLOCK_N * BLOCK_N
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         kt = tl.load(k_base + cols[None, :] * sks + dims[:, None], mask=cols[None, :] < SK,
@@ -99,9 +99,9 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale  # log2-domain scores
         keep = cols[None, :] < SK
         if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None])
+            keep = keep & (cols[None, :] <= rows[:, None] + OFFSET)
         if HAS_WINDOW:
-            keep = keep & (cols[None, :] > rows[:, None] - WINDOW)
+            keep = keep & (cols[None, :] > rows[:, None] + OFFSET - WINDOW)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -111,18 +111,22 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                     other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
-    acc = acc / l_i[:, None]
+    # A row that sees no key (possible only with OFFSET < 0 or a window) gives o = 0 and
+    # lse = -inf: it adds nothing when ring attention merges blocks.
+    seen = l_i > 0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
     o_base = o_ptr + bh.to(tl.int64) * SQ * D
     tl.store(o_base + rows[:, None] * D + dims[None, :], acc.to(o_ptr.dtype.element_ty),
              mask=rows[:, None] < SQ)
-    tl.store(lse_ptr + bh.to(tl.int64) * SQ + rows, m_i + tl.log2(l_i), mask=rows < SQ)
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(lse_ptr + bh.to(tl.int64) * SQ + rows, lse, mask=rows < SQ)
 
 
 @jit(configs=_configs([(32, 128, 8, 2), (64, 64, 4, 3)]),
      key=["D", "CAUSAL", "HAS_WINDOW"], interpret_meta=_INTERP)
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                           sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
-                          H, HKV, GROUP, SQ, SK, WINDOW, qk_scale, scale,
+                          H, HKV, GROUP, SQ, SK, WINDOW, OFFSET, qk_scale, scale,
                           CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, D: tl.constexpr,
                           PREC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -142,9 +146,9 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     lo = 0  # the query blocks that see this key block: from its diagonal to its window's end
     hi = SQ
     if CAUSAL:
-        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+        lo = (tl.maximum(0, pid_n * BLOCK_N - OFFSET) // BLOCK_M) * BLOCK_M
     if HAS_WINDOW:
-        hi = tl.minimum(SQ, (pid_n + 1) * BLOCK_N + WINDOW - 1)
+        hi = tl.minimum(SQ, (pid_n + 1) * BLOCK_N + WINDOW - 1 - OFFSET)
     for g in tl.range(0, GROUP):
         h = hk * GROUP + g
         q_base = q_ptr + b * sqb + h * sqh
@@ -161,9 +165,9 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
             st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [N, M]
             keep = (cols[:, None] < SK) & (rows[None, :] < SQ)
             if CAUSAL:
-                keep = keep & (cols[:, None] <= rows[None, :])
+                keep = keep & (cols[:, None] <= rows[None, :] + OFFSET)
             if HAS_WINDOW:
-                keep = keep & (cols[:, None] > rows[None, :] - WINDOW)
+                keep = keep & (cols[:, None] > rows[None, :] + OFFSET - WINDOW)
             pt = tl.where(keep, tl.exp2(st - lse[None, :]), 0.0)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
             dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -178,7 +182,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
      key=["D", "CAUSAL", "HAS_WINDOW"], interpret_meta=_INTERP)
 def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                         sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
-                        H, GROUP, SQ, SK, WINDOW, qk_scale, scale,
+                        H, GROUP, SQ, SK, WINDOW, OFFSET, qk_scale, scale,
                         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, D: tl.constexpr,
                         PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -202,9 +206,9 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     lo = 0  # the key blocks to visit: none right of the diagonal, none left of the window
     hi = SK
     if CAUSAL:
-        hi = tl.minimum(SK, (pid_m + 1) * BLOCK_M)
+        hi = tl.minimum(SK, (pid_m + 1) * BLOCK_M + OFFSET)
     if HAS_WINDOW:
-        lo = tl.maximum(0, pid_m * BLOCK_M - WINDOW + 1) // BLOCK_N * BLOCK_N
+        lo = tl.maximum(0, pid_m * BLOCK_M + OFFSET - WINDOW + 1) // BLOCK_N * BLOCK_N
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k = tl.load(k_base + cols[:, None] * sks + dims[None, :], mask=cols[:, None] < SK,
@@ -214,9 +218,9 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         keep = (cols[None, :] < SK) & row_mask
         if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None])
+            keep = keep & (cols[None, :] <= rows[:, None] + OFFSET)
         if HAS_WINDOW:
-            keep = keep & (cols[None, :] > rows[:, None] - WINDOW)
+            keep = keep & (cols[None, :] > rows[:, None] + OFFSET - WINDOW)
         p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -231,18 +235,46 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _launch_forward(q, k, v, causal, scale, window, offset):
+    """(o, lse in base 2) of one attention call on the Triton kernel."""
+    B, H, SQ, D = q.shape
+    HKV, SK = k.shape[1], k.shape[2]
+    o = torch.empty(B, H, SQ, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, SQ, dtype=torch.float32, device=q.device)  # base-2 lse
+    grid = lambda meta: (cdiv(SQ, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_fwd_kernel[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v),
+                           H, H // HKV, SQ, SK, window or 0, offset, scale * LOG2E,
+                           CAUSAL=causal, HAS_WINDOW=window is not None, D=D,
+                           PREC=dot_precision(q.dtype))
+    return o, lse
+
+
+def _launch_backward(q, k, v, do, lse, delta, causal, scale, window, offset):
+    """(dq, dk, dv) on the Triton kernels, from the base-2 ``lse`` of the rows' whole
+    softmax and ``delta`` = rowsum(dO * O); ``do`` contiguous."""
+    B, H, SQ, D = q.shape
+    HKV, SK = k.shape[1], k.shape[2]
+    dq = torch.empty(B, H, SQ, D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, HKV, SK, D, dtype=k.dtype, device=k.device)
+    dv = torch.empty(B, HKV, SK, D, dtype=v.dtype, device=v.device)
+    common = dict(CAUSAL=causal, HAS_WINDOW=window is not None, D=D,
+                  PREC=dot_precision(q.dtype))
+    window = window or 0
+    strides = (*_strides(q), *_strides(k), *_strides(v))
+    grid_kv = lambda meta: (cdiv(SK, meta["BLOCK_N"]), B * HKV)  # noqa: E731
+    _attn_bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, *strides, H, HKV,
+                                   H // HKV, SQ, SK, window, offset, scale * LOG2E,
+                                   scale, **common)
+    grid_q = lambda meta: (cdiv(SQ, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, *strides, H, H // HKV, SQ,
+                                SK, window, offset, scale * LOG2E, scale, **common)
+    return dq, dk, dv
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, window):
-        B, H, SQ, D = q.shape
-        HKV, SK = k.shape[1], k.shape[2]
-        o = torch.empty(B, H, SQ, D, dtype=q.dtype, device=q.device)
-        lse = torch.empty(B, H, SQ, dtype=torch.float32, device=q.device)  # base-2 lse
-        grid = lambda meta: (cdiv(SQ, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _attn_fwd_kernel[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v),
-                               H, H // HKV, SQ, SK, window or 0, scale * LOG2E,
-                               CAUSAL=causal, HAS_WINDOW=window is not None, D=D,
-                               PREC=dot_precision(q.dtype))
+        o, lse = _launch_forward(q, k, v, causal, scale, window, 0)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale, ctx.window = causal, scale, window
         return o
@@ -250,24 +282,10 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        B, H, SQ, D = q.shape
-        HKV, SK = k.shape[1], k.shape[2]
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O) = rowsum(P * dP)
-        dq = torch.empty_like(do)
-        dk = torch.empty(B, HKV, SK, D, dtype=k.dtype, device=k.device)
-        dv = torch.empty(B, HKV, SK, D, dtype=v.dtype, device=v.device)
-        common = dict(CAUSAL=ctx.causal, HAS_WINDOW=ctx.window is not None, D=D,
-                      PREC=dot_precision(q.dtype))
-        window = ctx.window or 0
-        strides = (*_strides(q), *_strides(k), *_strides(v))
-        grid_kv = lambda meta: (cdiv(SK, meta["BLOCK_N"]), B * HKV)  # noqa: E731
-        _attn_bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, *strides, H, HKV,
-                                       H // HKV, SQ, SK, window, ctx.scale * LOG2E,
-                                       ctx.scale, **common)
-        grid_q = lambda meta: (cdiv(SQ, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _attn_bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, *strides, H, H // HKV, SQ,
-                                    SK, window, ctx.scale * LOG2E, ctx.scale, **common)
+        dq, dk, dv = _launch_backward(q, k, v, do, lse, delta, ctx.causal, ctx.scale,
+                                      ctx.window, 0)
         return dq, dk, dv, None, None, None
 
 
@@ -310,3 +328,102 @@ def attention(q, k, v, causal=True, scale=None, *, window=None, backend="auto"):
         return attention_reference(q, k, v, causal, scale, window)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _FlashAttention.apply(q, k, v, causal, scale, window)
+
+
+# ---------------------------------------------------------------- blocks (ring attention)
+# Context parallelism (megalite.parallel.context) computes one query shard against the key
+# shards of every rank, one block at a time, and merges the blocks exactly through their
+# log-sum-exps. A block's queries and keys are two contiguous position ranges: query row i
+# is at position i + offset in the keys' frame (offset = first query position - first key
+# position), so "causal" means key j <= i + offset and the window i + offset - window < j.
+
+def block_mask(sq: int, sk: int, offset: int, causal: bool, window, device=None):
+    """[sq, sk] bool, True where query row i sees key j (None: every key)."""
+    if not causal:
+        return None
+    i = torch.arange(sq, device=device)[:, None] + offset
+    j = torch.arange(sk, device=device)[None, :]
+    keep = j <= i
+    if window is not None:
+        keep = keep & (j > i - window)
+    return keep
+
+
+def _expand_kv(t, group):
+    return t if group == 1 else t.repeat_interleave(group, dim=1)
+
+
+def attention_block_reference(q, k, v, causal=True, scale=None, window=None, offset=0):
+    """(out, lse) of one block: out as ``attention`` with the mask at ``offset``, lse the
+    natural log-sum-exp of each row's scaled scores [b, h, sq] in fp32 (-inf, with out = 0,
+    for a row that sees no key)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    s = q.float() @ _expand_kv(k, group).float().transpose(-1, -2) * scale
+    keep = block_mask(q.shape[2], k.shape[2], offset, causal, window, q.device)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
+    return (p @ _expand_kv(v, group).float()).to(q.dtype), lse
+
+
+def attention_block_backward_reference(q, k, v, do, lse, delta, causal=True, scale=None,
+                                       window=None, offset=0):
+    """(dq, dk, dv) of one block, given the rows' lse over *all* their keys (so the block's
+    probabilities are the final softmax's) and delta = rowsum(dO * O_final)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    b, h, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    group = h // hkv
+    kk, vv = _expand_kv(k, group).float(), _expand_kv(v, group).float()
+    s = q.float() @ kk.transpose(-1, -2) * scale
+    p = torch.exp(s - lse[..., None])
+    keep = block_mask(sq, sk, offset, causal, window, q.device)
+    if keep is not None:
+        p = p.masked_fill(~keep, 0.0)
+    do = do.float()
+    dv = p.transpose(-1, -2) @ do
+    ds = p * (do @ vv.transpose(-1, -2) - delta[..., None])
+    dq = ds @ kk * scale
+    dk = ds.transpose(-1, -2) @ q.float() * scale
+    dk = dk.view(b, hkv, group, sk, d).sum(2)
+    dv = dv.view(b, hkv, group, sk, d).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _block_triton(backend, q, k, v):
+    if not use_triton(backend, q, k, v):
+        return False
+    if q.shape[-1] not in HEAD_DIMS:
+        if backend == "triton":
+            raise ValueError(f"attention_block: Triton kernel supports head_dim in "
+                             f"{HEAD_DIMS}, got {q.shape[-1]}; use backend='torch'")
+        return False
+    return True
+
+
+def attention_block(q, k, v, *, causal=True, scale=None, window=None, offset=0,
+                    backend="auto"):
+    """Forward of one attention block without autograd: (out [b, h, sq, d], lse [b, h, sq]
+    fp32, natural log). See :func:`attention_block_reference` for the meaning."""
+    _check(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not _block_triton(backend, q, k, v):
+        return attention_block_reference(q, k, v, causal, scale, window, offset)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    o, lse2 = _launch_forward(q, k, v, causal, scale, window, int(offset))
+    return o, lse2 / LOG2E
+
+
+def attention_block_backward(q, k, v, do, lse, delta, *, causal=True, scale=None,
+                             window=None, offset=0, backend="auto"):
+    """(dq, dk, dv) of one block (dk, dv summed over the query heads sharing a kv head)
+    from the rows' final natural ``lse`` and ``delta`` = rowsum(dO * O_final) [b, h, sq]."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not _block_triton(backend, q, k, v):
+        return attention_block_backward_reference(q, k, v, do, lse, delta, causal, scale,
+                                                  window, offset)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _launch_backward(q, k, v, do.contiguous(), (lse * LOG2E).contiguous(),
+                            delta.float().contiguous(), causal, scale, window, int(offset))
