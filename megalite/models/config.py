@@ -12,6 +12,7 @@ _CHOICES = {
     "position": ("rope", "learned"),
     "kernels": ("auto", "torch", "triton"),
     "recompute": ("none", "selective", "full"),
+    "cp_comm": ("ring", "all-to-all"),
 }
 RECOMPUTE_MODES = _CHOICES["recompute"]
 
@@ -51,6 +52,9 @@ class GPTConfig:
     # activation.
     recompute: str = "none"
     recompute_layers: int | None = None
+    # Context parallelism's attention exchange (megalite.parallel.context): "ring" passes
+    # K/V around the cp group, "all-to-all" re-shards sequence <-> heads (Ulysses).
+    cp_comm: str = "ring"
 
     def __post_init__(self):
         if self.n_kv_heads is None:

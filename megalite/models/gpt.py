@@ -28,6 +28,8 @@ from megalite.models.config import RECOMPUTE_MODES, GPTConfig
 from megalite.models.recompute import checkpoint
 from megalite.models.rope_scaling import attention_factor, inverse_frequencies
 from megalite.parallel import comm
+from megalite.parallel.context import check_context_parallel, context_attention
+from megalite.parallel.context import positions as cp_positions
 from megalite.parallel.cross_entropy import (vocab_parallel_cross_entropy,
                                              vocab_parallel_linear_cross_entropy)
 from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
@@ -42,7 +44,7 @@ from megalite.parallel.partition import layers_per_stage, stage_layers
 # checkpoint loads across them. Every other field must match.
 CHECKPOINT_FREE_FIELDS = frozenset({
     "dropout", "kernels", "sequence_parallel", "layers_per_stage", "master_init",
-    "pad_vocab_to", "init_std", "recompute", "recompute_layers", "fused_loss"})
+    "pad_vocab_to", "init_std", "recompute", "recompute_layers", "fused_loss", "cp_comm"})
 
 
 class _Init:
@@ -126,6 +128,10 @@ class Attention(nn.Module):
         hd, sp = cfg.head_dim, cfg.sequence_parallel
         self.cfg, self.head_dim = cfg, hd
         self.local_heads, self.local_kv_heads = cfg.n_heads // ps.tp, cfg.n_kv_heads // ps.tp
+        # Context parallelism: this rank holds 2 of the sequence's 2*cp chunks, attention
+        # reaches the others' keys through the cp group (megalite.parallel.context).
+        self.cp, self.cp_group = ps.cp, ps.cp_group
+        check_context_parallel(None, ps.cp, cfg.cp_comm, cfg.n_heads, cfg.n_kv_heads, ps.tp)
         q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
         self.qkv = ColumnParallelLinear(
             cfg.d_model, q + 2 * kv, bias=cfg.bias or cfg.qkv_bias, partition_sizes=[q, kv, kv],
@@ -143,15 +149,40 @@ class Attention(nn.Module):
 
     def forward(self, x, rope=None):
         qkv = self.qkv(x)  # [b, s, local q + 2 local kv] (full sequence)
-        if self.selective_recompute:
+        if self.cp > 1:
+            out = self._context_parallel(qkv, rope)
+        elif self.selective_recompute:
             out = checkpoint(self._core, qkv, rope)
         else:
             out = self._core(qkv, rope)
         return self.proj(out)
 
+    def _context_parallel(self, qkv, rope):
+        """Attention over the whole sequence of the cp group. Selective recompute
+        recomputes the q/k norms and RoPE but not the attention: recomputing it would
+        repeat the ring's communication, and it saves only q, k, v, the output and one
+        log-sum-exp per row (no [s, s] scores) anyway."""
+        if self.selective_recompute:
+            q, k, v = checkpoint(self._heads, qkv, rope)
+        else:
+            q, k, v = self._heads(qkv, rope)
+        out = context_attention(q, k, v, self.cp_group, window=self.cfg.sliding_window,
+                                comm=self.cfg.cp_comm, backend=self.cfg.kernels)
+        b, s = qkv.shape[:2]
+        return out.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)
+
     def _core(self, qkv, rope):
         """q/k norms, RoPE and softmax(q k^T) v, from the fused qkv projection to the input
         of proj."""
+        q, k, v = self._heads(qkv, rope)
+        b, s = qkv.shape[:2]
+        out = kernels.attention(q, k, v, causal=True, window=self.cfg.sliding_window,
+                                backend=self.cfg.kernels)
+        return out.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)
+
+    def _heads(self, qkv, rope):
+        """q, k, v [b, heads, s, head_dim] from the fused projection: split, q/k norms,
+        RoPE (``rope`` tables already at these tokens' positions)."""
         b, s = qkv.shape[:2]
         hd = self.head_dim
         q, k, v = qkv.split([self.local_heads * hd, self.local_kv_heads * hd,
@@ -165,9 +196,7 @@ class Attention(nn.Module):
             cos, sin = rope[0][:s], rope[1][:s]
             q = kernels.apply_rope(q, cos, sin, backend=self.cfg.kernels)
             k = kernels.apply_rope(k, cos, sin, backend=self.cfg.kernels)
-        out = kernels.attention(q, k, v, causal=True, window=self.cfg.sliding_window,
-                                backend=self.cfg.kernels)
-        return out.transpose(1, 2).reshape(b, s, self.local_heads * hd)
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -360,15 +389,19 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        s = tokens.shape[1]
-        if s > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {s} exceeds max_seq_len={self.cfg.max_seq_len}")
+        s = tokens.shape[1]  # with cp: this rank's 2 chunks of a sequence cp times longer
+        if s * self.ps.cp > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {s * self.ps.cp} exceeds max_seq_len="
+                             f"{self.cfg.max_seq_len}")
+        if self.ps.cp > 1 and s % 2:
+            raise ValueError(f"context parallelism: this rank's tokens are 2 chunks of the "
+                             f"sequence, so their count ({s}) must be even")
         if self.sequence_parallel and s % self.ps.tp:
             raise ValueError(f"sequence parallelism needs seq_len ({s}) divisible by "
                              f"tp={self.ps.tp}")
         x = self.embed(tokens)
         if self.cfg.position == "learned":
-            pos = self.pos_embed[:s].unsqueeze(0)
+            pos = self.pos_embed[self.positions(s)].unsqueeze(0)
             if self.sequence_parallel:
                 pos = comm.scatter_to_sequence_parallel_region(pos, self.ps.tp_group)
             x = x + pos
@@ -385,9 +418,13 @@ class GPT(nn.Module):
             stage = self.stages[0]
         if stage not in self.stage_layers:
             raise ValueError(f"stage {stage} is not on this rank (it holds {self.stages})")
+        local_len = x.shape[1] * (self.ps.tp if stage != 0 and self.sequence_parallel else 1)
         if stage == 0:
             x = self.embed_tokens(x)
-        rope = (self.rope_cos, self.rope_sin) if hasattr(self, "rope_cos") else None
+        rope = None
+        if hasattr(self, "rope_cos"):
+            pos = self.positions(local_len)
+            rope = (self.rope_cos[pos], self.rope_sin[pos])
         for i in self.stage_layers[stage]:
             x = self.layers[str(i)](x, rope)
         if stage != self.num_stages - 1:
@@ -396,6 +433,13 @@ class GPT(nn.Module):
         if head_input:
             return HeadInput(x)
         return self.logits(x)
+
+    def positions(self, local_len: int) -> torch.Tensor | slice:
+        """Position ids of this rank's ``local_len`` tokens: 0.. without context
+        parallelism; with it, those of the two chunks this cp rank holds."""
+        if self.ps.cp == 1:
+            return slice(0, local_len)
+        return cp_positions(local_len, self.ps.cp, self.ps.cp_rank, self.ps.device)
 
     def head_weight(self) -> torch.Tensor:
         """This rank's [V_padded/tp, d] output weight: the embedding table when tied."""
@@ -420,18 +464,32 @@ class GPT(nn.Module):
 
         By default the backward pass writes the logits' gradient into the logits buffer
         (no second [tokens, vocab/tp] buffer): keep a copy if you need logits afterwards."""
+        cp = self.ps.cp
         if isinstance(logits, HeadInput):
             if self.cfg.fused_loss:
-                return vocab_parallel_linear_cross_entropy(
+                loss = vocab_parallel_linear_cross_entropy(
                     logits.hidden, self.head_weight(), targets, self.cfg.vocab_size,
                     ignore_index, sequence_parallel=self.sequence_parallel, state=self.ps,
-                    backend=self.cfg.kernels)
+                    backend=self.cfg.kernels, reduction="mean" if cp == 1 else "sum")
+                return loss if cp == 1 else self._context_parallel_mean(loss, targets,
+                                                                        ignore_index)
             logits = self.logits(logits)
         per_token = vocab_parallel_cross_entropy(
             logits, targets, self.cfg.vocab_size, ignore_index, state=self.ps,
             inplace_backward=inplace_backward, backend=self.cfg.kernels)
+        if cp > 1:
+            return self._context_parallel_mean(per_token.sum(), targets, ignore_index)
         count = (targets != ignore_index).sum().clamp(min=1)
         return per_token.sum() / count
+
+    def _context_parallel_mean(self, local_sum, targets, ignore_index):
+        """cp x (this rank's loss sum) / (the sequence's non-ignored tokens over all cp
+        ranks). The gradients, averaged over dp x cp, are then those of the mean over the
+        whole sequence, each rank weighted by its tokens (a rank whose chunks hold more
+        ignored tokens counts less); the loss averaged over cp is that mean."""
+        count = (targets != ignore_index).sum().to(torch.float32).reshape(1)
+        comm.all_reduce(count, self.ps.cp_group)
+        return local_sum * self.ps.cp / count[0].clamp(min=1)
 
     loss.accepts_head_input = True  # training.forward_backward may pass a HeadInput
 

@@ -36,25 +36,33 @@ import torch.distributed as dist
 
 from megalite.kernels.attention import (attention, attention_block,
                                         attention_block_backward)
+from megalite.parallel import comm
 
 CP_COMMS = ("ring", "all-to-all")
 _TAG_KV, _TAG_DKV = 11, 12
 
-# Bytes this process sent for context parallelism (benchmarks read and reset it).
-traffic = {"ring": 0, "all-to-all": 0}
+
+def _count(op: str, nbytes: int) -> None:
+    """Record bytes this rank sends under ``comm.count_comm()`` (ops "cp_ring_p2p",
+    "cp_all_to_all": the bytes that leave this rank, not a collective's payload)."""
+    for stats in comm._ACTIVE_STATS:
+        stats.bytes[op] += nbytes
+        stats.calls[op] += 1
 
 
 # ------------------------------------------------------------------ checks and sharding
-def check_context_parallel(seq_len: int, cp: int, comm: str = "ring", n_heads: int | None = None,
-                           n_kv_heads: int | None = None, tp: int = 1) -> None:
-    """Raise a one-line ValueError naming the fix when ``seq_len`` / heads do not split."""
+def check_context_parallel(seq_len: int | None, cp: int, comm: str = "ring",
+                           n_heads: int | None = None, n_kv_heads: int | None = None,
+                           tp: int = 1) -> None:
+    """Raise a one-line ValueError naming the fix when ``seq_len`` (None: not checked) or
+    the heads (None: not checked) do not split over ``cp``."""
     if comm not in CP_COMMS:
         raise ValueError(f"--cp-comm {comm!r}: choose one of {', '.join(CP_COMMS)}")
     if cp < 1:
         raise ValueError(f"--cp must be >= 1, got {cp}")
     if cp == 1:
         return
-    if seq_len % (2 * cp):
+    if seq_len is not None and seq_len % (2 * cp):
         raise ValueError(f"--cp {cp} cuts each sequence into 2*cp = {2 * cp} chunks: --seq-len "
                          f"{seq_len} must be divisible by {2 * cp}")
     if comm == "all-to-all" and n_heads is not None:
@@ -120,12 +128,12 @@ def _ring_peers(group):
 class _Transfer:
     """Send ``buf`` to the next rank and receive the previous rank's, asynchronously."""
 
-    def __init__(self, buf, group, nxt, prv, tag, kind="ring"):
+    def __init__(self, buf, group, nxt, prv, tag):
         self.send, self.recv = buf.contiguous(), torch.empty_like(buf)
         ops = [dist.P2POp(dist.isend, self.send, nxt, group, tag),
                dist.P2POp(dist.irecv, self.recv, prv, group, tag)]
         self.reqs = dist.batch_isend_irecv(ops)
-        traffic[kind] += self.send.numel() * self.send.element_size()
+        _count("cp_ring_p2p", self.send.numel() * self.send.element_size())
 
     def wait(self) -> torch.Tensor:
         for req in self.reqs:
@@ -228,7 +236,7 @@ def _seq_to_heads(x, group):
     send = x.reshape(b, cp, h // cp, s, d).transpose(0, 1).contiguous()
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    traffic["all-to-all"] += send.numel() * send.element_size() * (cp - 1) // cp
+    _count("cp_all_to_all", send.numel() * send.element_size() * (cp - 1) // cp)
     return unshard_sequence(list(recv.unbind(0)), dim=2)
 
 
@@ -238,7 +246,7 @@ def _heads_to_seq(y, group):
     send = torch.stack([shard_sequence(y, cp, j, dim=2) for j in range(cp)]).contiguous()
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    traffic["all-to-all"] += send.numel() * send.element_size() * (cp - 1) // cp
+    _count("cp_all_to_all", send.numel() * send.element_size() * (cp - 1) // cp)
     _, b, hc, s, d = recv.shape
     return recv.transpose(0, 1).reshape(b, cp * hc, s, d)
 

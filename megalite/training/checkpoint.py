@@ -114,9 +114,10 @@ def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
     dp_rank 0) rank writes them. Returns {file: names} of what it wrote and {file:
     checksum}."""
     sharded = isinstance(optimizer, DistributedOptimizer)
-    if ps.dp_rank != 0 and not sharded:  # dp replicas hold identical values: replica 0 writes
+    # dp and cp replicas hold identical values: replica 0 writes
+    if (ps.dp_rank != 0 or ps.cp_rank != 0) and not sharded:
         return {}, {}
-    writer = ps.tp_rank == 0 and ps.dp_rank == 0
+    writer = ps.tp_rank == 0 and ps.dp_rank == 0 and ps.cp_rank == 0
     params, states = {}, {}
     for name, p in model.named_parameters():
         if getattr(p, "pipeline_duplicate", False):

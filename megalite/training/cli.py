@@ -22,6 +22,7 @@ from megalite import plan
 from megalite.kernels import HAS_TRITON, interpreting
 from megalite.models import GPTConfig, gpt_config_from_hf
 from megalite.parallel import check_layout
+from megalite.parallel.context import check_context_parallel
 from megalite.parallel.state import cuda_selected
 from megalite.pipeline import (SCHEDULE_NAMES, build_schedule, layers_per_stage, load_schedule,
                                rank_stages)
@@ -112,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: the planner picks tp, pp, schedule, virtual stages, "
                              "micro-batch, recompute and the distributed optimizer that fit "
                              "--gpu-memory fastest (docs/training.md)")
+    ctx = p.add_argument_group("context parallelism (docs/context_parallel.md)")
+    ctx.add_argument("--cp", type=POSITIVE, default=1,
+                     help="context-parallel size: each sequence is split over cp ranks "
+                          "(load-balanced chunks; attention over the whole sequence)")
+    ctx.add_argument("--cp-comm", choices=["ring", "all-to-all"], default="ring",
+                     help="ring: K/V travel around the cp ranks (any head count); "
+                          "all-to-all: re-shard sequence <-> heads (heads divisible by cp)")
     model = p.add_argument_group("model")
     model.add_argument("--model", default=None,
                        help="GPTConfig preset (default: tiny); not with --init-from-hf")
@@ -288,8 +296,9 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
         layout_auto.apply(args, choice)
         if os.environ.get("RANK", "0") == "0":
             print(f"--layout auto: {choice.why}; running {' '.join(choice.flags)}", flush=True)
-    try:
-        dp = check_layout(args.tp, args.pp, None, world_size)
+    check_context_world(args, world_size)
+    try:  # cp ranks share one dp rank's batch: dp = world // (tp * pp * cp)
+        dp = check_layout(args.tp, args.pp, None, world_size // args.cp)
     except ValueError as e:
         raise UsageError(str(e)) from None
     num_microbatches = check_batch_sizes(args, dp)
@@ -304,6 +313,7 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
         raise UsageError(f"{flag}: {e}") from None
     num_stages = sum(map(len, rank_stages(table).values()))
     cfg = check_model(args, num_stages) if gpt else refuse_gpt_flags(args)
+    check_context_model(args, cfg)
     if args.sequence_parallel and args.seq_len % args.tp:
         raise UsageError(f"--sequence-parallel splits the sequence over tp ranks: --seq-len "
                          f"{args.seq_len} must be divisible by --tp {args.tp}")
@@ -353,7 +363,7 @@ def check_model(args, num_stages: int) -> GPTConfig:
                          f"recompute: add --recompute full (it is {args.recompute}), or drop "
                          f"--recompute-layers")
     free = dict(sequence_parallel=args.sequence_parallel, kernels=args.kernels,
-                dropout=args.dropout)
+                dropout=args.dropout, cp_comm=args.cp_comm)
     try:
         if args.init_from_hf:
             name = args.init_from_hf
@@ -378,6 +388,25 @@ def check_model(args, num_stages: int) -> GPTConfig:
         raise UsageError(f"--seq-len {args.seq_len} exceeds {what}'s "
                          f"max_seq_len {cfg.max_seq_len}")
     return cfg
+
+
+def check_context_world(args, world_size: int) -> None:
+    """--cp must divide the processes left after tp and pp."""
+    if args.cp > 1 and world_size % (args.tp * args.pp * args.cp):
+        raise UsageError(f"--cp {args.cp}: the world size {world_size} is not divisible by "
+                         f"tp*pp*cp = {args.tp}*{args.pp}*{args.cp}; launch a multiple of "
+                         f"{args.tp * args.pp * args.cp} processes or change --cp")
+
+
+def check_context_model(args, cfg) -> None:
+    """--seq-len must cut into 2*cp chunks; all-to-all needs the heads divisible by cp."""
+    if args.cp == 1:
+        return
+    heads = (cfg.n_heads, cfg.n_kv_heads) if cfg is not None else (None, None)
+    try:
+        check_context_parallel(args.seq_len, args.cp, args.cp_comm, *heads, tp=args.tp)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def refuse_gpt_flags(args) -> None:

@@ -16,7 +16,7 @@ from megalite.pipeline import forward_schedule, run_schedule
 from megalite.training.data import get_batch
 from megalite.training.precision import autocast
 from megalite.training.sampler import dp_shard
-from megalite.training.step import pipeline_schedule, split_microbatches
+from megalite.training.step import context_shard, pipeline_schedule, split_microbatches
 
 
 def forward_loss(model, tokens, targets, *, micro_batch_size: int, schedule="1f1b",
@@ -25,6 +25,7 @@ def forward_loss(model, tokens, targets, *, micro_batch_size: int, schedule="1f1
     ``[batch, seq]``, computed forward only through ``schedule`` (a name or the training
     table); the same value on every rank."""
     ps = model.ps
+    tokens, targets = context_shard(tokens, targets, ps)
     inputs = split_microbatches(tokens, micro_batch_size)
     labels = split_microbatches(targets, micro_batch_size)
     m = len(inputs)
@@ -39,7 +40,7 @@ def forward_loss(model, tokens, targets, *, micro_batch_size: int, schedule="1f1
                                                                       tokens.shape[1]),
                               activation_dtype=torch.float32, inputs=inputs, targets=labels,
                               loss_fn=model.loss, forward_only=True)
-    return comm.all_reduce(result.loss.reshape(1).clone(), ps.dp_group)[0] / ps.dp
+    return comm.all_reduce(result.loss.reshape(1).clone(), ps.dp_cp_group)[0] / ps.dp_cp
 
 
 def evaluate(model, dataset, batches, *, micro_batch_size: int, schedule="1f1b",

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megalite.parallel import comm
+from megalite.parallel.context import shard_sequence
 from megalite.parallel.distributed_optimizer import DistributedOptimizer
 from megalite.parallel.grad_buffer import GradBuffer
 from megalite.parallel.grads import (DEFAULT_BUCKET_BYTES, allreduce_data_parallel,
@@ -84,6 +85,7 @@ def forward_backward(model, tokens, targets, *, micro_batch_size: int, schedule=
     :func:`megalite.pipeline.run_schedule`."""
     ps = model.ps
     loss_fn = loss_fn or model.loss
+    tokens, targets = context_shard(tokens, targets, ps)
     inputs = split_microbatches(tokens, micro_batch_size)
     labels = split_microbatches(targets, micro_batch_size)
     m = len(inputs)
@@ -98,6 +100,18 @@ def forward_backward(model, tokens, targets, *, micro_batch_size: int, schedule=
                         activation_dtype=activation_dtype, inputs=inputs, targets=labels,
                         loss_fn=loss_fn, verbose=verbose, trace=trace,
                         final_backward=final_backward)
+
+
+def context_shard(tokens, targets, ps):
+    """With context parallelism, this cp rank's 2 of the 2*cp chunks of every sequence
+    (``megalite.parallel.context``); the model knows their positions from ``ps``."""
+    if ps.cp == 1:
+        return tokens, targets
+    if tokens.shape[1] % (2 * ps.cp):
+        raise ValueError(f"cp={ps.cp} cuts each sequence into {2 * ps.cp} chunks: the "
+                         f"sequence length {tokens.shape[1]} must be divisible by {2 * ps.cp}")
+    return (shard_sequence(tokens, ps.cp, ps.cp_rank),
+            shard_sequence(targets, ps.cp, ps.cp_rank))
 
 
 def attach_grad_buffer(model, shard: bool = False,
@@ -200,7 +214,8 @@ def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
         loss = loss / grad_scaler.scale_value
         skipped = not grad_scaler.unscale_(params, ps)
     norm = clip_grad_norm_(params, 0.0 if skipped else max_grad_norm, ps, dp_sharded=sharded)
-    loss = comm.all_reduce(loss.reshape(1).clone(), ps.dp_group)[0] / ps.dp
+    # Each cp rank's loss is cp x its share of the sequence's mean: average over dp x cp.
+    loss = comm.all_reduce(loss.reshape(1).clone(), ps.dp_cp_group)[0] / ps.dp_cp
     # One host sync for both; they are global, so every rank skips (or not) alike.
     loss_value, norm_value = torch.stack([loss.reshape(()), norm.float().reshape(())]).tolist()
     nonfinite = not skipped and not (math.isfinite(loss_value) and math.isfinite(norm_value))
