@@ -188,7 +188,11 @@ class _RingAttention(torch.autograd.Function):
                 acc[qa] = _merge(acc[qa], o, lse)
             if transfer is not None:
                 kv = transfer.wait()
-        out = torch.cat([acc[0][0], acc[1][0]], dim=2).to(q.dtype)
+        # Laid out [b, s, h, d] in memory, so the caller's transpose + reshape to
+        # [b, s, h*d] is a view: the output is stored once, for us and for the projection.
+        b_, h, s, d = q.shape
+        out = torch.empty(b_, s, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+        out[:, :, :c], out[:, :, c:] = acc[0][0], acc[1][0]
         lse = torch.cat([acc[0][1], acc[1][1]], dim=2)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.window, ctx.scale, ctx.backend = group, window, scale, backend
