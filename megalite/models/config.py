@@ -12,6 +12,7 @@ _CHOICES = {
     "position": ("rope", "learned"),
     "kernels": ("auto", "torch", "triton"),
     "recompute": ("none", "selective", "full"),
+    "params_dtype": ("fp32", "bf16", "fp16"),
 }
 RECOMPUTE_MODES = _CHOICES["recompute"]
 
@@ -51,6 +52,10 @@ class GPTConfig:
     # activation.
     recompute: str = "none"
     recompute_layers: int | None = None
+    # Weights, activations, residual stream and pipeline transfers in 16 bits ("bf16",
+    # "fp16"); norm weights and the loss stay fp32 and the optimizer keeps fp32 main weights
+    # (docs/precision.md). "fp32": fp32 weights (16-bit math then comes from --autocast).
+    params_dtype: str = "fp32"
 
     def __post_init__(self):
         if self.n_kv_heads is None:
