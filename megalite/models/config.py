@@ -13,6 +13,7 @@ _CHOICES = {
     "kernels": ("auto", "torch", "triton"),
     "recompute": ("none", "selective", "full"),
     "cp_comm": ("ring", "all-to-all"),
+    "params_dtype": ("fp32", "bf16", "fp16"),
 }
 RECOMPUTE_MODES = _CHOICES["recompute"]
 
@@ -55,6 +56,10 @@ class GPTConfig:
     # Context parallelism's attention exchange (megalite.parallel.context): "ring" passes
     # K/V around the cp group, "all-to-all" re-shards sequence <-> heads (Ulysses).
     cp_comm: str = "ring"
+    # Weights, activations, residual stream and pipeline transfers in 16 bits ("bf16",
+    # "fp16"); norm weights and the loss stay fp32 and the optimizer keeps fp32 main weights
+    # (docs/precision.md). "fp32": fp32 weights (16-bit math then comes from --autocast).
+    params_dtype: str = "fp32"
 
     def __post_init__(self):
         if self.n_kv_heads is None:
