@@ -46,7 +46,8 @@ from megalite.parallel.partition import layers_per_stage, stage_layers
 CHECKPOINT_FREE_FIELDS = frozenset({
     "dropout", "kernels", "sequence_parallel", "layers_per_stage", "master_init",
     "pad_vocab_to", "init_std", "recompute", "recompute_layers", "fused_loss",
-    "params_dtype", "cp_comm"})  # checkpoints hold fp32 (main) weights whatever the parameters' dtype
+    "params_dtype",  # checkpoints hold fp32 (main) weights whatever the parameters' dtype
+    "cp_comm"})
 
 PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
