@@ -218,7 +218,7 @@ class _RingAttention(torch.autograd.Function):
                 dq_b, dk_b, dv_b = attention_block_backward(
                     q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], dout[:, :, rows],
                     lse[:, :, rows], delta[:, :, rows], causal=causal, scale=scale,
-                    window=window, offset=offset, backend=ctx.backend)
+                    window=window, offset=offset, backend=ctx.backend, out=out[:, :, rows])
                 dq[:, :, rows] += dq_b
                 dkv[0][:, :, cols] += dk_b
                 dkv[1][:, :, cols] += dv_b

@@ -24,6 +24,7 @@ from megalite.pipeline import build_schedule, rank_stages
 from megalite.training.checkpoint import load_checkpoint, save_checkpoint
 from megalite.training.cli import check_args, parse_args
 from megalite.training.errors import UsageError
+from megalite.training.evaluate import forward_loss
 from megalite.training.sampler import ShardedSampler
 from megalite.training.step import distributed_optimizer, train_step
 from world import run_world
@@ -103,13 +104,12 @@ def _check(cfg, where, schedule="1f1b", dist_opt=False, **layout):
     parallel.destroy()
 
 
-def _check_attention(world):
-    """The ring (GQA, with and without a sliding window) and all-to-all attention against
-    the dense reference, outputs and the three gradients, at the function level."""
+def _check_attention(world, cases):
+    """The ring and all-to-all attention against the dense reference, outputs and the three
+    gradients, at the function level. ``cases``: (heads, kv heads, seq, window, comm)."""
     group = dist.new_group(list(range(world)))
     rank = dist.get_rank()
-    for h, hkv, s, window, comm in [(4, 2, 32, None, "ring"), (4, 2, 48, 7, "ring"),
-                                    (4, 4, 32, 5, "all-to-all")]:
+    for h, hkv, s, window, comm in cases:
         torch.manual_seed(0)
         q = torch.randn(2, h, s, 16, requires_grad=True)
         k, v = (torch.randn(2, hkv, s, 16, requires_grad=True) for _ in range(2))
@@ -146,16 +146,30 @@ def _save_and_resume(tmp, cfg, save_layout, load_layout, where):
     parallel.destroy()
 
 
+def _check_validation_loss(cfg, **layout):
+    """The forward-only validation loss (its own cp split and reduction) at cp = 2."""
+    tokens, targets = next(_batches())
+    torch.manual_seed(0)
+    ref = forward_loss(GPT(cfg, ParallelState()), tokens, targets, micro_batch_size=2)
+    ps = parallel.initialize(**layout)
+    torch.manual_seed(0)
+    got = forward_loss(GPT(cfg, ps), tokens, targets, micro_batch_size=2)
+    assert abs(got.item() - ref.item()) <= 1e-5, f"validation loss {got} != {ref}"
+    parallel.destroy()
+
+
 def _world2(rank, world, tmp):
-    _check_attention(world)
+    _check_attention(world, [(4, 2, 48, 7, "ring"), (4, 4, 32, 5, "all-to-all")])
     _check(LLAMA, "cp=2 llama", cp=2)
+    _check_validation_loss(LLAMA, cp=2)
     _check(GPT2, "cp=2 gpt2 (learned positions, tied)", cp=2)
     _save_and_resume(tmp, LLAMA, dict(cp=2), dict(cp=1), "saved at cp=2, resumed at cp=1")
     return True
 
 
 def _world4(rank, world, tmp):
-    _check_attention(world)
+    _check_attention(world, [(4, 2, 32, None, "ring"), (4, 4, 48, 13, "ring"),
+                             (4, 4, 32, None, "all-to-all")])
     _check(LLAMA, "cp=4", cp=4)
     _check(LLAMA.replace(n_kv_heads=4, cp_comm="all-to-all"), "cp=4 all-to-all", cp=4)
     _check(LLAMA.replace(sequence_parallel=True), "cp=2 x tp=2 + SP", cp=2, tp=2)
