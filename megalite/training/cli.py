@@ -443,7 +443,9 @@ def planned_layout(args, dp: int, cfg) -> plan.Layout | None:
         recompute=args.recompute, recompute_layers=args.recompute_layers,
         distributed_optimizer=args.distributed_optimizer,
         overlap_grad_reduce=not args.no_overlap_grad_reduce,
-        kernels="triton" if triton else "torch", fused_loss=cfg.fused_loss)
+        kernels="triton" if triton else "torch", fused_loss=cfg.fused_loss,
+        **layout_auto.plan_extras(args))
+
 
 
 def memory_budget(args) -> float | None:
