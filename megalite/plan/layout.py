@@ -174,6 +174,14 @@ def _cp_ep_fsdp_reason(cfg: GPTConfig, L: Layout) -> str | None:
         return (f"all-to-all context parallelism needs the heads per tp rank "
                 f"({cfg.n_heads // L.tp} q, {cfg.n_kv_heads // L.tp} kv) divisible by "
                 f"cp={L.cp}")
+    if cfg.moe_num_experts:
+        if cfg.moe_top_k > cfg.moe_num_experts:
+            return f"moe_top_k={cfg.moe_top_k} exceeds the {cfg.moe_num_experts} experts"
+        if L.tp > 1 and not L.sequence_parallel:
+            return ("MoE layers with tp > 1 need sequence parallelism (each tp rank routes "
+                    "its shard of the tokens)")
+        if cfg.moe_shared_d_ff % L.tp:
+            return f"tp={L.tp} does not divide moe_shared_d_ff={cfg.moe_shared_d_ff}"
     if L.ep > 1:
         if cfg.moe_num_experts == 0:
             return f"ep={L.ep} needs a Mixture-of-Experts model (moe_num_experts > 0)"

@@ -32,8 +32,7 @@ from megalite.parallel.layers import padded_vocab_size
 from megalite.pipeline import Action, build_schedule, layers_per_stage
 
 from megalite.models.activation_memory import (embedding_saved_bytes, final_norm_saved_bytes,
-                                               head_saved_bytes, saved_activation_bytes,
-                                               stage_saved_bytes)
+                                               head_saved_bytes, saved_activation_bytes)
 from megalite.plan.layout import Layout, compute_bytes, invalid_reason
 from megalite.plan.moe import moe_saved_delta
 from megalite.plan.params import stage_layers, stage_parameter_counts, static_bytes
@@ -167,7 +166,6 @@ def memory(cfg: GPTConfig, layout: Layout) -> MemoryBreakdown:
     b, seq = L.micro_batch_size, L.seq_len // L.cp     # the tokens of one cp rank
     kw = dict(act_bytes=compute_bytes(L.dtype), kernels=L.kernels)
     shape = (b, seq, L.tp, L.sequence_parallel)
-    run_cfg = cfg.replace(recompute=L.recompute, recompute_layers=L.recompute_layers)
     vp = padded_vocab_size(cfg.vocab_size, L.tp, cfg.pad_vocab_to)
     head = head_saved_bytes(cfg, *shape, fused_loss=L.fused_loss, padded_vocab=vp, **kw)
     embed = embedding_saved_bytes(b, seq)
@@ -182,8 +180,10 @@ def memory(cfg: GPTConfig, layout: Layout) -> MemoryBreakdown:
             full = recomputed_layers(s)
             moe = moe_delta * sum(cfg.is_moe_layer(i) for j, i in
                                   enumerate(stage_layers(cfg, num_stages, s)) if j >= full)
-        return stage_saved_bytes(run_cfg, counts[s], *shape, **kw) + moe + \
-            (embed if s == 0 else 0)
+        # stage_saved_bytes's sum, from the two layer figures computed once below
+        kept = counts[s] if L.recompute_layers is None else min(L.recompute_layers, counts[s])
+        layers = kept * recomputed + (counts[s] - kept) * full_layer
+        return layers + moe + (embed if s == 0 else 0)
 
     full_layer = saved_activation_bytes(cfg, *shape, "none", **kw)
     recomputed = saved_activation_bytes(cfg, *shape, L.recompute, **kw)

@@ -91,9 +91,13 @@ def stage_parameter_counts(cfg: GPTConfig, tp: int, stages: list[int], num_stage
     d = cfg.d_model
     table = padded_vocab_size(cfg.vocab_size, tp, cfg.pad_vocab_to) // tp * d
     matmul = other = expert = unit = 0
+    kinds = {}   # a layer's counts depend only on whether it is an MoE layer
     for s in stages:
         for i in stage_layers(cfg, num_stages, s):
-            c = layer_counts(cfg, i, tp, ep)
+            moe = cfg.is_moe_layer(i)
+            if moe not in kinds:
+                kinds[moe] = layer_counts(cfg, i, tp, ep)
+            c = kinds[moe]
             matmul, other, expert = matmul + c["matmul"], other + c["other"], \
                 expert + c["expert"]
             unit = max(unit, c["matmul"] + c["other"])

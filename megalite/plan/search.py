@@ -131,11 +131,11 @@ def search(cfg: GPTConfig, gpus: int, gpu: GPU, seq_len: int, global_batch_size:
             rejected.append(Candidate(layout, memory=mem, rejected=reason))
             continue
         fits.append(Candidate(layout, memory=mem,
-                              time=step_time(cfg, layout, gpu, simulate=False)))
+                              time=step_time(cfg, layout, gpu, simulate=False, mem=mem)))
     fits.sort(key=lambda c: (c.time.step, c.memory.total))
     head = fits[: simulate_top or max(3 * top, 20)]
     for c in head:  # the schedule simulator's bubble for the front runners
-        c.time = step_time(cfg, c.layout, gpu, simulate=True)
+        c.time = step_time(cfg, c.layout, gpu, simulate=True, mem=c.memory)
     head.sort(key=lambda c: (c.time.step, c.memory.total))
     return head + fits[len(head):], rejected
 

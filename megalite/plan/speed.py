@@ -1,22 +1,29 @@
 """Predicted step time of a layout on a GPU.
 
-Per microbatch and pipeline stage:
+Per microbatch, pipeline stage and rank (a rank holds 1/cp of each sequence's tokens):
 
 * matmuls: 2 FLOPs per multiply-add of the local (1/tp) linear weights, forward once,
-  backward twice, once more for recomputed layers; at ``MATMUL_EFFICIENCY`` of the peak;
+  backward twice, once more for recomputed layers; in MoE layers the routed tokens' top-k
+  experts, the shared expert and the router instead of the dense MLP
+  (:mod:`megalite.plan.moe`); at ``MATMUL_EFFICIENCY`` of the peak;
 * attention core: causal (half the s x s scores), forward 4·s·h·e/tp per token, backward
-  2.5x (flash recomputes the probabilities), at ``ATTENTION_EFFICIENCY`` of the peak;
+  2.5x (flash recomputes the probabilities), at ``ATTENTION_EFFICIENCY`` of the peak; under
+  context parallelism each rank does 1/cp of it (load-balanced chunks), and the ring merges
+  each hop's partial output (memory-bound);
 * memory-bound kernels, from the bytes they read and write (norms, rope, SwiGLU, casts and
-  copies, residual adds, cross-entropy) at ``MEMORY_EFFICIENCY`` of the HBM bandwidth;
-* tensor-parallel collectives (per layer two all-reduces forward, two backward; with
-  sequence parallelism the same bytes as all-gather + reduce-scatter), not overlapped.
+  copies, residual adds, cross-entropy) at ``MEMORY_EFFICIENCY`` of the HBM bandwidth; the
+  residual stream's copies at its dtype (fp32 under autocast, 16-bit with 16-bit weights);
+* communication (:mod:`megalite.plan.comm`): tensor-parallel collectives, the cp ring's
+  exposed part or the all-to-all, the MoE all-to-all.
 
 The pipeline then runs the schedule in megalite's simulator (per-stage F, B and for split
 backwards I and W costs, plus the p2p time of an activation between ranks), giving the
-bubble. After it: the data-parallel gradient reduction (all-reduce, or reduce-scatter +
-all-gather with the distributed optimizer; overlapped with the last backward except one
-layer's bucket when ``overlap_grad_reduce``), and the optimizer (96 bytes moved per
-parameter: foreach AdamW, clipping, grad accumulation casts).
+bubble. After it: the gradient reduction over dp x cp (and expert-dp), or FSDP's gathers
+and reduce-scatters, overlapped with the backward except one layer's share when
+``overlap_grad_reduce``; the optimizer (96 bytes moved per parameter it owns, 6 more to
+copy fp32 main weights to 16-bit ones); and under autocast the casts that accumulate each
+microbatch's 16-bit weight gradients into fp32 (with 16-bit parameters the weight-gradient
+GEMM accumulates into the fp32 main gradient: none). MFU counts active parameters.
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ from megalite.plan.comm import (bandwidth, cp_time, dp_time, exposed, fsdp_time,
 from megalite.plan.gpus import (ATTENTION_EFFICIENCY, GPU, MATMUL_EFFICIENCY,
                                 MEMORY_EFFICIENCY, get_gpu)
 from megalite.plan.layout import Layout, compute_bytes, invalid_reason
-from megalite.plan.memory import memory
+from megalite.plan.memory import MemoryBreakdown, memory
 from megalite.plan.moe import all_to_all_bytes, moe_flops
 from megalite.plan.params import (expert_d_ff, mlp_mats, model_flops_per_token,
                                   stage_layers)
@@ -146,7 +153,7 @@ def _round(x: float) -> float:
 
 
 def step_time(cfg: GPTConfig, layout: Layout, gpu: GPU | str = "h100",
-              simulate: bool = True) -> StepTime:
+              simulate: bool = True, mem: MemoryBreakdown | None = None) -> StepTime:
     """Predicted seconds per optimizer step (see the module doc). ``simulate=False`` takes
     the pipeline's makespan from the closed form for uniform stages, (m v + p - 1)(F + B)
     per stage, instead of the simulator (fast, for a first ranking of many layouts)."""
@@ -185,7 +192,7 @@ def step_time(cfg: GPTConfig, layout: Layout, gpu: GPU | str = "h100",
         pipeline = (m * v + L.pp - 1) * per_stage
         bubble = (L.pp - 1) / (m * v + L.pp - 1)
 
-    n = max((r.counts for r in memory(cfg, L).ranks), key=lambda c: c["total"])
+    n = max((r.counts for r in (mem or memory(cfg, L)).ranks), key=lambda c: c["total"])
     params, experts = n["total"], n["expert"]
     memory_bw = gpu.hbm_bandwidth * MEMORY_EFFICIENCY
     sharded = L.distributed_optimizer or L.fsdp
