@@ -485,7 +485,8 @@ def check_memory(args, dp: int, cfg, world_size: int) -> None:
         raise UsageError(f"--check-memory: {layout.describe()} {reason}; python -m "
                          f"megalite.plan --model {args.model or 'tiny'} --gpus {world_size} "
                          f"--gpu-memory {budget / 2**30:.1f}GiB --seq-len {args.seq_len} "
-                         f"--global-batch-size {args.global_batch_size} lists layouts that fit")
+                         f"--global-batch-size {args.global_batch_size} --dtype {args.dtype}"
+                         f"{' --autocast' if layout.autocast else ''} lists layouts that fit")
 
 
 def default_warmup(steps: int) -> int:
