@@ -27,6 +27,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from megalite.models.config import GPTConfig
 from megalite.parallel.layers import padded_vocab_size
 from megalite.pipeline import Action, build_schedule, layers_per_stage
@@ -119,9 +121,24 @@ def _parse(text: str) -> tuple[int, str]:
 
 def _live_states(schedule: str, p: int, m: int, v: int, head_until_w: bool
                  ) -> dict[int, tuple]:
+    """Per pipeline rank: (its stages, live counts [states x stages], of them between I
+    and W [states x stages], loss heads live [states]) as arrays, for a vectorized peak."""
     if schedule in STEADY_AFTER:
         m = min(m, STEADY_AFTER[schedule] * p)
-    return _live_states_walk(schedule, p, m, v, head_until_w)
+    return _live_state_arrays(schedule, p, m, v, head_until_w)
+
+
+@functools.lru_cache(maxsize=4096)
+def _live_state_arrays(schedule: str, p: int, m: int, v: int, head_until_w: bool
+                       ) -> dict[int, tuple]:
+    out = {}
+    for rank, (local, states) in _live_states_walk(schedule, p, m, v, head_until_w).items():
+        ordered = sorted(states)
+        live = np.array([x[0] for x in ordered], dtype=np.float64).reshape(-1, len(local))
+        split = np.array([x[1] for x in ordered], dtype=np.float64).reshape(-1, len(local))
+        heads = np.array([x[2] for x in ordered], dtype=np.float64)
+        out[rank] = (local, live, split, heads)
+    return out
 
 
 @functools.lru_cache(maxsize=4096)
@@ -195,8 +212,8 @@ def memory(cfg: GPTConfig, layout: Layout) -> MemoryBreakdown:
         return counts[s] if L.recompute_layers is None else min(L.recompute_layers, counts[s])
 
     ranks = []
-    for rank, (stages, states) in sorted(_live_states(L.schedule, L.pp, L.num_microbatches,
-                                                      v, L.fused_loss).items()):
+    for rank, (stages, live, split, heads) in sorted(
+            _live_states(L.schedule, L.pp, L.num_microbatches, v, L.fused_loss).items()):
         stages = list(stages)
         n = stage_parameter_counts(cfg, L.tp, stages, num_stages, L.ep)
         weights = [stage_bytes(s) for s in stages]
@@ -204,13 +221,14 @@ def memory(cfg: GPTConfig, layout: Layout) -> MemoryBreakdown:
         # set again; what selective regions recompute does not outlive I (both measured in
         # tests/plan/test_memory.py).
         regrown = [recomputed_layers(s) * (full_layer - recomputed) for s in stages]
+        held = live @ np.array(weights, dtype=np.float64) + heads * head \
+            + split @ np.array(regrown, dtype=np.float64)
         best, best_state = 0.0, ((0,) * len(stages), (), 0)
-        for live, split, heads in states:
-            held = sum(c * w for c, w in zip(live, weights)) + heads * head \
-                + sum(c * r for c, r in zip(split, regrown))
-            if held > best:
-                best, best_state = held, (live, split, heads)
-        if L.recompute != "none" and not any(any(x) for _, x, _ in states):
+        if len(held) and held.max() > 0:
+            i = int(held.argmax())
+            best = float(held[i])
+            best_state = (tuple(int(c) for c in live[i]), tuple(split[i]), int(heads[i]))
+        if L.recompute != "none" and not split.any():
             # a B recomputes one layer at a time, holding its full saved set; on the last
             # stage the final norm's backward has freed its tensors by then
             best = max(best, best + full_layer - recomputed - final_norm * best_state[2])

@@ -56,8 +56,8 @@ def stage_layers(cfg: GPTConfig, num_stages: int, stage: int) -> range:
     return range(start, start + counts[stage])
 
 
-def layer_counts(cfg: GPTConfig, i: int, tp: int = 1, ep: int = 1) -> dict[str, int]:
-    """Parameters of layer ``i`` on one rank: 'matmul' (linear weights, attention and MLP
+def layer_counts(cfg: GPTConfig, moe: bool, tp: int = 1, ep: int = 1) -> dict[str, int]:
+    """Parameters of a dense or (``moe``) MoE layer on one rank: 'matmul' (linear weights, attention and MLP
     at 1/tp, experts E/ep whole), 'expert' (the experts' share of it), 'other' (norms,
     router, biases), 'active' (what one token uses: top-k experts, whole model, unsharded)."""
     d, e, f = cfg.d_model, cfg.head_dim, cfg.d_ff
@@ -69,7 +69,7 @@ def layer_counts(cfg: GPTConfig, i: int, tp: int = 1, ep: int = 1) -> dict[str, 
         other += (h + 2 * g) * e // tp
     if cfg.bias:
         other += ((h + 2 * g) * e + (2 if cfg.activation == "swiglu" else 1) * f) // tp + 2 * d
-    if not cfg.is_moe_layer(i):
+    if not moe:
         mlp = mlp_mats(cfg) * d * f
         return {"matmul": (attention + mlp) // tp, "expert": 0, "other": other,
                 "active": attention + mlp + other}
@@ -91,16 +91,17 @@ def stage_parameter_counts(cfg: GPTConfig, tp: int, stages: list[int], num_stage
     d = cfg.d_model
     table = padded_vocab_size(cfg.vocab_size, tp, cfg.pad_vocab_to) // tp * d
     matmul = other = expert = unit = 0
-    kinds = {}   # a layer's counts depend only on whether it is an MoE layer
+    counts = layers_per_stage(cfg.n_layers, num_stages, cfg.layers_per_stage)
     for s in stages:
-        for i in stage_layers(cfg, num_stages, s):
-            moe = cfg.is_moe_layer(i)
-            if moe not in kinds:
-                kinds[moe] = layer_counts(cfg, i, tp, ep)
-            c = kinds[moe]
-            matmul, other, expert = matmul + c["matmul"], other + c["other"], \
-                expert + c["expert"]
-            unit = max(unit, c["matmul"] + c["other"])
+        start = sum(counts[:s])
+        n_moe = sum(map(cfg.is_moe_layer, range(start, start + counts[s]))) \
+            if cfg.moe_num_experts else 0
+        for moe, n in ((False, counts[s] - n_moe), (True, n_moe)):
+            if n:
+                c = layer_counts(cfg, moe, tp, ep)
+                matmul, other, expert = (matmul + n * c["matmul"], other + n * c["other"],
+                                         expert + n * c["expert"])
+                unit = max(unit, c["matmul"] + c["other"])
     first, last = 0 in stages, num_stages - 1 in stages
     if first or (last and cfg.tie_embeddings):
         other += table   # the embedding (a tied last stage elsewhere keeps its own copy)
@@ -125,7 +126,7 @@ def model_parameters(cfg: GPTConfig, active: bool = False) -> int:
     key = "active" if active else None
     layers = 0
     for i in range(cfg.n_layers):
-        c = layer_counts(cfg, i)
+        c = layer_counts(cfg, cfg.is_moe_layer(i))
         layers += c["active"] if key else c["matmul"] + c["other"]
     emb = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
     if cfg.position == "learned":
