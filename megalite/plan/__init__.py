@@ -1,5 +1,6 @@
 """The planner: predicted memory and step time of a training layout (tp, cp, pp, dp, ep,
-FSDP, 16-bit parameters or autocast), and a search over layouts (``python -m megalite.plan``). Saved activation bytes come from
+FSDP, 16-bit parameters or autocast), and a search over layouts (``python -m
+megalite.plan``). Saved activation bytes come from
 :mod:`megalite.models.activation_memory`. Nothing in the library imports it; see
 docs/planner.md.
 

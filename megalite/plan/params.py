@@ -57,9 +57,10 @@ def stage_layers(cfg: GPTConfig, num_stages: int, stage: int) -> range:
 
 
 def layer_counts(cfg: GPTConfig, moe: bool, tp: int = 1, ep: int = 1) -> dict[str, int]:
-    """Parameters of a dense or (``moe``) MoE layer on one rank: 'matmul' (linear weights, attention and MLP
-    at 1/tp, experts E/ep whole), 'expert' (the experts' share of it), 'other' (norms,
-    router, biases), 'active' (what one token uses: top-k experts, whole model, unsharded)."""
+    """Parameters of a dense or (``moe``) MoE layer on one rank: 'matmul' (linear weights,
+    attention and MLP at 1/tp, experts E/ep whole), 'expert' (the experts' share of it),
+    'other' (norms, router, biases), 'active' (what one token uses: top-k experts, whole
+    model, unsharded)."""
     d, e, f = cfg.d_model, cfg.head_dim, cfg.d_ff
     h, g = cfg.n_heads, cfg.n_kv_heads
     attention = d * (h + 2 * g) * e + h * e * d

@@ -7,10 +7,10 @@ interleaved 1F1B with 2 or 4 stages per rank), dp = N / (tp cp pp), a micro-batc
 dividing the batch, a recompute mode, the sharding when dp x cp > 1 (none, the distributed
 optimizer, or FSDP) and, for MoE models, ep (the divisors of the experts that divide tp x cp
 x dp). Any of cp, cp_comm, ep, fsdp given as an option is fixed instead of searched.
-Sequence parallelism is on whenever tp > 1 (it only saves memory). A layout is *invalid* (it cannot run: the reason
-comes from :func:`layout.invalid_reason`) or *does not fit* (the reason names the rank and
-the part that is largest), else it is ranked: first by the closed-form pipeline time, then
-the best few are re-timed with the schedule simulator.
+Sequence parallelism is on whenever tp > 1 (it only saves memory). A layout is *invalid*
+(it cannot run: the reason comes from :func:`layout.invalid_reason`) or *does not fit*
+(the reason names the rank and the part that is largest), else it is ranked: first by the
+closed-form pipeline time, then the best few are re-timed with the schedule simulator.
 """
 from __future__ import annotations
 
