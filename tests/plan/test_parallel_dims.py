@@ -161,3 +161,28 @@ def test_cli_fixes_cp_fsdp_and_precision_and_prints_their_flags(capsys):
     with pytest.raises(SystemExit):
         main(args + ["--ep", "2"])
     assert "is dense" in capsys.readouterr().err
+
+
+def test_search_covers_cp_ep_fsdp_unless_fixed():
+    from argparse import Namespace
+
+    from megalite.plan.search import MIN_CP_TOKENS, candidate_layouts
+    from megalite.training.layout_auto import plan_extras
+
+    every = candidate_layouts(MIXTRAL, 16, seq_len=8 * MIN_CP_TOKENS, global_batch_size=32)
+    assert {L.cp for L in every} == {1, 2, 4, 8}
+    assert {L.cp_comm for L in every if L.cp > 1} == {"ring", "all-to-all"}
+    assert {L.ep for L in every} == {1, 2, 4, 8}
+    assert {(L.distributed_optimizer, L.fsdp) for L in every if L.dp > 1} == \
+        {(False, False), (True, False), (False, True)}
+    fixed = candidate_layouts(MIXTRAL, 16, seq_len=8192, global_batch_size=32, cp=1, ep=2,
+                              fsdp=False)
+    assert fixed and all(L.cp == 1 and L.ep == 2 and not L.fsdp for L in fixed)
+    assert {L.ep for L in candidate_layouts(LLAMA7B, 8, 4096, 32)} == {1}   # dense
+    # a trainer without the --cp/--ep/--fsdp/--autocast flags: none of them, and autocast
+    old = Namespace(dtype="bf16")
+    assert plan_extras(old) == dict(autocast=True, cp=1, ep=1, cp_comm="ring", fsdp=False)
+    new = Namespace(dtype="bf16", autocast=False, cp=2, ep=4, cp_comm="all-to-all", fsdp=True)
+    assert plan_extras(new) == dict(autocast=False, cp=2, ep=4, cp_comm="all-to-all",
+                                    fsdp=True)
+    assert plan_extras(Namespace(dtype="fp32"))["autocast"] is False
