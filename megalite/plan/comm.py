@@ -22,10 +22,11 @@ for an all-reduce.
 * data parallelism over dp x cp (dense) and tp*cp*dp/ep (experts), once per step: fp32
   gradients all-reduced, or reduce-scattered with the parameters all-gathered in their own
   dtype (distributed optimizer).
-* FSDP: each unit's parameters all-gathered in forward and again in backward, and its fp32
-  gradients reduce-scattered, per microbatch (pp = 1); with a pipeline the stage is
-  gathered once per step and reduced once (torchtitan's default). Prefetch overlaps it with
-  compute: what exceeds the compute is exposed, and at least one unit's share.
+* FSDP (``megalite.parallel.fsdp``): each block's parameters all-gathered in forward and
+  again in backward, and its fp32 gradients reduce-scattered, every microbatch; prefetch
+  overlaps that with the microbatch's compute (what exceeds it is exposed, and at least one
+  block's share). The root group (embedding, final norm, head) is gathered once per step
+  and reduced once at its end, exposed.
 """
 from __future__ import annotations
 
@@ -107,16 +108,17 @@ def dp_time(L: Layout, gpu: GPU, dense: float, expert: float) -> float:
     return dp_volume(L, dense, expert) / bandwidth(gpu, L.tp * L.cp * L.dp)
 
 
-def fsdp_time(L: Layout, gpu: GPU, dense: float, expert: float) -> float:
-    """FSDP's traffic per microbatch (pp = 1) or per step (pp > 1), before overlap."""
+def fsdp_time(L: Layout, gpu: GPU, blocks: float, expert: float, root: float
+              ) -> tuple[float, float]:
+    """FSDP's traffic before overlap: (the blocks' per microbatch, the root group's per
+    step), for ``blocks`` dense block parameters, ``expert`` expert and ``root`` root ones."""
     if not L.fsdp:
-        return 0.0
-    w = weight_bytes(L)
-    gathers = 2 if L.pp == 1 else 1
-    per_param = gathers * w + 4
-    volume = per_param * ((L.shard_group - 1) / L.shard_group * dense
-                          + (L.expert_dp - 1) / L.expert_dp * expert)
-    return volume / bandwidth(gpu, L.tp * L.cp * L.dp)
+        return 0.0, 0.0
+    w, link = weight_bytes(L), bandwidth(gpu, L.tp * L.cp * L.dp)
+    dense_share, expert_share = (L.shard_group - 1) / L.shard_group, \
+        (L.expert_dp - 1) / L.expert_dp
+    per_microbatch = (2 * w + 4) * (dense_share * blocks + expert_share * expert) / link
+    return per_microbatch, (w + 4) * dense_share * root / link
 
 
 def exposed(comm: float, compute: float, units: int) -> float:

@@ -10,9 +10,6 @@ from megalite.pipeline import layers_per_stage, schedule_info
 DTYPES = ("fp32", "bf16", "fp16")
 BACKENDS = ("torch", "triton")   # the kernels that run: references (CPU) or Triton (GPU)
 CP_COMMS = ("ring", "all-to-all")
-# Schedules FSDP runs with: one backward per microbatch, so FSDP's prefetch and
-# gradient reduce-scatter hooks fire once per module (torchtitan pairs FSDP with these).
-FSDP_SCHEDULES = ("1f1b", "interleaved-1f1b", "gpipe")
 
 
 def compute_bytes(dtype: str) -> int:
@@ -195,6 +192,6 @@ def _cp_ep_fsdp_reason(cfg: GPTConfig, L: Layout) -> str | None:
     if L.fsdp:
         if L.distributed_optimizer:
             return "FSDP shards the optimizer state already: drop distributed_optimizer"
-        if L.schedule not in FSDP_SCHEDULES:
-            return f"FSDP runs with the schedules {FSDP_SCHEDULES}, not {L.schedule}"
+        if L.dtype == "fp16":   # loss scaling over FSDP's DTensor gradients: not supported
+            return "FSDP runs in bf16 or fp32, not fp16"
     return None

@@ -24,12 +24,14 @@ FSDP, any mode                4/S (fp32 shard)  4/S        8/S               (au
 At dp = 8, 16-bit parameters with the distributed optimizer hold 2 + 4 + 12/8 = 7.5 bytes
 per parameter (Megatron-Core's ``dist_optimizer.md`` table); autocast 4 + 4 + 2 + 1 = 11.
 
-FSDP also holds unsharded *working* copies (``fsdp_working``): without a pipeline (one
-``fully_shard`` unit per transformer block, resharded after forward) the gathered current
-and prefetched unit in the compute dtype, plus one unit's gradient in fp32 before its
-reduce-scatter: (2 a + 4) x the largest unit, a = 2 or 4 bytes; with a pipeline the stage's
-parameters stay unsharded across its microbatches (torchtitan's default with pp, to gather
-once per step) and its gradients accumulate unsharded in fp32: (a + 4) x the stage.
+FSDP also holds unsharded *working* copies (``fsdp_working``), as megalite's FSDP
+(``megalite.parallel.fsdp``) runs it: every transformer block is one ``fully_shard`` group,
+gathered before its forward and freed after, gathered again in backward, its gradient
+reduce-scattered after every microbatch's backward; the root group (embedding, final norm,
+output head) is gathered at its first forward and stays gathered for the step, its
+gradients accumulating unsharded. So: the current and the prefetched block in the compute
+dtype plus one block's fp32 gradient before its reduce-scatter, (2 a + 4) x the largest
+block, and (a + 4) x the root's parameters on the stages that hold them (a = 2 or 4 bytes).
 """
 from __future__ import annotations
 
@@ -88,10 +90,11 @@ def stage_parameter_counts(cfg: GPTConfig, tp: int, stages: list[int], num_stage
     """Parameters one rank holds for ``stages``: 'matmul' (linear weights), 'other' (norms,
     embedding tables, router, biases), 'total', 'expert' (the experts among them), 'cast'
     (the weights autocast copies to 16 bits: matmuls and a tied head's table), 'unit' (the
-    largest FSDP unit: a layer, or the embedding / head table)."""
+    largest layer: FSDP's largest block), 'root' (what is not in a layer: embedding, final
+    norm, head: FSDP's root group)."""
     d = cfg.d_model
     table = padded_vocab_size(cfg.vocab_size, tp, cfg.pad_vocab_to) // tp * d
-    matmul = other = expert = unit = 0
+    matmul = other = expert = unit = layers = 0
     counts = layers_per_stage(cfg.n_layers, num_stages, cfg.layers_per_stage)
     for s in stages:
         start = sum(counts[:s])
@@ -103,21 +106,21 @@ def stage_parameter_counts(cfg: GPTConfig, tp: int, stages: list[int], num_stage
                 matmul, other, expert = (matmul + n * c["matmul"], other + n * c["other"],
                                          expert + n * c["expert"])
                 unit = max(unit, c["matmul"] + c["other"])
+                layers += n * (c["matmul"] + c["other"])
     first, last = 0 in stages, num_stages - 1 in stages
     if first or (last and cfg.tie_embeddings):
         other += table   # the embedding (a tied last stage elsewhere keeps its own copy)
-        unit = max(unit, table)
     if first and cfg.position == "learned":
         other += cfg.max_seq_len * d
     if last:
         other += d * (2 if cfg.norm == "layernorm" else 1)
         if not cfg.tie_embeddings:
             matmul += table
-        unit = max(unit, table)
     # the head's matmul weight: its own, or the (tied) embedding table, cast like any weight
     head_cast = table if last else 0
     return {"matmul": matmul, "other": other, "total": matmul + other, "expert": expert,
-            "cast": matmul + (head_cast if cfg.tie_embeddings else 0), "unit": unit}
+            "cast": matmul + (head_cast if cfg.tie_embeddings else 0), "unit": unit,
+            "root": matmul + other - layers}
 
 
 def model_parameters(cfg: GPTConfig, active: bool = False) -> int:
@@ -163,12 +166,11 @@ def static_bytes(n: dict[str, int], layout: Layout) -> dict[str, float]:
     a = _weight_bytes(L.params_dtype)                            # bytes of a working weight
     casts = 2 * n["cast"] if L.autocast else 0.0
     if L.fsdp:
-        if L.pp > 1:   # the stage stays gathered across microbatches, grads accumulate
-            working = (a + 4) * n["total"]
-        else:          # current + prefetched unit, one unit's fp32 gradient
-            working = (2 * a + 4) * n["unit"]
+        # current + prefetched block, one block's fp32 gradient; the root group gathered
+        # for the step with its unsharded fp32 gradients
+        working = (2 * a + 4) * n["unit"] + (a + 4) * n["root"]
         if L.autocast:   # the cast copies follow the gathered weights
-            casts = 2 * (n["total"] if L.pp > 1 else 2 * n["unit"])
+            casts = 2 * (2 * n["unit"] + n["root"])
         return {"parameters": 4 * owned, "gradients": 4 * owned, "optimizer": 8 * owned,
                 "casts": casts, "working": working, "owned": owned}
     main_weights = 4 if L.params_dtype != "fp32" else 0       # fp32 copy in the optimizer

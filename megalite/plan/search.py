@@ -20,7 +20,7 @@ from itertools import product
 from megalite.models.config import GPTConfig
 
 from megalite.plan.gpus import GPU
-from megalite.plan.layout import FSDP_SCHEDULES, Layout, invalid_reason
+from megalite.plan.layout import Layout, invalid_reason
 from megalite.plan.memory import MemoryBreakdown, memory
 from megalite.plan.speed import StepTime, step_time
 
@@ -64,13 +64,13 @@ def _powers_of_two(limit: int) -> list[int]:
     return [1 << k for k in range(limit.bit_length()) if 1 << k <= limit]
 
 
-def _sharding(dp: int, cp: int, schedule: str, fsdp: bool | None) -> list[tuple[bool, bool]]:
-    """(distributed_optimizer, fsdp) choices: none without dp x cp > 1; FSDP only with the
-    schedules it runs with; ``fsdp`` True/False fixes it."""
+def _sharding(dp: int, cp: int, fsdp: bool | None) -> list[tuple[bool, bool]]:
+    """(distributed_optimizer, fsdp) choices: none without dp x cp > 1; ``fsdp`` True/False
+    fixes it."""
     if dp * cp == 1:
         return [(False, False)] if not fsdp else []
     out = [] if fsdp else [(False, False), (True, False)]
-    if fsdp is not False and schedule in FSDP_SCHEDULES:
+    if fsdp is not False:
         out.append((False, True))
     return out
 
@@ -104,7 +104,7 @@ def candidate_layouts(cfg: GPTConfig, gpus: int, seq_len: int, global_batch_size
         for v, mbs, rec, comm, e in product(virtual if pp > 1 else (1,), micro_batch_sizes,
                                             recompute, comms, eps):
             schedule = "1f1b" if v == 1 else "interleaved-1f1b"
-            for dist_opt, shard in _sharding(dp, c, schedule, fsdp):
+            for dist_opt, shard in _sharding(dp, c, fsdp):
                 out.append(Layout(
                     tp=tp, pp=pp, dp=dp, cp=c, cp_comm=comm, ep=e, micro_batch_size=mbs,
                     seq_len=seq_len, global_batch_size=global_batch_size, schedule=schedule,

@@ -208,11 +208,11 @@ def step_time(cfg: GPTConfig, layout: Layout, gpu: GPU | str = "h100",
     dp_comm = dp_time(L, gpu, params - experts, experts)
     if L.overlap_grad_reduce and dp_comm:
         dp_comm = exposed(dp_comm, max(b_cost) / v, layers_here)
-    fsdp = fsdp_time(L, gpu, params - experts, experts)
-    if fsdp and L.pp == 1:    # per microbatch, prefetched under that microbatch's compute
-        fsdp = m * exposed(fsdp, f_cost[0] + b_cost[0], layers_here)
-    elif fsdp:                # gathered before the first, reduced after the last microbatch
-        fsdp = exposed(fsdp, max(b_cost) / v, layers_here)
+    blocks, root = fsdp_time(L, gpu, params - experts - n["root"], experts, n["root"])
+    # the blocks per microbatch, prefetched under that microbatch's compute on this rank;
+    # the root group gathered at the step's start and reduced at its end
+    compute = v * (max(f_cost) + max(b_cost))
+    fsdp = m * exposed(blocks, compute, layers_here) + root if L.fsdp else 0.0
     step = pipeline + optimizer + accumulate + dp_comm + fsdp
 
     per_mb_stages = m * v  # every rank runs m microbatches through each of its v stages

@@ -22,15 +22,16 @@ BASE = Layout(micro_batch_size=1, seq_len=4096, global_batch_size=64)
 
 
 def llama7b_counts():
-    """Llama-2 7B by hand: per layer q,k,v,o 4 d^2 + SwiGLU 3 d f + 2 norms; the largest
-    FSDP unit is a layer (202.4M) > the 32000 x 4096 tables (131.1M)."""
+    """Llama-2 7B by hand: per layer q,k,v,o 4 d^2 + SwiGLU 3 d f + 2 norms (FSDP's block);
+    FSDP's root group: the embedding, the head and the final norm."""
     d, f, L, V = 4096, 11008, 32, 32000
     layer = 4 * d * d + 3 * d * f + 2 * d
-    return L * layer + 2 * V * d + d, layer
+    root = 2 * V * d + d
+    return L * layer + root, layer, root
 
 
 def test_bytes_per_parameter_in_each_mode_at_dp8():
-    n, layer = llama7b_counts()
+    n, layer, root = llama7b_counts()
     at = BASE.replace(dp=8)
     matmuls = n - (2 * 32 + 1) * 4096 - 32000 * 4096       # what autocast casts
     expected = {   # (mode, bytes per parameter of parameters + gradients + optimizer)
@@ -39,8 +40,12 @@ def test_bytes_per_parameter_in_each_mode_at_dp8():
                               4 + 4 + 8 / 8 + 2 * matmuls / n),
         "bf16 plain": (at, 2 + 4 + 12),
         "fp32 plain": (at.replace(dtype="fp32"), 4 + 4 + 8),
-        "fsdp bf16": (at.replace(fsdp=True), 16 / 8 + (2 * 2 + 4) * layer / n),
-        "fsdp fp32": (at.replace(fsdp=True, dtype="fp32"), 16 / 8 + (2 * 4 + 4) * layer / n),
+        # FSDP: 16/dp, the current + prefetched block and one block's fp32 gradient, and
+        # the root group gathered for the step with its fp32 gradients
+        "fsdp bf16": (at.replace(fsdp=True),
+                      16 / 8 + ((2 * 2 + 4) * layer + (2 + 4) * root) / n),
+        "fsdp fp32": (at.replace(fsdp=True, dtype="fp32"),
+                      16 / 8 + ((2 * 4 + 4) * layer + (4 + 4) * root) / n),
     }
     for mode, (layout, per_param) in expected.items():
         r = memory(LLAMA7B, layout).worst
@@ -54,11 +59,14 @@ def test_bytes_per_parameter_in_each_mode_at_dp8():
     assert 10.9 < auto.bytes_per_parameter() <= 11.0
 
 
-def test_fsdp_with_a_pipeline_keeps_the_stage_gathered():
-    n, _ = llama7b_counts()
-    r = memory(LLAMA7B, BASE.replace(pp=2, dp=4, fsdp=True)).ranks[0]
-    assert r.fsdp_working == (2 + 4) * r.counts["total"]    # bf16 weights + fp32 grads
-    assert r.parameters == 4 * -(-r.counts["total"] // 4)
+def test_fsdp_root_group_lives_on_the_end_stages():
+    _, layer, root = llama7b_counts()
+    ranks = memory(LLAMA7B, BASE.replace(pp=4, dp=2, fsdp=True, global_batch_size=8)).ranks
+    table = 32000 * 4096
+    assert [r.counts["root"] for r in ranks] == [table, 0, 0, table + 4096]
+    for r in ranks:   # every stage: two gathered bf16 blocks and one fp32 block gradient
+        assert r.fsdp_working == (2 * 2 + 4) * layer + (2 + 4) * r.counts["root"]
+        assert r.parameters == 4 * -(-r.counts["total"] // 2)
 
 
 def test_sharding_shrinks_with_dp_and_cp_and_activations_with_cp():
@@ -138,7 +146,7 @@ def test_invalid_cp_ep_fsdp_layouts_say_why():
              (MIXTRAL, BASE.replace(tp=2), "sequence parallelism"),
              (LLAMA7B, BASE.replace(dp=2, fsdp=True, distributed_optimizer=True),
               "drop distributed_optimizer"),
-             (LLAMA7B, BASE.replace(pp=2, dp=2, fsdp=True, schedule="zbv"), "FSDP runs"),
+             (LLAMA7B, BASE.replace(dp=2, fsdp=True, dtype="fp16"), "FSDP runs in bf16"),
              (LLAMA7B, BASE.replace(dtype="fp32", autocast=True), "autocast needs")]
     for cfg, layout, words in cases:
         assert words in (invalid_reason(cfg, layout) or ""), (layout, words)
