@@ -16,6 +16,7 @@ from megalite.models import GPTConfig
 from megalite.plan.auto import launch_command
 from megalite.plan.gpus import GPUS, get_gpu
 from megalite.plan.memory import parse_bytes
+from megalite.plan.params import model_parameters
 from megalite.plan.search import format_table, search
 
 
@@ -80,7 +81,10 @@ def main(argv=None) -> int:
                             dtype=args.dtype, autocast=args.autocast, cp=args.cp,
                             cp_comm=args.cp_comm, ep=args.ep, fsdp=args.fsdp)
     elapsed = time.perf_counter() - started
-    print(f"{args.model} ({cfg.num_params() / 1e9:.2f}B params) on {args.gpus} x {gpu.name}, "
+    size = f"{model_parameters(cfg) / 1e9:.2f}B params" + (
+        f", {model_parameters(cfg, active=True) / 1e9:.2f}B active"
+        if cfg.moe_num_experts else "")
+    print(f"{args.model} ({size}) on {args.gpus} x {gpu.name}, "
           f"{budget / 2**30:.1f} GiB each; seq {args.seq_len}, global batch "
           f"{args.global_batch_size}; {len(fits)} of {len(fits) + len(rejected)} layouts fit "
           f"({elapsed:.1f} s)\n")
