@@ -17,7 +17,7 @@ What the kernels do:
     row, end row) per row tile is built on the device with a few torch ops from
     group_sizes, for at most ``T // BLOCK_M + min(E, T)`` tiles (every non-empty expert
     adds at most one partial tile), so the launch never waits for the sizes to reach the
-    host (no sync, CUDA-graph friendly); the unused slots exit at once.
+    host (no sync, CUDA-graph friendly); the unused slots do no work.
   * weight gradient ``dW_e = x_e^T @ dy_e``: one program per (expert, K tile, N tile) walks
     its expert's rows; an expert with no rows gets exact zeros. No atomics: deterministic.
   * 16-bit inputs are multiplied with fp32 accumulation and stored in the input dtype; fp32
@@ -72,8 +72,10 @@ def _gmm_kernel(x_ptr, w_ptr, y_ptr, tiles_ptr, num_slots, N, K, sxm, sxk, swe, 
     expert = tl.load(tiles_ptr + 3 * slot)
     row_start = tl.load(tiles_ptr + 3 * slot + 1)
     row_end = tl.load(tiles_ptr + 3 * slot + 2)
-    if row_start >= row_end:  # an unused slot of the upper-bound grid
-        return
+    # An unused slot of the upper-bound grid (row_start == row_end) runs no K step and
+    # stores nothing (a zero-trip loop rather than an early return, which some Triton
+    # backends lower badly).
+    k_end = tl.where(row_start < row_end, K, 0)
     rm = row_start + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -83,7 +85,7 @@ def _gmm_kernel(x_ptr, w_ptr, y_ptr, tiles_ptr, num_slots, N, K, sxm, sxk, swe, 
     x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * sxm + rk[None, :] * sxk
     w_ptrs = w_ptr + expert.to(tl.int64) * swe + (rn % N)[None, :] * swn + rk[:, None] * swk
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K):
+    for k0 in tl.range(0, k_end, BLOCK_K):
         a = tl.load(x_ptrs, mask=rk[None, :] < K - k0, other=0.0)
         b = tl.load(w_ptrs, mask=rk[:, None] < K - k0, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
