@@ -206,7 +206,8 @@ def grouped_matmul(x, weight, group_sizes, *, backend="auto"):
     (tokens sorted by expert, ``o_e`` = sizes of the experts before e) times
     ``weight[e] [K, N]``, giving ``[T, N]``. ``group_sizes``: ``[E]`` integers (a tensor on
     any device, or a list), zeros allowed, summing to T. Differentiable in x and weight;
-    16-bit inputs accumulate in fp32. See the module docstring for the weight layout."""
+    16-bit inputs accumulate in fp32; under autocast both operands are cast to its dtype.
+    See the module docstring for the weight layout."""
     if x.dim() != 2 or weight.dim() != 3 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"grouped_matmul: x must be [T, K] and weight [E, K, N]; got x "
                          f"{tuple(x.shape)}, weight {tuple(weight.shape)} (weights stored "
@@ -226,6 +227,13 @@ def grouped_matmul(x, weight, group_sizes, *, backend="auto"):
         if bool((group_sizes < 0).any()) or int(group_sizes.sum()) != x.shape[0]:
             raise ValueError(f"grouped_matmul: group_sizes must be >= 0 and sum to T = "
                              f"{x.shape[0]} (the rows of x), got {group_sizes.tolist()}")
+    if torch.is_autocast_enabled(x.device.type):
+        # Like a matmul under autocast: both operands in the autocast dtype (the cast is
+        # differentiable, so fp32 leaves get fp32 gradients), then no autocast inside.
+        compute = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return grouped_matmul(x.to(compute), weight.to(compute), group_sizes,
+                                  backend=backend)
     if not use_triton(backend, x, weight):
         return grouped_matmul_reference(x, weight, group_sizes)
     if x.dtype != weight.dtype:

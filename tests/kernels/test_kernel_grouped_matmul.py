@@ -46,6 +46,19 @@ def test_grouped_matmul_layouts_and_empty_experts():
     assert dw.stride() == w.stride(), "the weight gradient lost the weight's layout"
     assert dw[1].eq(0).all() and dw[3].eq(0).all(), "experts without tokens: zero gradient"
 
+    # under autocast: fp32 leaves, fp16 compute and output, fp32 gradients
+    x, w = torch.randn(9, 20, requires_grad=True), torch.randn(2, 20, 17, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = grouped_matmul(x, w, [4, 5], backend="triton")
+    assert y.dtype == torch.float16
+    dx, dw = torch.autograd.grad(y, [x, w], torch.ones_like(y))
+    assert dx.dtype == dw.dtype == torch.float32
+    xr, wr = x.detach().half().float().requires_grad_(), w.detach().half().float().requires_grad_()
+    yr = grouped_matmul_reference(xr, wr, [4, 5])
+    close(y, yr, torch.float16, what="autocast y")
+    for a, b in zip((dx, dw), torch.autograd.grad(yr, [xr, wr], torch.ones_like(yr))):
+        close(a, b, torch.float16, scale=2.0, what="autocast grads")
+
     # every token to one expert; a single token; no tokens at all (reference path)
     for sizes, k, n in [([0, 0, 18], 16, 32), ([1], 5, 3), ([0, 0], 8, 4)]:
         x = torch.randn(sum(sizes), k)
