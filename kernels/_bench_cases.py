@@ -96,8 +96,9 @@ def routed_group_sizes(rows, experts, skew, seed=0):
 
 def per_expert_loop(x, weight, sizes):
     """The eager PyTorch a user would write: one matmul per expert, in the input dtype, with
-    the group sizes already on the host (the loop's best case: no sync is charged)."""
-    return torch.cat([xe @ weight[e] for e, xe in enumerate(x.split(sizes))])
+    the group sizes already on the host (the loop's best case: no sync is charged), and
+    ``unbind`` (``weight[e]``'s backward would write E full-size zero gradients)."""
+    return torch.cat([xe @ we for xe, we in zip(x.split(sizes), weight.unbind(0))])
 
 
 def grouped_mm_provider(offsets):

@@ -32,9 +32,11 @@ from ._backend import HAS_TRITON, cdiv, dot_precision, jit, tl, triton, upcast, 
 
 
 def grouped_matmul_reference(x, weight, group_sizes):
-    """Per-expert loop: cat over e of x_e @ weight[e], computed in fp32 (fp64 kept)."""
+    """Per-expert loop: cat over e of x_e @ weight[e], computed in fp32 (fp64 kept).
+    ``unbind`` rather than ``weight[e]``: indexing's backward writes a full [E, K, N] zero
+    gradient per expert (O(E^2) work); unbind's stacks the E pieces once."""
     sizes = [int(s) for s in torch.as_tensor(group_sizes).tolist()]
-    outs = [upcast(xe) @ upcast(weight[e]) for e, xe in enumerate(x.split(sizes))]
+    outs = [upcast(xe) @ we for xe, we in zip(x.split(sizes), upcast(weight).unbind(0))]
     return torch.cat(outs).to(x.dtype)
 
 
