@@ -243,4 +243,13 @@ def grouped_matmul(x, weight, group_sizes, *, backend="auto"):
                          "differ; cast one (autocast is not applied inside the kernel)")
     if x.numel() == 0 or weight.numel() == 0:
         return grouped_matmul_reference(x, weight, group_sizes)
-    return _GroupedMatmul.apply(x, weight, group_sizes.to(device=x.device, dtype=torch.int32))
+    return _GroupedMatmul.apply(x, weight, _sizes_on(x.device, group_sizes))
+
+
+def _sizes_on(device, sizes):
+    """The sizes as int32 on ``device``. Host sizes go to a GPU through pinned memory and a
+    non-blocking copy: a plain copy from pageable memory would wait for the GPU's queue."""
+    sizes = sizes.to(torch.int32)
+    if device.type == "cuda" and sizes.device.type == "cpu":
+        return sizes.pin_memory().to(device, non_blocking=True)
+    return sizes.to(device)
