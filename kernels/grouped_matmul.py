@@ -196,7 +196,8 @@ class _GroupedMatmul(torch.autograd.Function):
             dw = torch.empty_like(weight)  # keeps the weight's layout (e.g. a transposed view)
             offsets = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
             offsets[1:] = torch.cumsum(group_sizes, 0, dtype=torch.int32)
-            grid = lambda meta: (E * cdiv(K, meta["BLOCK_K"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+            def grid(meta):
+                return (E * cdiv(K, meta["BLOCK_K"]) * cdiv(N, meta["BLOCK_N"]),)
             _gmm_weight_grad_kernel[grid](x, dy, dw, offsets, N, K, x.stride(0), x.stride(1),
                                           dy.stride(0), dy.stride(1), dw.stride(0),
                                           dw.stride(1), dw.stride(2), PREC=ctx.prec)
@@ -241,6 +242,11 @@ def grouped_matmul(x, weight, group_sizes, *, backend="auto"):
     if x.dtype != weight.dtype:
         raise ValueError(f"grouped_matmul: x ({x.dtype}) and weight ({weight.dtype}) dtypes "
                          "differ; cast one (autocast is not applied inside the kernel)")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if backend == "triton":
+            raise ValueError(f"grouped_matmul: the Triton kernel takes fp32/fp16/bf16, got "
+                             f"{x.dtype}; use backend='auto' or 'torch' (the reference)")
+        return grouped_matmul_reference(x, weight, group_sizes)
     if x.numel() == 0 or weight.numel() == 0:
         return grouped_matmul_reference(x, weight, group_sizes)
     return _GroupedMatmul.apply(x, weight, _sizes_on(x.device, group_sizes))

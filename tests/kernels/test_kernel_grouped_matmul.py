@@ -95,6 +95,8 @@ def test_grouped_matmul_errors():
         grouped_matmul(x, w, torch.tensor([3.0, 3.0]))
     with pytest.raises(ValueError, match="dtypes differ"):
         grouped_matmul(x, w.half(), [3, 3], backend="triton")
+    with pytest.raises(ValueError, match="fp32/fp16/bf16"):
+        grouped_matmul(x.double(), w.double(), [3, 3], backend="triton")
 
 
 def test_reference_gradcheck_fp64():
@@ -102,6 +104,8 @@ def test_reference_gradcheck_fp64():
     w = torch.randn(3, 3, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: grouped_matmul_reference(x, w, [2, 0, 3]),
                                     (x, w))
+    # fp64 under "auto" (interpreter on) takes the reference too
+    assert torch.autograd.gradcheck(lambda x, w: grouped_matmul(x, w, [2, 0, 3]), (x, w))
 
 
 def test_bench_case_providers_agree():
