@@ -45,7 +45,8 @@ def _configs(tile_m):
     (the tile list is built for it before the launch), so only N/K tiles vary there."""
     if not HAS_TRITON:
         return None
-    shapes = [(128, 64, 4, 4), (128, 64, 3, 8), (64, 64, 4, 4), (256, 64, 3, 8)]
+    # The last of each list fits in ~100 KB of shared memory even in fp32 (L4, A10G).
+    shapes = [(128, 64, 4, 4), (128, 64, 3, 8), (64, 64, 4, 4), (256, 64, 3, 8), (64, 32, 2, 4)]
     if tile_m:
         return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_stages=s, num_warps=w)
                 for n, k, s, w in shapes]
@@ -55,6 +56,8 @@ def _configs(tile_m):
             triton.Config({"BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_M": 64}, num_stages=4,
                           num_warps=4),
             triton.Config({"BLOCK_K": 64, "BLOCK_N": 64, "BLOCK_M": 64}, num_stages=4,
+                          num_warps=4),
+            triton.Config({"BLOCK_K": 64, "BLOCK_N": 64, "BLOCK_M": 32}, num_stages=2,
                           num_warps=4)]
 
 
