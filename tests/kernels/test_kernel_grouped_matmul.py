@@ -46,6 +46,11 @@ def test_grouped_matmul_layouts_and_empty_experts():
     assert dw.stride() == w.stride(), "the weight gradient lost the weight's layout"
     assert dw[1].eq(0).all() and dw[3].eq(0).all(), "experts without tokens: zero gradient"
 
+    # only the weight differentiated (the input gradient kernel is skipped)
+    (dw_only,) = torch.autograd.grad(
+        grouped_matmul(x.detach(), w, torch.tensor(sizes), backend="triton"), [w], dy)
+    close(dw_only, dwr, torch.float32, what="dw without dx")
+
     # under autocast: fp32 leaves, fp16 compute and output, fp32 gradients
     x, w = torch.randn(9, 20, requires_grad=True), torch.randn(2, 20, 17, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.float16):
