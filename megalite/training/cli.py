@@ -321,7 +321,7 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
     check_precision(args)
     check_context_world(args, world_size)
     try:  # cp ranks share one dp rank's batch: dp = world // (tp * pp * cp)
-        dp = check_layout(args.tp, args.pp, None, world_size // args.cp)
+        dp = check_layout(args.tp, args.pp, None, world_size, cp=args.cp)
     except ValueError as e:
         raise UsageError(str(e)) from None
     num_microbatches = check_batch_sizes(args, dp)
