@@ -9,11 +9,14 @@ targets ignore some tokens unevenly, so the cp ranks hold different numbers of c
 tokens and the loss weighting over cp is exercised. Two worlds (2 and 4 processes) run all
 the layouts in sequence.
 """
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from megalite import parallel
+from megalite.kernels import HAS_TRITON
 from megalite.kernels.attention import attention_reference
 from megalite.models import GPT, GPTConfig
 from megalite.parallel import ParallelState
@@ -106,10 +109,14 @@ def _check(cfg, where, schedule="1f1b", dist_opt=False, **layout):
 
 def _check_attention(world, cases):
     """The ring and all-to-all attention against the dense reference, outputs and the three
-    gradients, at the function level. ``cases``: (heads, kv heads, seq, window, comm)."""
+    gradients, at the function level. ``cases``: (heads, kv heads, seq, window, comm,
+    backend); "triton" runs the ring's blocks on the Triton kernels in the interpreter."""
     group = dist.new_group(list(range(world)))
     rank = dist.get_rank()
-    for h, hkv, s, window, comm in cases:
+    for h, hkv, s, window, comm, backend in cases:
+        if backend == "triton" and not HAS_TRITON:
+            continue
+        os.environ["TRITON_INTERPRET"] = "1" if backend == "triton" else "0"
         torch.manual_seed(0)
         q = torch.randn(2, h, s, 16, requires_grad=True)
         k, v = (torch.randn(2, hkv, s, 16, requires_grad=True) for _ in range(2))
@@ -117,9 +124,9 @@ def _check_attention(world, cases):
         attention_reference(q, k, v, True, None, window).backward(do)
         ref = attention_reference(q, k, v, True, None, window).detach()
         local = [shard_sequence(t.detach(), world, rank, 2).requires_grad_() for t in (q, k, v)]
-        out = context_attention(*local, group, window=window, comm=comm)
+        out = context_attention(*local, group, window=window, comm=comm, backend=backend)
         out.backward(shard_sequence(do, world, rank, 2))
-        where = f"{comm} h={h} kv={hkv} window={window} cp={world}"
+        where = f"{comm} h={h} kv={hkv} window={window} cp={world} {backend}"
         torch.testing.assert_close(out, shard_sequence(ref, world, rank, 2), atol=1e-5,
                                    rtol=1e-5, msg=where)
         for mine, full in zip(local, (q, k, v)):
@@ -159,7 +166,8 @@ def _check_validation_loss(cfg, **layout):
 
 
 def _world2(rank, world, tmp):
-    _check_attention(world, [(4, 2, 48, 7, "ring"), (4, 4, 32, 5, "all-to-all")])
+    _check_attention(world, [(4, 2, 48, 7, "ring", "torch"), (2, 1, 40, 7, "ring", "triton"),
+                             (4, 4, 32, 5, "all-to-all", "torch")])
     _check(LLAMA, "cp=2 llama", cp=2)
     _check_validation_loss(LLAMA, cp=2)
     _check(GPT2, "cp=2 gpt2 (learned positions, tied)", cp=2)
@@ -168,8 +176,8 @@ def _world2(rank, world, tmp):
 
 
 def _world4(rank, world, tmp):
-    _check_attention(world, [(4, 2, 32, None, "ring"), (4, 4, 48, 13, "ring"),
-                             (4, 4, 32, None, "all-to-all")])
+    _check_attention(world, [(4, 2, 32, None, "ring", "torch"), (4, 4, 48, 13, "ring", "torch"),
+                             (4, 4, 32, None, "all-to-all", "torch")])
     _check(LLAMA, "cp=4", cp=4)
     _check(LLAMA.replace(n_kv_heads=4, cp_comm="all-to-all"), "cp=4 all-to-all", cp=4)
     _check(LLAMA.replace(sequence_parallel=True), "cp=2 x tp=2 + SP", cp=2, tp=2)
