@@ -19,7 +19,7 @@ from megalite import parallel
 from megalite.kernels import HAS_TRITON
 from megalite.kernels.attention import attention_reference
 from megalite.models import GPT, GPTConfig
-from megalite.parallel import ParallelState
+from megalite.parallel import ParallelState, comm
 from megalite.parallel.context import (context_attention, positions, shard_sequence,
                                        unshard_sequence, _pairs)
 from megalite.parallel.sharding import gather_full
@@ -165,11 +165,30 @@ def _check_validation_loss(cfg, **layout):
     parallel.destroy()
 
 
+def _check_recompute_traffic():
+    """Selective recompute does not repeat the ring's communication; full recompute runs
+    the forward ring once more (its (cp-1) K/V shards per layer)."""
+    ps = parallel.initialize(cp=2)
+    tokens, targets = (shard_sequence(t[:1], 2, ps.cp_rank) for t in next(_batches()))
+    sent = {}
+    for mode in ("none", "selective", "full"):
+        torch.manual_seed(0)
+        model = GPT(LLAMA.replace(recompute=mode), ps)
+        with comm.count_comm() as stats:
+            model.loss(model(tokens), targets).backward()
+        sent[mode] = stats.bytes["cp_ring_p2p"]
+    kv_shard = 2 * 1 * LLAMA.n_kv_heads * (SEQ // 2) * LLAMA.head_dim * 4
+    assert sent["selective"] == sent["none"], sent
+    assert sent["full"] == sent["none"] + LLAMA.n_layers * kv_shard, sent
+    parallel.destroy()
+
+
 def _world2(rank, world, tmp):
     _check_attention(world, [(4, 2, 48, 7, "ring", "torch"), (2, 1, 40, 7, "ring", "triton"),
                              (4, 4, 32, 5, "all-to-all", "torch")])
     _check(LLAMA, "cp=2 llama", cp=2)
     _check_validation_loss(LLAMA, cp=2)
+    _check_recompute_traffic()
     _check(GPT2, "cp=2 gpt2 (learned positions, tied)", cp=2)
     _save_and_resume(tmp, LLAMA, dict(cp=2), dict(cp=1), "saved at cp=2, resumed at cp=1")
     return True
