@@ -165,7 +165,8 @@ def _merge(acc, blk_out, blk_lse):
     out, lse = acc
     new = torch.logaddexp(lse, blk_lse)
     safe = new.masked_fill(new == float("-inf"), 0.0)  # rows no block has seen yet
-    out = out * torch.exp(lse - safe)[..., None] + blk_out.float() * torch.exp(blk_lse - safe)[..., None]
+    out = (out * torch.exp(lse - safe)[..., None]
+           + blk_out.float() * torch.exp(blk_lse - safe)[..., None])
     return out, new
 
 

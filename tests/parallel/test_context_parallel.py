@@ -54,7 +54,8 @@ def _batches():
 def _model(cfg, state, schedule, m):
     table = build_schedule(schedule, state.pp, m)
     stages = rank_stages(table)[state.pp_rank]
-    return GPT(cfg, state=state, stages=stages, num_stages=sum(map(len, rank_stages(table).values())))
+    num_stages = sum(map(len, rank_stages(table).values()))
+    return GPT(cfg, state=state, stages=stages, num_stages=num_stages)
 
 
 def _step(model, opt, state, schedule, tokens, targets):
