@@ -229,8 +229,9 @@ def save_hf(model: GPT, directory: str, dtype: torch.dtype | None = None) -> Non
         # collective over the TP group, same order everywhere; on the host at once
         stage[name] = gather_full_to_cpu(param, ps, dtype=dtype)
 
-    writer = ps.tp_rank == 0 and ps.dp_rank == 0 and ps.pp_rank == 0
-    if ps.tp_rank == 0 and ps.dp_rank == 0:
+    first_replica = ps.tp_rank == 0 and ps.dp_rank == 0 and ps.cp_rank == 0
+    writer = first_replica and ps.pp_rank == 0
+    if first_replica:
         # One pipeline (the first replica's tp-rank-0 chain) ships its stages to the writer,
         # tensor by tensor; tied embeddings: the last stage's copy is not sent.
         stage = send_stages_to_first(stage, ps)
