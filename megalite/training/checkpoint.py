@@ -115,7 +115,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, sampler, 
 def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
     """Gather this stage's full parameters and optimizer state (collective over TP, and over
     dp for a sharded optimizer) tensor by tensor into host memory; the stage's (tp_rank 0,
-    dp_rank 0) rank writes them. Returns {file: names} of what it wrote and {file:
+    dp_rank 0, cp_rank 0) rank writes them. Returns {file: names} of what it wrote and {file:
     checksum}."""
     sharded = isinstance(optimizer, MainParamOptimizer) and optimizer.main_grads.shard
     # dp and cp replicas hold identical values: replica 0 writes
