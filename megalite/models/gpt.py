@@ -483,6 +483,10 @@ class GPT(nn.Module):
         Training steps average this per microbatch, so with ``ignore_index`` targets a step's
         loss is a mean of microbatch means (as in Megatron), not a mean over all its tokens.
 
+        With context parallelism (``ps.cp > 1``: ``targets`` are this rank's chunks) it
+        returns cp x this rank's loss sum / the whole sequence's non-ignored tokens (one
+        all-reduce over cp): averaged over cp, the single-process mean.
+
         By default the backward pass writes the logits' gradient into the logits buffer
         (no second [tokens, vocab/tp] buffer): keep a copy if you need logits afterwards."""
         cp = self.ps.cp
