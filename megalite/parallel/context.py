@@ -26,8 +26,13 @@ runs on whole sequences, and one all-to-all brings the output back. It needs the
 query and kv heads divisible by cp. It moves 4 activations per layer (vs the ring's
 (cp-1) K/V shards) and is independent of the attention algorithm.
 
-On the CPU the blocks use the torch reference of :mod:`megalite.kernels.attention`
-(``attention_block``); on CUDA the Triton kernel, which takes the causal offset.
+The blocks are :mod:`megalite.kernels.attention`'s ``attention_block`` (and its backward):
+the Triton kernel on CUDA, which takes the causal offset; on the CPU torch's fused flash
+attention where it can express the block, else the torch reference.
+
+Full recompute (``--recompute full``) re-runs a layer's forward ring in backward;
+selective recompute keeps the ring's saved tensors (GPT's Attention) and repeats no
+communication.
 """
 from __future__ import annotations
 
