@@ -280,7 +280,7 @@ def finish_step(model, ps, update_bias: bool = True) -> dict:
         packed[row, :E] = m.step_counts
         if ps.tp_rank == 0:  # the losses are the microbatch's, equal on every tp rank
             packed[row, E:] = m.step_losses
-    if torch.distributed.is_initialized():
+    if ps.world_size > 1:
         comm.all_reduce(packed, torch.distributed.group.WORLD)
     counts = packed[:, :E]
     for row, i in enumerate(layers):

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from megalite.parallel.comm import agree
 from megalite.parallel.distributed_optimizer import DistributedOptimizer
 from megalite.parallel.random import get_rng_tracker
-from megalite.parallel.sharding import gather_full_to_cpu, shard_full
+from megalite.parallel.sharding import gather_full_to_cpu, is_expert_sharded, shard_full
 from megalite.parallel.state import global_rank
 from megalite.training.checkpoint_dir import (FORMAT, VERSION, _LEFTOVER, _fsync,  # noqa: F401
                                               _write_atomic, file_checksum, latest_checkpoint,
@@ -114,17 +114,21 @@ def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
     dp_rank 0) rank writes them. Returns {file: names} of what it wrote and {file:
     checksum}."""
     sharded = isinstance(optimizer, DistributedOptimizer)
-    if ps.dp_rank != 0 and not sharded:  # dp replicas hold identical values: replica 0 writes
+    # dp replicas hold identical values: replica 0 writes. MoE experts split over ep > 1 are
+    # gathered over the ep group of the first expert-data-parallel replica (the writer's).
+    first_expert = getattr(ps, "ep", 1) > 1 and ps.expert_dp_rank == 0
+    if ps.dp_rank != 0 and not sharded and not first_expert:
         return {}, {}
     writer = ps.tp_rank == 0 and ps.dp_rank == 0
     params, states = {}, {}
     for name, p in model.named_parameters():
         if getattr(p, "pipeline_duplicate", False):
             continue  # tied embedding copy on the last stage: the first stage saves it
-        if ps.dp_rank == 0:
+        joins = first_expert if is_expert_sharded(p, ps) else ps.dp_rank == 0
+        if joins:
             params[name] = gather_full_to_cpu(p, ps, keep=writer)
         for key, value in _param_state(optimizer, p):  # gathered over dp one at a time
-            if ps.dp_rank != 0:
+            if not joins:
                 continue
             if torch.is_tensor(value) and value.shape == p.shape:  # exp_avg, exp_avg_sq
                 states[f"{name}.{key}"] = gather_full_to_cpu(p, ps, value, keep=writer)
