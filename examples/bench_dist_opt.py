@@ -48,8 +48,7 @@ def batch(cfg, ps, args):
 def build(cfg, ps, distributed, bucket_bytes):
     torch.manual_seed(0)
     model = GPT(cfg, state=ps)
-    if distributed or ps.dp > 1:
-        attach_grad_buffer(model, shard=distributed, bucket_bytes=bucket_bytes)
+    attach_grad_buffer(model, shard=distributed, bucket_bytes=bucket_bytes)
     return model, build_optimizer(model, lr=1e-3, distributed=distributed)
 
 
@@ -66,8 +65,7 @@ def memory_rows(cfg, args, world):
             n = sum(p.numel() for p in model.parameters())
             state = sum(v.numel() * v.element_size() for st in opt.state.values()
                         for v in st.values() if torch.is_tensor(v) and v.dim())
-            grads = sum(p.grad.numel() * 4 for p in model.parameters()) if ps.dp == 1 and \
-                not distributed else model.grad_buffer.data.numel() * 4
+            grads = model.main_grads.nbytes()
             worst = torch.tensor([state / n, grads / n])
             comm.all_reduce(worst, torch.distributed.group.WORLD,
                             op=torch.distributed.ReduceOp.MAX)

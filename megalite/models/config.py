@@ -13,6 +13,7 @@ _CHOICES = {
     "kernels": ("auto", "torch", "triton"),
     "recompute": ("none", "selective", "full"),
     "moe_router": ("softmax", "sigmoid"),
+    "params_dtype": ("fp32", "bf16", "fp16"),
 }
 RECOMPUTE_MODES = _CHOICES["recompute"]
 
@@ -68,6 +69,10 @@ class GPTConfig:
     moe_aux_loss_coeff: float = 0.0      # load-balancing loss (Switch / Mixtral form)
     moe_z_loss_coeff: float = 0.0        # router z-loss (ST-MoE)
     moe_router_bias_update: float = 0.0  # aux-loss-free balancing bias step (DeepSeek-V3)
+    # Weights, activations, residual stream and pipeline transfers in 16 bits ("bf16",
+    # "fp16"); norm weights and the loss stay fp32 and the optimizer keeps fp32 main weights
+    # (docs/precision.md). "fp32": fp32 weights (16-bit math then comes from --autocast).
+    params_dtype: str = "fp32"
 
     def __post_init__(self):
         if self.n_kv_heads is None:

@@ -32,8 +32,9 @@ from megalite.parallel import comm
 from megalite.parallel.cross_entropy import (vocab_parallel_cross_entropy,
                                              vocab_parallel_linear_cross_entropy)
 from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
-                                      VocabParallelEmbedding, init_rows,
+                                      VocabParallelEmbedding, init_rows, set_tp_layout,
                                       padded_vocab_size)
+from megalite.parallel.param_meta import mark_pipeline_duplicate, param_meta
 from megalite.parallel.random import get_rng_tracker
 from megalite.parallel.state import ParallelState, get_state
 from megalite.parallel.partition import layers_per_stage, stage_layers
@@ -44,7 +45,10 @@ from megalite.parallel.partition import layers_per_stage, stage_layers
 CHECKPOINT_FREE_FIELDS = frozenset({
     "dropout", "kernels", "sequence_parallel", "layers_per_stage", "master_init",
     "pad_vocab_to", "init_std", "recompute", "recompute_layers", "fused_loss",
-    "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_capacity_factor", "moe_router_bias_update"})
+    "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_capacity_factor", "moe_router_bias_update",
+    "params_dtype"})  # checkpoints hold fp32 (main) weights whatever the parameters' dtype
+
+PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class _Init:
@@ -311,7 +315,7 @@ class GPT(nn.Module):
                 init_method=init.normal("embed.weight", cfg.init_std),
                 master_init=cfg.master_init, state=ps)
             if not self.is_first:  # the last stage's copy: counted once in the grad norm
-                self.embed.weight.pipeline_duplicate = True
+                mark_pipeline_duplicate(self.embed.weight)
         if self.is_first and cfg.position == "learned":
             table = init.normal("pos_embed", cfg.init_std)(torch.empty(cfg.max_seq_len, cfg.d_model))
             self.pos_embed = nn.Parameter(table.to(ps.device))
@@ -342,7 +346,23 @@ class GPT(nn.Module):
                 init_method=init_rows(init.normal("head.weight", cfg.init_std), cfg.vocab_size),
                 master_init=cfg.master_init, state=ps)
             if self.head.weight is not None:
-                self.head.weight.tp_real_size = cfg.vocab_size
+                set_tp_layout(self.head.weight, 0, param_meta(self.head.weight).tp_sizes,
+                              real_size=cfg.vocab_size)
+        self.dtype = PARAMS_DTYPES[cfg.params_dtype]
+        if self.dtype != torch.float32:
+            self._to_params_dtype()
+
+    def _to_params_dtype(self) -> None:
+        """16-bit parameters (``cfg.params_dtype``), initialized as fp32 and rounded, so the
+        fp32 main weights start from the same values in every layout. Norm weights stay fp32
+        (as Megatron keeps them): their gradients are reductions over many tokens, and the
+        normalization itself runs in fp32 inside the kernel. Parameter objects (and their
+        metadata) are kept; only their data changes dtype."""
+        norms = {id(p) for m in self.modules() if isinstance(m, Norm) for p in m.parameters()}
+        with torch.no_grad():
+            for p in self.parameters():
+                if id(p) not in norms:
+                    p.data = p.data.to(self.dtype)
 
     def stage_modules(self, head_input: bool = False) -> dict:
         """{stage: callable running that stage}, for ``pipeline.run_schedule``.

@@ -29,6 +29,7 @@ from megalite.models.hf_config import (as_dict, family_of, family_of_hf, gpt_con
 from megalite.models.hf_files import Tensors, open_directory
 from megalite.models.hf_moe import SHARED_KEYS, is_routed, local_routed, routed_to_hf
 from megalite.parallel import comm
+from megalite.parallel.param_meta import param_meta
 from megalite.parallel.sharding import (gather_full_to_cpu, is_tp_sharded, send_stages_to_first,
                                        shard_full)
 from megalite.parallel.state import ParallelState, get_state
@@ -182,7 +183,7 @@ def _local_tensor(family: str, name: str, param: torch.Tensor, tensors: Tensors,
     keys = _hf_keys(family, name)
     if not is_tp_sharded(param) or ps.tp == 1:
         return _full_tensor(family, name, tensors).to(param.dtype)
-    dim = param.tp_dim
+    dim = param_meta(param).tp_dim
     try:
         lengths = [tensors.shape(k)[1 - dim if _is_conv1d(family, k) else dim] for k in keys]
     except KeyError as e:

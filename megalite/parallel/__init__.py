@@ -12,9 +12,11 @@ from megalite.parallel.cross_entropy import (vocab_parallel_cross_entropy,
                                             vocab_parallel_linear_cross_entropy)
 from megalite.parallel.random import RNGTracker, get_rng_tracker, model_parallel_seed
 from megalite.parallel import grads, sharding
-from megalite.parallel.grads import allreduce_data_parallel, clip_grad_norm_
+from megalite.parallel.grads import clip_grad_norm_
 from megalite.parallel.grad_buffer import GradBuffer
-from megalite.parallel.distributed_optimizer import DistributedOptimizer
+from megalite.parallel.main_grads import MainGrads
+from megalite.parallel.param_meta import ParamMeta, param_meta, set_param_meta, share_meta
+from megalite.parallel.distributed_optimizer import DistributedOptimizer, MainParamOptimizer
 
 __all__ = [
     "ParallelState", "initialize", "get_state", "destroy", "group_ranks", "global_rank",
@@ -26,5 +28,6 @@ __all__ = [
     "padded_vocab_size", "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
     "RNGTracker", "get_rng_tracker", "model_parallel_seed", "grads", "sharding",
-    "allreduce_data_parallel", "clip_grad_norm_", "GradBuffer", "DistributedOptimizer",
+    "clip_grad_norm_", "GradBuffer", "MainGrads", "DistributedOptimizer",
+    "MainParamOptimizer", "ParamMeta", "param_meta", "set_param_meta", "share_meta",
 ]

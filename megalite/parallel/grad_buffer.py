@@ -1,25 +1,34 @@
-"""Contiguous gradient buckets, reduced over data parallelism while backward still runs.
+"""Contiguous gradient buckets of one reduction group, reduced while backward still runs.
 
-Every parameter's ``.grad`` is a view into one flat fp32 buffer laid out in reverse
-parameter order (roughly the order backward finishes them) and cut into buckets of about
-25 MB, each padded to a multiple of dp. Because the views persist, gradients must be zeroed
-with :meth:`GradBuffer.zero_grad`, never set to None.
+A :class:`GradBuffer` holds the main gradients of parameters that reduce over one process
+group (its :class:`ReductionGroup`: data x context for dense parameters, expert-data for MoE
+experts; :mod:`megalite.parallel.main_grads` builds one per group and parameter dtype). The
+buffer is one flat fp32 tensor laid out in reverse parameter order (roughly the order
+backward finishes them) and cut into buckets of about 25 MB, each padded to a multiple of
+the group size.
+
+How a gradient gets in: an fp32 parameter's ``.grad`` is a view into the buffer, so autograd
+accumulates there in place (zero with :meth:`GradBuffer.zero_grad`, never set to None). A
+16-bit parameter's ``.grad`` is the 16-bit gradient autograd just produced; a hook adds it
+into the fp32 view (the add converts as it reads, no copy kernel) and frees it, so the
+microbatches accumulate in fp32 (Megatron's ``main_grad``).
 
 Overlap: the pipeline executor enters :meth:`GradBuffer.final_backward` around each stage's
 last gradient-producing action (``B`` or ``W``) of the step. During it every parameter of
 that stage receives its last accumulation (a post-accumulate-grad hook counts it); a
 parameter several stages of this rank use (a tied table with both ends here) is final after
 the last of them. Buckets whose parameters are all final start their asynchronous
-all-reduce, or with ``shard=True`` reduce-scatter, over the dp group, strictly in bucket
-order so every dp rank issues the same collectives in the same order. :meth:`finish` starts
-whatever is left (everything, without overlap) and waits.
+all-reduce, or with ``shard=True`` reduce-scatter, over the group, strictly in bucket order
+so every rank of the group issues the same collectives in the same order. :meth:`finish`
+starts whatever is left (everything, without overlap) and waits; a group of one rank
+launches nothing, so dp = 1 runs the same code.
 
 Parameters given as ``hold_back`` (pipeline-duplicated tied embeddings) sit in their own
 last buckets and are reduced only in :meth:`finish`, after the caller's ``before_held``
 callback has summed them across stages: with a sharded buffer the stage copies must be
 summed while they are whole.
 
-With ``shard=True`` dp rank r owns the r-th 1/dp chunk of every bucket (the distributed
+With ``shard=True`` group rank r owns the r-th 1/size chunk of every bucket (the distributed
 optimizer updates it, then :meth:`all_gather_params` shares the result); after
 :meth:`finish` only the owned chunks hold the averaged gradient.
 """
@@ -33,8 +42,9 @@ import torch
 import torch.distributed as dist
 
 from megalite.parallel import comm
-from megalite.parallel.grads import DEFAULT_BUCKET_BYTES
 from megalite.parallel.state import ParallelState
+
+DEFAULT_BUCKET_BYTES = 25 * 2**20
 
 # torch 2.13 renamed the flat-tensor collectives (the old names warn); older torch has only those
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -42,9 +52,40 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 
 @dataclass
+class ReductionGroup:
+    """The ranks a buffer's gradients are reduced over, and the factor applied to the sum."""
+    name: str               # "dp_cp" (dense) or "expert_dp"
+    group: object           # process group (None in one process)
+    size: int
+    rank: int
+    ranks: list
+    scale: float            # the summed gradient is multiplied by this (an average)
+
+
+def dense_reduction(ps: ParallelState) -> ReductionGroup:
+    """Dense parameters: averaged over data x context parallelism (the dp group when cp = 1)."""
+    size = getattr(ps, "dp_cp", ps.dp)
+    return ReductionGroup("dp_cp", getattr(ps, "dp_cp_group", ps.dp_group), size,
+                          getattr(ps, "dp_cp_rank", ps.dp_rank),
+                          list(getattr(ps, "dp_cp_ranks", ps.dp_ranks)), 1.0 / size)
+
+
+def expert_reduction(ps: ParallelState) -> ReductionGroup:
+    """Expert parameters: summed over expert-data parallelism and divided by the dense
+    group's size, as Megatron-Core does: an expert's gradient already gathers the tokens the
+    expert-parallel ranks routed to it, so the whole data x context batch is averaged once."""
+    dense = getattr(ps, "dp_cp", ps.dp)
+    if not hasattr(ps, "expert_dp"):  # before expert parallelism: ep = 1, expert-dp = dp x cp
+        d = dense_reduction(ps)
+        return ReductionGroup("expert_dp", d.group, d.size, d.rank, d.ranks, 1.0 / dense)
+    return ReductionGroup("expert_dp", ps.expert_dp_group, ps.expert_dp, ps.expert_dp_rank,
+                          list(ps.expert_dp_ranks), 1.0 / dense)
+
+
+@dataclass
 class Bucket:
     params: list
-    start: int              # [start, end) in the flat buffer, end - start a multiple of dp
+    start: int              # [start, end) in the flat buffer, end - start a multiple of size
     end: int
     hooked: bool            # may start during backward (False: held back until finish)
     pending: int = 0        # parameters not yet final this step
@@ -55,18 +96,24 @@ class Bucket:
 class GradBuffer:
     def __init__(self, stage_params: dict[int, list[torch.nn.Parameter]], ps: ParallelState,
                  *, shard: bool = False, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 hold_back=()):
-        self.ps, self.shard, self.dp = ps, shard, ps.dp
+                 hold_back=(), reduction: ReductionGroup | None = None):
+        self.ps, self.shard = ps, shard
+        self.reduction = reduction or dense_reduction(ps)
+        self.dp = self.reduction.size  # the group's size (the dp group's for dense params)
         unique, uses = {}, {}
         for stage in sorted(stage_params):
             for p in stage_params[stage]:
                 if p.requires_grad:
                     unique.setdefault(id(p), p)
                     uses.setdefault(id(p), set()).add(stage)
-        for p in unique.values():
-            if p.dtype != torch.float32:
-                raise ValueError(f"the gradient buffer holds fp32 parameters (megalite keeps "
-                                 f"master weights fp32 and uses autocast); got {p.dtype}")
+        dtypes = {p.dtype for p in unique.values()}
+        if len(dtypes) > 1 or not dtypes <= {torch.float32, torch.bfloat16, torch.float16}:
+            raise ValueError(f"a GradBuffer holds parameters of one floating dtype (fp32, bf16 "
+                             f"or fp16); got {sorted(map(str, dtypes))}: build one per dtype "
+                             f"(megalite.parallel.main_grads.MainGrads does)")
+        self.param_dtype = dtypes.pop() if dtypes else torch.float32
+        # fp32 parameters' .grad is the buffer view; 16-bit ones are added in by the hook
+        self.in_place = self.param_dtype == torch.float32
         held = {id(p) for p in hold_back}
         order = list(reversed(list(unique.values())))
         self.params = order
@@ -88,21 +135,23 @@ class GradBuffer:
                 self.buckets.append(Bucket(params, start, start + padded, hooked))
                 offset = start + padded
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
-        self.data = torch.zeros(offset, dtype=torch.float32, device=ps.device)
+        device = order[0].device if order else ps.device
+        self.data = torch.zeros(offset, dtype=torch.float32, device=device)
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in order]
         self._final_stage = None
         self.zero_grad()
 
     # ------------------------------------------------------------------ layout
     def grad_view(self, p) -> torch.Tensor:
+        """``p``'s main gradient (fp32, shaped like ``p``) in the buffer."""
         o = self.offset[id(p)]
-        return self.data[o:o + p.numel()].view_as(p)
+        return self.data[o:o + p.numel()].view(p.shape)
 
     def owned_range(self, p) -> tuple[int, int]:
-        """[lo, hi) of ``p.view(-1)`` this dp rank owns (empty when lo == hi)."""
+        """[lo, hi) of ``p.view(-1)`` this group rank owns (empty when lo == hi)."""
         b, o = self._bucket_of[id(p)], self.offset[id(p)]
         chunk = (b.end - b.start) // self.dp
-        lo = b.start + self.ps.dp_rank * chunk
+        lo = b.start + self.reduction.rank * chunk
         a, z = max(o, lo), min(o + p.numel(), lo + chunk)
         a = min(max(a - o, 0), p.numel())
         return a, max(a, z - o)
@@ -110,11 +159,20 @@ class GradBuffer:
     def __contains__(self, p) -> bool:
         return id(p) in self.offset
 
+    def reduced_regions(self) -> list[torch.Tensor]:
+        """The parts of the buffer holding this rank's reduced gradient after :meth:`finish`:
+        whole buckets, or with ``shard=True`` the owned chunks (padding included, zero)."""
+        return [self.owned(b) if self.shard else self.data[b.start:b.end]
+                for b in self.buckets]
+
     # ------------------------------------------------------------------ one step
     def zero_grad(self) -> None:
         """Zero every gradient for a new step (and re-point any ``.grad`` replaced since)."""
         self.data.zero_()
         for p in self.params:
+            if not self.in_place:
+                p.grad = None
+                continue
             view = self.grad_view(p)
             if p.grad is None or p.grad.data_ptr() != view.data_ptr():
                 p.grad = view
@@ -133,6 +191,9 @@ class GradBuffer:
             self._final_stage = None
 
     def _on_grad(self, p) -> None:
+        if not self.in_place:  # 16-bit gradient: accumulate it in fp32 and free it
+            self.grad_view(p).add_(p.grad)
+            p.grad = None
         stage = self._final_stage
         if stage is None or id(p) not in self._stages.get(stage, ()):
             return  # not the last microbatch: keep accumulating
@@ -153,7 +214,7 @@ class GradBuffer:
     def _launch(self, b: Bucket) -> None:
         if self.dp == 1:
             return
-        flat, group = self.data[b.start:b.end], self.ps.dp_group
+        flat, group = self.data[b.start:b.end], self.reduction.group
         if self.shard:
             b.out = torch.empty((b.end - b.start) // self.dp, dtype=flat.dtype,
                                 device=flat.device)
@@ -163,18 +224,23 @@ class GradBuffer:
             b.work = comm._run("all_reduce", flat, group,
                                lambda: dist.all_reduce(flat, group=group, async_op=True))
 
-    def finish(self, before_held: Callable[[list], None] | None = None) -> None:
-        """Start the buckets not started yet, wait for all, average over dp. ``before_held``
-        (e.g. the tied-embedding sum) runs on the held-back parameters before their reduction."""
+    def finish(self, before_held: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Start the buckets not started yet, wait for all, apply the group's average.
+        ``before_held(flat)`` (e.g. the tied-embedding sum across stages) runs on the
+        held-back buckets' slice of the buffer before their reduction."""
         for p in self.params:
-            if p.grad is None or p.grad.data_ptr() != self.grad_view(p).data_ptr():
+            if self.in_place and (p.grad is None
+                                  or p.grad.data_ptr() != self.grad_view(p).data_ptr()):
                 raise RuntimeError("a parameter's .grad no longer points into the gradient "
                                    "buffer: zero gradients with the optimizer's zero_grad() "
                                    "(or GradBuffer.zero_grad), not by setting them to None")
+            if not self.in_place and p.grad is not None:
+                raise RuntimeError("a 16-bit parameter holds a .grad the gradient buffer did "
+                                   "not take (its hooks were removed?): rebuild the buffer")
         for i in range(self._next, len(self.buckets)):
             b = self.buckets[i]
             if not b.hooked and before_held is not None:
-                before_held([p for b2 in self.buckets[i:] for p in b2.params])
+                before_held(self.data[b.start:self.buckets[-1].end])
                 before_held = None
             self._launch(b)
         self._next = len(self.buckets)
@@ -183,51 +249,54 @@ class GradBuffer:
                 try:
                     b.work.wait()
                 except RuntimeError as e:
-                    raise RuntimeError(f"rank {self.ps.rank}: data-parallel gradient "
-                                       f"reduction over ranks {self.ps.dp_ranks} failed: {e}"
-                                       ) from e
+                    raise RuntimeError(f"rank {self.ps.rank}: {self.reduction.name} gradient "
+                                       f"reduction over ranks {self.reduction.ranks} failed: "
+                                       f"{e}") from e
                 b.work = None
-            if self.dp > 1:
-                target = self.owned(b) if self.shard else self.data[b.start:b.end]
-                if b.out is not None:
-                    target.copy_(b.out)
-                    b.out = None
-                target.mul_(1.0 / self.dp)
+            target = self.owned(b) if self.shard and self.dp > 1 else self.data[b.start:b.end]
+            if b.out is not None:
+                target.copy_(b.out)
+                b.out = None
+            if self.reduction.scale != 1.0:
+                target.mul_(self.reduction.scale)
 
     def owned(self, b: Bucket) -> torch.Tensor:
         chunk = (b.end - b.start) // self.dp
-        lo = b.start + self.ps.dp_rank * chunk
+        lo = b.start + self.reduction.rank * chunk
         return self.data[lo:lo + chunk]
 
     # ------------------------------------------------------------------ sharded parameters
     @torch.no_grad()
     def all_gather_params(self) -> None:
-        """Every dp rank updated its owned chunk of the parameters: share them (shard=True)."""
+        """Every group rank updated its owned chunk of the parameters: share them
+        (shard=True); the gather moves the parameters' own dtype (2 bytes for bf16)."""
         if self.dp == 1:
             return
         for b in self.buckets:
-            flat = torch.zeros(b.end - b.start, dtype=torch.float32, device=self.data.device)
+            flat = torch.zeros(b.end - b.start, dtype=self.param_dtype, device=self.data.device)
             chunk = flat.numel() // self.dp
-            mine = flat[self.ps.dp_rank * chunk:(self.ps.dp_rank + 1) * chunk]
+            mine = flat[self.reduction.rank * chunk:(self.reduction.rank + 1) * chunk]
             for p in b.params:
                 lo, hi = self.owned_range(p)
                 if hi > lo:
                     at = self.offset[id(p)] - b.start
                     flat[at + lo:at + hi] = p.detach().reshape(-1)[lo:hi]
             full = torch.empty_like(flat)
-            comm._run("all_gather", full, self.ps.dp_group, lambda: _all_gather(
-                full, mine, group=self.ps.dp_group))
+            comm._run("all_gather", full, self.reduction.group, lambda: _all_gather(
+                full, mine, group=self.reduction.group))
             for p in b.params:
                 at = self.offset[id(p)] - b.start
                 p.view(-1).copy_(full[at:at + p.numel()])
 
     def gather_dp(self, p, local: torch.Tensor) -> torch.Tensor:
-        """The whole ``p``-shaped tensor whose owned range each dp rank holds as ``local``
-        (collective over dp; zeros elsewhere, summed, so exact)."""
+        """The whole ``p``-shaped tensor whose owned range each group rank holds as ``local``
+        (collective over the group; zeros elsewhere, summed, so exact)."""
         lo, hi = self.owned_range(p)
         full = torch.zeros(p.numel(), dtype=local.dtype, device=local.device)
         full[lo:hi] = local.reshape(-1)
-        return comm.all_reduce(full, self.ps.dp_group).view_as(p)
+        if self.dp == 1:
+            return full.view(p.shape)
+        return comm.all_reduce(full, self.reduction.group).view(p.shape)
 
     def remove_hooks(self) -> None:
         for h in self._hooks:

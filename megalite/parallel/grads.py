@@ -1,16 +1,18 @@
-"""Gradient bookkeeping across the 3D layout, once per optimizer step.
+"""The global gradient norm across the layout, and the tied-embedding gradient sum.
 
-* :func:`allreduce_data_parallel` averages gradients over the dp group in a few large
-  buckets (one all-reduce per bucket, after all microbatches have accumulated).
-* :func:`allreduce_shared` sums the gradients of parameters duplicated on several pipeline
-  stages (tied input/output embeddings on the first and last stage) so the copies stay equal.
-* :func:`clip_grad_norm_` computes the global norm of the *model's* gradient: TP-sharded
-  parameters contribute their shard on every TP rank, TP-replicated ones only once, stage
-  duplicates only once, and the pipeline stages' sums are added. With the distributed
-  optimizer (``dp_sharded=True``) each dp rank holds a disjoint part of the gradient, so the
-  dp ranks' sums are added too.
+* :func:`norm_squares` adds up squared gradient pieces by the metadata of their parameters
+  (:mod:`megalite.parallel.param_meta`) into the squared L2 norm of the *model's* gradient:
+  TP-sharded parameters contribute their shard on every TP rank, TP-replicated ones only
+  once, stage duplicates (a tied embedding's last-stage copy) not at all, expert parameters
+  on every rank of the expert-parallel group (each holds other experts), and the pipeline
+  stages' sums are added. Where the pieces are a rank's shard of a dp-sharded buffer (the
+  distributed optimizer), the data-parallel ranks' sums are added too.
+* :func:`clip_grad_norm_` / :func:`grad_norm` apply it to parameters' ``.grad``.
+* :func:`allreduce_shared` sums the gradients of parameters duplicated on the first and last
+  pipeline stage (tied embeddings) so the copies stay equal.
 
-The overlapped reduction (during backward, into a flat buffer) is in :mod:`grad_buffer`.
+The gradient path itself (main-gradient buffers, their overlapped reduction) is in
+:mod:`megalite.parallel.main_grads` and :mod:`megalite.parallel.grad_buffer`.
 """
 from __future__ import annotations
 
@@ -19,72 +21,48 @@ from typing import Iterable
 import torch
 
 from megalite.parallel import comm
-from megalite.parallel.sharding import is_tp_sharded
+from megalite.parallel.grad_buffer import DEFAULT_BUCKET_BYTES, dense_reduction, expert_reduction
+from megalite.parallel.param_meta import ParamMeta, param_meta
 from megalite.parallel.state import ParallelState
 
-DEFAULT_BUCKET_BYTES = 25 * 2**20
+__all__ = ["DEFAULT_BUCKET_BYTES", "norm_squares", "grad_norm", "clip_grad_norm_",
+           "allreduce_shared"]
 
 
-def _buckets(grads: list[torch.Tensor], bucket_bytes: int):
-    bucket, size = [], 0
-    for g in grads:
-        if bucket and (size + g.numel() * g.element_size() > bucket_bytes
-                       or g.dtype != bucket[0].dtype or g.device != bucket[0].device):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(g)
-        size += g.numel() * g.element_size()
-    if bucket:
-        yield bucket
-
-
-def _allreduce_coalesced(grads: list[torch.Tensor], group, scale: float,
-                         bucket_bytes: int) -> None:
-    for bucket in _buckets(grads, bucket_bytes):
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        comm.all_reduce(flat, group)
-        if scale != 1.0:
-            flat.mul_(scale)
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-
-def _grads(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
-    return [p.grad for p in params if p.grad is not None]
-
-
-def allreduce_data_parallel(params: Iterable[torch.nn.Parameter], ps: ParallelState,
-                            bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
-    """Average gradients over the data-parallel group (bucketed)."""
-    if ps.dp > 1:
-        _allreduce_coalesced(_grads(params), ps.dp_group, 1.0 / ps.dp, bucket_bytes)
-
-
-def allreduce_shared(params: Iterable[torch.nn.Parameter], ps: ParallelState) -> None:
-    """Sum the gradients of parameters duplicated on the first and last pipeline stage."""
-    grads = _grads(params)
-    if ps.pp > 1 and grads:
-        _allreduce_coalesced(grads, ps.embedding_group, 1.0, DEFAULT_BUCKET_BYTES)
+def norm_squares(pieces: Iterable[tuple[ParamMeta, torch.Tensor]], ps: ParallelState, *,
+                 dense_sharded: bool = False, expert_sharded: bool = False) -> torch.Tensor:
+    """Squared global norm (a 1-element fp32 tensor, the same on every rank) of the
+    gradient whose pieces on this rank are ``(metadata, gradient piece)``. Collective over
+    tp, pp, and the reduction groups whose pieces are sharded."""
+    dense = torch.zeros(1, dtype=torch.float32, device=ps.device)
+    expert = torch.zeros(1, dtype=torch.float32, device=ps.device)
+    for meta, g in pieces:
+        if meta.pipeline_duplicate or not g.numel():
+            continue
+        if meta.expert_parallel:
+            expert += g.detach().float().pow(2).sum()
+        elif meta.tp_sharded or ps.tp_rank == 0:  # TP-replicated: counted on TP rank 0 only
+            dense += g.detach().float().pow(2).sum()
+    comm.all_reduce(dense, ps.tp_group)
+    if dense_sharded:
+        comm.all_reduce(dense, dense_reduction(ps).group)
+    ep_group = getattr(ps, "ep_group", None)
+    if getattr(ps, "ep", 1) > 1:  # each expert-parallel rank holds other experts
+        comm.all_reduce(expert, ep_group)
+    if expert_sharded:
+        comm.all_reduce(expert, expert_reduction(ps).group)
+    total = dense + expert
+    comm.all_reduce(total, ps.pp_group)
+    return total
 
 
 def grad_norm(params: Iterable[torch.nn.Parameter], ps: ParallelState,
               dp_sharded: bool = False) -> torch.Tensor:
-    """Global L2 norm of the gradient of the whole model (all stages, all shards).
-    ``dp_sharded``: ``params`` are this dp rank's part of the gradient (distributed optimizer)."""
-    squares = torch.zeros(1, dtype=torch.float32, device=ps.device)
-    for p in params:
-        if p.grad is None or getattr(p, "pipeline_duplicate", False):
-            continue
-        if not is_tp_sharded(p) and ps.tp_rank != 0:
-            continue  # replicated across the TP group: counted on TP rank 0 only
-        squares += p.grad.detach().float().pow(2).sum()
-    comm.all_reduce(squares, ps.tp_group)
-    comm.all_reduce(squares, ps.pp_group)
-    if dp_sharded:
-        comm.all_reduce(squares, ps.dp_group)
-    return squares.sqrt()[0]
+    """Global L2 norm of the gradient of the whole model (all stages, all shards) from the
+    parameters' ``.grad``. ``dp_sharded``: they are this dp rank's part of the gradient."""
+    pieces = ((param_meta(p), p.grad) for p in params if p.grad is not None)
+    return norm_squares(pieces, ps, dense_sharded=dp_sharded,
+                        expert_sharded=dp_sharded).sqrt()[0]
 
 
 def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float,
@@ -94,6 +72,21 @@ def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float,
     norm = grad_norm(params, ps, dp_sharded)
     if max_norm > 0:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for g in _grads(params):
-            g.mul_(coef.to(g.dtype))
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.dtype))
     return norm
+
+
+def allreduce_shared(grads: Iterable[torch.Tensor], ps: ParallelState) -> None:
+    """Sum gradient tensors of parameters duplicated on the first and last pipeline stage
+    (in place, over the embedding group; nothing at pp = 1)."""
+    grads = [g for g in grads if g is not None]
+    if ps.pp == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    comm.all_reduce(flat, ps.embedding_group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalite.parallel import comm
+from megalite.parallel.param_meta import set_param_meta
 from megalite.parallel.state import ParallelState, get_state
 
 InitMethod = Callable[[torch.Tensor], object]
@@ -37,8 +38,9 @@ def set_tp_layout(param: nn.Parameter, dim: int, sizes: Sequence[int],
                   real_size: int | None = None) -> None:
     """Record how the full tensor maps to shards: along ``dim`` each segment of ``sizes`` is
     split across TP ranks; ``real_size`` (vocab tables) is the unpadded length of ``dim``.
-    :mod:`megalite.parallel.sharding` uses it to gather or re-shard any parameter."""
-    param.tp_dim, param.tp_sizes, param.tp_real_size = dim, list(sizes), real_size
+    :mod:`megalite.parallel.sharding` uses it to gather or re-shard any parameter. It lives in
+    :mod:`megalite.parallel.param_meta` (read it with ``param_meta(param)``)."""
+    set_param_meta(param, tp_dim=dim, tp_sizes=list(sizes), tp_real_size=real_size)
 
 
 def check_ids_in_range(ids: torch.Tensor, high: int, what: str, fix: str) -> None:
@@ -242,7 +244,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = _make_param((self.padded_size, embedding_dim), [self.padded_size], 0, ps,
                                   init_rows(init, num_embeddings) if master_init else init,
                                   master_init, device, dtype)
-        self.weight.tp_real_size = num_embeddings
+        set_tp_layout(self.weight, 0, [self.padded_size], real_size=num_embeddings)
         if not master_init:  # the local shard may hold padding rows: keep them zero
             with torch.no_grad():
                 self.weight[max(0, num_embeddings - self.vocab_start):].zero_()

@@ -1,7 +1,8 @@
 """Move parameters between their full (tp=1) form and this rank's TP shard.
 
-Every TP-sharded parameter carries its layout (``tp_dim``, ``tp_sizes``, ``tp_real_size``,
-set by :func:`megalite.parallel.layers.set_tp_layout`); replicated parameters carry none.
+Every TP-sharded parameter has its layout (``tp_dim``, ``tp_sizes``, ``tp_real_size``, set by
+:func:`megalite.parallel.layers.set_tp_layout`) in :mod:`megalite.parallel.param_meta`;
+replicated parameters have none.
 Checkpoints, Hugging Face conversion and the tests all use these two functions, so there is
 one definition of "which slice lives where".
 
@@ -18,18 +19,20 @@ import torch.nn.functional as F
 
 from megalite.parallel import comm
 from megalite.parallel.layers import shard_segments
+from megalite.parallel.param_meta import param_meta
 from megalite.parallel.state import ParallelState, get_state
 
 
 def is_tp_sharded(param: torch.Tensor) -> bool:
-    return getattr(param, "tp_dim", None) is not None
+    return param_meta(param).tp_sharded
 
 
 def _padded_sizes(param: torch.Tensor, tp: int) -> list[int]:
     """Segment sizes of the full *padded* tensor (local shard size x tp for each segment)."""
-    if param.tp_real_size is not None:  # one padded segment (vocab tables)
-        return [param.shape[param.tp_dim] * tp]
-    return list(param.tp_sizes)
+    meta = param_meta(param)
+    if meta.tp_real_size is not None:  # one padded segment (vocab tables)
+        return [param.shape[meta.tp_dim] * tp]
+    return list(meta.tp_sizes)
 
 
 def is_expert_sharded(param: torch.Tensor, ps: ParallelState) -> bool:
@@ -50,9 +53,9 @@ def shard_full(full: torch.Tensor, param: torch.Tensor, state: ParallelState | N
         return full.narrow(0, ps.ep_rank * local, local)
     if not is_tp_sharded(param):
         return full
-    dim = param.tp_dim
+    dim = param_meta(param).tp_dim
     sizes = _padded_sizes(param, ps.tp)
-    if param.tp_real_size is not None and full.shape[dim] < sizes[0]:
+    if param_meta(param).tp_real_size is not None and full.shape[dim] < sizes[0]:
         pad = [0, 0] * (full.dim() - 1 - dim) + [0, sizes[0] - full.shape[dim]]
         full = F.pad(full, pad)
     if sum(sizes) != full.shape[dim]:
@@ -74,7 +77,8 @@ def gather_full(param: torch.Tensor, state: ParallelState | None = None,
         return comm.all_gather(local.contiguous(), ps.ep_group, dim=0)
     if not is_tp_sharded(param):
         return local
-    dim = param.tp_dim
+    meta = param_meta(param)
+    dim = meta.tp_dim
     gathered = comm.all_gather(local.contiguous(), ps.tp_group, dim=dim)
     sizes = _padded_sizes(param, ps.tp)
     if len(sizes) > 1:  # undo the per-segment interleave: [q0 k0 v0 q1 k1 v1] -> [q k v]
@@ -83,8 +87,8 @@ def gather_full(param: torch.Tensor, state: ParallelState | None = None,
         pieces = [r.split(local_sizes, dim=dim) for r in per_rank]
         gathered = torch.cat([pieces[r][i] for i in range(len(sizes)) for r in range(ps.tp)],
                              dim=dim)
-    if param.tp_real_size is not None:
-        gathered = gathered.narrow(dim, 0, param.tp_real_size)
+    if meta.tp_real_size is not None:
+        gathered = gathered.narrow(dim, 0, meta.tp_real_size)
     return gathered
 
 

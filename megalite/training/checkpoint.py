@@ -38,7 +38,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megalite.parallel.comm import agree
-from megalite.parallel.distributed_optimizer import DistributedOptimizer
+from megalite.parallel.distributed_optimizer import MainParamOptimizer
+from megalite.parallel.param_meta import param_meta
 from megalite.parallel.random import get_rng_tracker
 from megalite.parallel.sharding import gather_full_to_cpu, is_expert_sharded, shard_full
 from megalite.parallel.state import global_rank
@@ -113,7 +114,7 @@ def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
     dp for a sharded optimizer) tensor by tensor into host memory; the stage's (tp_rank 0,
     dp_rank 0) rank writes them. Returns {file: names} of what it wrote and {file:
     checksum}."""
-    sharded = isinstance(optimizer, DistributedOptimizer)
+    sharded = isinstance(optimizer, MainParamOptimizer) and optimizer.main_grads.shard
     # dp replicas hold identical values: replica 0 writes. MoE experts split over ep > 1 are
     # gathered over the ep group of the first expert-data-parallel replica (the writer's).
     first_expert = getattr(ps, "ep", 1) > 1 and ps.expert_dp_rank == 0
@@ -122,7 +123,7 @@ def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
     writer = ps.tp_rank == 0 and ps.dp_rank == 0
     params, states = {}, {}
     for name, p in model.named_parameters():
-        if getattr(p, "pipeline_duplicate", False):
+        if param_meta(p).pipeline_duplicate:
             continue  # tied embedding copy on the last stage: the first stage saves it
         joins = first_expert if is_expert_sharded(p, ps) else ps.dp_rank == 0
         if joins:
@@ -147,7 +148,7 @@ def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
 def _param_state(optimizer, p):
     """``(key, value)`` of ``p``'s optimizer state, tensors shaped like ``p`` (this TP shard,
     all of dp); a sharded state is gathered over dp as it is consumed."""
-    if isinstance(optimizer, DistributedOptimizer):
+    if isinstance(optimizer, MainParamOptimizer):
         return optimizer.iter_gathered_state(p)
     return iter(optimizer.state.get(p, {}).items())
 
@@ -298,7 +299,7 @@ def _load_optimizer(files: _TensorFiles, meta: dict, model, optimizer) -> None:
     if len(saved) != len(current):
         raise ValueError(f"checkpoint {files.dir!r} has {len(saved)} optimizer param groups, "
                          f"this optimizer {len(current)}; build it with build_optimizer")
-    if isinstance(optimizer, DistributedOptimizer):
+    if isinstance(optimizer, MainParamOptimizer):
         for name, p in model.named_parameters():
             saved_state = {k: files.get(f"{name}.{k}") for k in files.state_keys.get(name, [])}
             if saved_state:

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from megalite.training.step import distributed_optimizer
+from megalite.training.step import distributed_optimizer, main_param_optimizer
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float,
@@ -47,6 +47,9 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
                     distributed: bool = False, fused: bool | None = None) -> torch.optim.Optimizer:
     """AdamW over ``model``'s decay / no-decay groups. ``distributed=True`` shards its state
     over the data-parallel group (ZeRO-1, :func:`megalite.training.step.distributed_optimizer`).
+    A model with 16-bit parameters (``GPTConfig(params_dtype="bf16")``) gets an optimizer
+    over fp32 main weights (:class:`megalite.parallel.MainParamOptimizer`; the distributed
+    one shards them too).
     ``fused=None`` (default) uses torch's fused kernel (one launch per step for all
     parameters) where it supports the parameters' device and dtype, else the ``foreach``
     (multi-tensor) path; ``True`` insists on the fused kernel; ``False`` is torch's default
@@ -64,7 +67,11 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
     else:
         kind = {"fused": True} if fused else {}
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kind)
-    return distributed_optimizer(optimizer, model) if distributed else optimizer
+    if distributed:
+        return distributed_optimizer(optimizer, model)
+    if any(p.dtype != torch.float32 for p in params):  # 16-bit weights: fp32 main weights
+        return main_param_optimizer(optimizer, model)
+    return optimizer
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, decay: str = "cosine",

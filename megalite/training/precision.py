@@ -37,7 +37,10 @@ class DynamicLossScaler:
         return loss * self.scale_value
 
     def unscale_(self, params, ps) -> bool:
-        """Divide gradients by the scale; True when every rank's gradients are finite."""
+        """Divide gradients by the scale; True when every rank's gradients are finite.
+        ``params``: parameters with ``.grad``, or a model's ``MainGrads``."""
+        if hasattr(params, "unscale_"):
+            return params.unscale_(1.0 / self.scale_value)
         grads = [p.grad for p in params if p.grad is not None]
         found = torch.zeros(1, device=ps.device)
         for g in grads:

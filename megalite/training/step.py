@@ -3,12 +3,12 @@
 The same function trains every layout: a single process is pp = 1 with a schedule of
 ``0F0 0B0 0F1 0B1 ...`` (plain gradient accumulation), so there is one code path.
 
-Data-parallel gradient reduction: with dp > 1 (or the distributed optimizer) gradients live
-in the model's :class:`~megalite.parallel.grad_buffer.GradBuffer` (``model.grad_buffer``)
-and, with ``overlap_grad_reduce`` (the default), each bucket is reduced as soon as the last
-microbatch's backward has finished its gradients. ``overlap_grad_reduce=False`` without the
-distributed optimizer reduces after the schedule in separate bucketed all-reduces, as
-before the buffer existed.
+The gradient path is one too: every parameter's gradient goes into the model's fp32
+main-gradient buffers (:class:`~megalite.parallel.main_grads.MainGrads`,
+``model.main_grads``), one per reduction group, whatever dp and whichever optimizer. With
+``overlap_grad_reduce`` (the default) each bucket is reduced as soon as the last
+microbatch's backward has finished its gradients; without, all buckets start after the
+schedule. A group of one rank reduces nothing.
 """
 from __future__ import annotations
 
@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from megalite.parallel import comm
-from megalite.parallel.distributed_optimizer import DistributedOptimizer
-from megalite.parallel.grad_buffer import GradBuffer
-from megalite.parallel.grads import (DEFAULT_BUCKET_BYTES, allreduce_data_parallel,
-                                     allreduce_shared, clip_grad_norm_)
+from megalite.parallel.distributed_optimizer import DistributedOptimizer, MainParamOptimizer
+from megalite.parallel.grad_buffer import DEFAULT_BUCKET_BYTES
+from megalite.parallel.main_grads import MainGrads
 from megalite.pipeline import build_schedule, run_schedule, stage_to_rank
 from megalite.training.precision import autocast
 
@@ -104,11 +103,11 @@ def forward_backward(model, tokens, targets, *, micro_batch_size: int, schedule=
                         final_backward=final_backward)
 
 
-def attach_grad_buffer(model, shard: bool = False,
-                       bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> GradBuffer:
-    """The model's flat gradient buffer (``model.grad_buffer``), made on first use;
-    ``shard=True`` for the distributed optimizer (replaces an unsharded one)."""
-    old = getattr(model, "grad_buffer", None)
+def attach_main_grads(model, shard: bool = False,
+                      bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> MainGrads:
+    """The model's main-gradient buffers (``model.main_grads``), made on first use;
+    ``shard=True`` for the distributed optimizer (replaces unsharded ones)."""
+    old = getattr(model, "main_grads", None)
     if old is not None and old.shard == shard:
         return old
     if old is not None:
@@ -117,44 +116,56 @@ def attach_grad_buffer(model, shard: bool = False,
         stage_params = model.stage_parameters()
     else:  # unknown per-stage use: overlap only where one stage holds everything
         stage_params = {s: list(model.parameters()) for s in model.stages}
-    model.grad_buffer = GradBuffer(stage_params, model.ps, shard=shard,
-                                   bucket_bytes=bucket_bytes,
-                                   hold_back=model.shared_embedding_params())
-    return model.grad_buffer
+    model.main_grads = MainGrads(stage_params, model.ps, shard=shard,
+                                 bucket_bytes=bucket_bytes,
+                                 hold_back=model.shared_embedding_params())
+    return model.main_grads
+
+
+attach_grad_buffer = attach_main_grads  # the name of earlier releases
 
 
 def distributed_optimizer(optimizer: torch.optim.Optimizer, model) -> DistributedOptimizer:
     """Shard ``optimizer`` (any elementwise torch optimizer over ``model``'s parameters, not
     stepped yet) over the data-parallel group: ZeRO-1, see
     :mod:`megalite.parallel.distributed_optimizer`."""
-    return DistributedOptimizer(optimizer, attach_grad_buffer(model, shard=True))
+    return DistributedOptimizer(optimizer, attach_main_grads(model, shard=True))
 
 
-def _grad_buffer(model, optimizer, overlap: bool) -> GradBuffer | None:
-    """The buffer this step reduces through; None: plain ``.grad`` tensors (dp = 1, or no
-    overlap without the distributed optimizer: the bucketed all-reduce after the schedule)."""
-    buffer = getattr(model, "grad_buffer", None)
-    distributed = isinstance(optimizer, DistributedOptimizer)
-    if distributed and optimizer.grad_buffer is not buffer:
-        raise ValueError("this DistributedOptimizer shards another gradient buffer than the "
-                         "model's (built for another model, or a newer one replaced it): "
-                         "build one optimizer per model and train with that one")
-    if not distributed and buffer is not None and buffer.shard:
+def main_param_optimizer(optimizer: torch.optim.Optimizer, model) -> MainParamOptimizer:
+    """Step ``optimizer`` on fp32 main weights of ``model``'s (16-bit) parameters, unsharded."""
+    return MainParamOptimizer(optimizer, attach_main_grads(model, shard=False))
+
+
+def _main_grads(model, optimizer) -> MainGrads:
+    """The buffers this step reduces through (the optimizer's, checked to be the model's)."""
+    buffers = getattr(model, "main_grads", None)
+    wrapped = isinstance(optimizer, MainParamOptimizer)
+    if wrapped and optimizer.main_grads is not buffers:
+        raise ValueError(f"this {type(optimizer).__name__} steps on other gradient buffers "
+                         f"than the model's (built for another model, or newer ones replaced "
+                         f"them): build one optimizer per model and train with that one")
+    if not wrapped and buffers is not None and buffers.shard:
         raise ValueError("the model's gradients are sharded for a DistributedOptimizer: "
                          "train it with that optimizer")
-    if distributed or (overlap and model.ps.dp > 1):
-        return attach_grad_buffer(model, shard=distributed)
-    return None
+    if not wrapped and any(p.dtype != torch.float32 for p in model.parameters()
+                           if p.requires_grad):
+        raise ValueError("16-bit parameters train through fp32 main weights: build the "
+                         "optimizer with megalite.training.build_optimizer (or wrap it with "
+                         "megalite.training.step.main_param_optimizer)")
+    return buffers if wrapped else attach_main_grads(model, shard=False)
 
 
-def finalize_grads(model, buffer: GradBuffer | None = None) -> None:
-    """Once per step: sum tied-embedding copies across stages, average over dp (through
-    ``buffer``, whose overlapped buckets may already be in flight)."""
-    if buffer is None:
-        allreduce_shared(model.shared_embedding_params(), model.ps)
-        allreduce_data_parallel(model.parameters(), model.ps)
-    else:
-        buffer.finish(before_held=lambda params: allreduce_shared(params, model.ps))
+def finalize_grads(model, main_grads: MainGrads | None = None) -> None:
+    """Once per step: sum tied-embedding copies across stages, then finish the reduction
+    over each buffer's group (whose overlapped buckets may already be in flight)."""
+    ps = model.ps
+    main_grads = main_grads if main_grads is not None else attach_main_grads(model)
+
+    def sum_tied(flat):
+        if ps.pp > 1:
+            comm.all_reduce(flat, ps.embedding_group)
+    main_grads.finish(before_held=sum_tied)
 
 
 def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
@@ -163,9 +174,10 @@ def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
                overlap_grad_reduce: bool = True) -> StepResult:
     """Forward and backward over this dp rank's ``tokens``/``targets`` ``[batch, seq]``,
     gradient sync, clipping and the optimizer step. Gradients are left in the parameters
-    (zeroed at the start of the next step) for inspection: with a gradient buffer (dp > 1)
-    they are views into it, reused every step, and with the distributed optimizer only this
-    rank's chunk is reduced (``optimizer.full_grad(p)`` gathers one). ``dtype`` "bf16"/"fp16" runs the
+    (zeroed at the start of the next step) for inspection: fp32 parameters' ``.grad`` are
+    views into the main-gradient buffers (``model.main_grads.grad_view(p)`` for any), reused
+    every step, and with the distributed optimizer only this rank's chunk is reduced
+    (``optimizer.full_grad(p)`` gathers one). ``dtype`` "bf16"/"fp16" runs the
     forward under autocast with fp32 weights; fp16 needs a ``grad_scaler``. A non-finite
     loss or gradient norm skips the update on every rank (both are global values, so all
     ranks decide alike) and sets ``nonfinite``. ``loss_fn`` defaults to ``model.loss``.
@@ -175,11 +187,8 @@ def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
     ps = model.ps
     if dtype == "fp16" and grad_scaler is None:
         raise ValueError("fp16 training needs a DynamicLossScaler (grad_scaler=...)")
-    buffer = _grad_buffer(model, optimizer, overlap_grad_reduce)
-    if buffer is None:
-        optimizer.zero_grad(set_to_none=True)
-    else:
-        buffer.zero_grad()
+    main_grads = _main_grads(model, optimizer)
+    main_grads.zero_grad()
     loss_fn = loss_fn or model.loss
     if grad_scaler is not None:  # fp16: scale the loss so small gradients stay representable
         unscaled_fn = loss_fn
@@ -190,21 +199,18 @@ def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
         result = forward_backward(model, tokens, targets, micro_batch_size=micro_batch_size,
                                   schedule=schedule, activation_dtype=torch.float32,
                                   loss_fn=loss_fn, verbose=verbose, trace=trace,
-                                  final_backward=buffer.final_backward
-                                  if buffer is not None and overlap_grad_reduce else None,
+                                  final_backward=main_grads.final_backward
+                                  if overlap_grad_reduce else None,
                                   loss_scale=grad_scaler.scale_value if grad_scaler else 1.0)
-    finalize_grads(model, buffer)
-    sharded = isinstance(optimizer, DistributedOptimizer)
-    # With the distributed optimizer only this rank's shard of each gradient is reduced.
-    params = list(model.parameters())
-    if sharded:
-        params = optimizer.shard_parameters(params)
+    finalize_grads(model, main_grads)
+    # With the distributed optimizer only this rank's shard of each gradient is reduced;
+    # the norm, clipping and unscaling act on exactly the reduced parts.
     loss = result.loss
     skipped = False
     if grad_scaler is not None:
         loss = loss / grad_scaler.scale_value
-        skipped = not grad_scaler.unscale_(params, ps)
-    norm = clip_grad_norm_(params, 0.0 if skipped else max_grad_norm, ps, dp_sharded=sharded)
+        skipped = not grad_scaler.unscale_(main_grads, ps)
+    norm = main_grads.clip_(0.0 if skipped else max_grad_norm)
     loss = comm.all_reduce(loss.reshape(1).clone(), ps.dp_group)[0] / ps.dp
     # One host sync for both; they are global, so every rank skips (or not) alike.
     loss_value, norm_value = torch.stack([loss.reshape(()), norm.float().reshape(())]).tolist()

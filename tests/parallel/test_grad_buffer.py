@@ -54,6 +54,35 @@ def test_two_accumulations_in_the_final_action_are_refused():
             params[1].sum().backward()
 
 
+def test_main_grads_split_by_group_and_dtype_and_metadata_survives_stand_ins():
+    """One buffer per (reduction group, dtype); the metadata registry follows a parameter to
+    its stand-ins (a detached view, the optimizer's main tensor), and the norm over the
+    buffers is the norm of every gradient."""
+    from megalite.parallel import param_meta, set_param_meta, share_meta
+    from megalite.parallel.main_grads import MainGrads
+    from megalite.parallel.layers import ColumnParallelLinear
+    params = _params()
+    set_param_meta(params[2], expert_parallel=True)
+    params[3].data = params[3].data.bfloat16()
+    layer = ColumnParallelLinear(4, 6, bias=False, partition_sizes=[2, 4])
+    params.append(layer.weight)
+    grads = MainGrads({0: params}, ParallelState())
+    kinds = sorted((b.reduction.name, str(b.param_dtype)) for b in grads.buffers)
+    assert kinds == [("dp_cp", "torch.bfloat16"), ("dp_cp", "torch.float32"),
+                     ("expert_dp", "torch.float32")]
+    assert grads.buffer(params[2]).reduction.name == "expert_dp"
+    view = share_meta(layer.weight, layer.weight.detach().view(-1))
+    assert param_meta(view).tp_dim == 0 and param_meta(view).tp_sizes == (2, 4)
+    assert not hasattr(layer.weight, "tp_dim")  # the registry, not loose attributes
+    sum((p.float() * torch.arange(p.numel()).view(p.shape)).sum() for p in params).backward()
+    grads.finish()
+    assert params[3].grad is None  # the 16-bit gradient went into the fp32 buffer
+    want = torch.cat([torch.arange(p.numel(), dtype=torch.float32) for p in params])
+    assert torch.equal(grads.grad_view(params[3]), torch.arange(4.0))
+    torch.testing.assert_close(grads.norm(), want.norm())
+    grads.remove_hooks()
+
+
 # ------------------------------------------------------------------- reductions at dp = 2
 
 def _dp2_steps(rank, world):
@@ -71,9 +100,13 @@ def _dp2_steps(rank, world):
     runs = {}
     for name, state, distributed in (("one process", ParallelState(), False),
                                      ("overlap", parallel.initialize(dp=2), False),
-                                     ("distributed", parallel.initialize(dp=2), True)):
+                                     ("distributed", parallel.initialize(dp=2), True),
+                                     ("expert buffer", parallel.initialize(dp=2), True)):
         torch.manual_seed(0)
         model = GPT(cfg, state=state)
+        if name == "expert buffer":  # at ep = 1 an expert's group is the dp group: same result
+            for p in model.layers["0"].mlp.parameters():
+                parallel.set_param_meta(p, expert_parallel=True)
         opt = build_optimizer(model, lr=1e-2, distributed=distributed)
         mine = slice(0, 8) if state.dp == 1 else slice(4 * state.dp_rank, 4 * state.dp_rank + 4)
         losses = [train_step(model, opt, d[mine, :-1], d[mine, 1:], micro_batch_size=2).loss

@@ -195,14 +195,15 @@ def optimizer_state_bytes(world):
         n = sum(p.numel() for p in model.parameters())
         state = sum(v.numel() * v.element_size() for st in opt.state.values()
                     for v in st.values() if torch.is_tensor(v) and v.dim())
-        buffer = model.grad_buffer
-        padding = dp * len(buffer.buckets)  # at most dp - 1 elements per bucket
+        buffers = model.main_grads.buffers
+        padding = dp * sum(len(b.buckets) for b in buffers)  # < dp elements per bucket
+        grad_elems = sum(b.data.numel() for b in buffers)
         # the dp ranks' shards are disjoint and cover every parameter exactly once
         assert parallel.comm.all_reduce(torch.tensor([state]), ps.dp_group).item() == 8 * n
         assert abs(state - 8 * n / dp) <= 8 * padding, (dp, state, n)
-        assert n * 4 <= buffer.data.numel() * 4 <= (n + padding) * 4
+        assert n * 4 <= grad_elems * 4 <= (n + padding) * 4
         table[dp] = {"params": n, "optimizer_state_bytes": state,
-                     "grad_bytes": buffer.data.numel() * 4, "weight_bytes": 4 * n}
+                     "grad_bytes": grad_elems * 4, "weight_bytes": 4 * n}
         parallel.destroy()
     return table
 
