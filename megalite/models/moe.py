@@ -79,14 +79,6 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad, torch.full((), ctx.scale, dtype=torch.float32, device=grad.device), None
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Rows of ``x`` grouped by expert (``counts[g]`` rows for group g) times each group's
-    ``weight[g].T`` (``weight`` [G, out, in]). Every group's weight takes part even with no
-    rows, so each expert gets a (zero) gradient and the gradient buckets never wait on one."""
-    parts = x.split(counts)
-    return torch.cat([p @ weight[g].t() for g, p in enumerate(parts)])
-
-
 class Experts(nn.Module):
     """This rank's experts, stacked: ``up`` [E_local, (2)f, d] (gate and up rows packed as
     the dense MLP's), ``down`` [E_local, d, f]. Each expert is initialized from its global
@@ -107,13 +99,17 @@ class Experts(nn.Module):
             p.expert_parallel = True           # gradients reduce over expert-dp
             p.ep_num_experts = cfg.moe_num_experts   # full tensor: dim 0 gathered over ep
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        h = grouped_linear(x, self.up, counts)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """``x``: rows grouped by local expert, ``counts[e]`` (a CPU tensor) rows each. The
+        grouped matmul (megalite.kernels) gives every expert a weight gradient, zeros when it
+        got no rows, so the gradient buckets never wait on an idle expert."""
+        h = kernels.grouped_matmul(x, self.up.transpose(1, 2), counts, backend=self.backend)
         if self.activation == "swiglu":
             h = kernels.swiglu_packed(h, backend=self.backend)
         else:
             h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
-        return grouped_linear(h, self.down, counts)
+        return kernels.grouped_matmul(h, self.down.transpose(1, 2), counts,
+                                      backend=self.backend)
 
 
 class MoE(nn.Module):
@@ -222,7 +218,7 @@ class MoE(nn.Module):
         token = order // k
         _, _, ep_group = ep_layout(ps)
         x, local_counts, plan = dispatch(tokens[token], sent, ep_group)
-        y = self.experts(x, local_counts.tolist())
+        y = self.experts(x, local_counts)
         y = combine(y, plan, ep_group)
         y = y * weights.reshape(-1)[order].to(y.dtype)[:, None]
         out = torch.zeros(T, tokens.shape[1], dtype=y.dtype, device=y.device)
