@@ -23,6 +23,7 @@ so a model written with them runs in a single plain process.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import Counter
 
 import torch
@@ -133,7 +134,7 @@ def all_to_all_single(x: torch.Tensor, group, output_splits: list[int],
         return x
     x = x.contiguous()
     out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
-    row = x[0].numel() if x.dim() > 1 else 1
+    row = math.prod(x.shape[1:])  # elements per row (x may have no rows: an idle expert)
     _run("all_to_all", x, group, lambda: dist.all_to_all_single(
         out, x, output_split_sizes=list(output_splits), input_split_sizes=list(input_splits),
         group=group), payload_elems=(sum(input_splits) + sum(output_splits)) * row)

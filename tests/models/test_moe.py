@@ -285,8 +285,10 @@ def _world(rank, world, hf_dirs, hf_refs, x, ckpt, round_trip):
             _hf_logits(directory, x, ref, tp, ep,
                        save_dir=round_trip if (tp, ep) == (2, 2) and i == 0 else None)
     reference = _train(CFG, ParallelState())
-    layouts = [  # (tp, pp, ep, sequence parallel, schedule, distributed optimizer)
-        (1, 1, 2, False, "1f1b", False), (1, 1, 4, False, "1f1b", False),
+    # (tp, pp, ep, sequence parallel, schedule, distributed optimizer); ep 2 saves with the
+    # distributed optimizer a checkpoint that plain SGD resumes at ep 1 and 4
+    layouts = [
+        (1, 1, 2, False, "1f1b", True), (1, 1, 4, False, "1f1b", False),
         (2, 1, 2, True, "1f1b", False), (1, 2, 2, False, "1f1b", True),
         (1, 2, 2, False, "zb-h1", False)]
     for tp, pp, ep, sp, schedule, dist_opt in layouts:
@@ -300,7 +302,32 @@ def _world(rank, world, hf_dirs, hf_refs, x, ckpt, round_trip):
         ps = parallel.initialize(ep=ep)
         _compare(_train(CFG, ps, load=ckpt), reference, f"resumed at ep={ep}")
         parallel.destroy()
+    _idle_experts(rank)
     return True
+
+
+def _idle_experts(rank):
+    """Every token picks experts 0 and 1 (ep rank 0's): ranks 1-3 receive no rows, join the
+    all-to-alls with nothing, and their experts' (zero) gradients do not hold up the step."""
+    cfg = CFG.replace(n_layers=2, moe_router="sigmoid")
+    losses = []
+    for ep in (4, 1):
+        ps = parallel.initialize(ep=ep) if ep > 1 else ParallelState()
+        torch.manual_seed(0)
+        model = GPT(cfg, ps)
+        for layer in model.layers.values():
+            layer.mlp.router.score_bias.data[:2] = 100.0
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        tokens, targets = next(_batches())
+        mine = slice(ps.dp_rank * 4 // ps.dp, (ps.dp_rank + 1) * 4 // ps.dp)
+        losses.append(train_step(model, torch.optim.SGD(model.parameters(), lr=0.5),
+                                 tokens[:4][mine], targets[:4][mine], micro_batch_size=1).loss)
+        if ep > 1:
+            for name, p in model.named_parameters():
+                if ".experts." in name:
+                    assert torch.equal(p, before[name]) == (rank > 0), (rank, name)
+            parallel.destroy()
+    assert abs(losses[0] - losses[1]) < 1e-5, losses
 
 
 def test_expert_parallel_layouts_match_one_process(tmp_path):
