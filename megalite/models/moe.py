@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalite import kernels
+from megalite.models.recompute import is_recomputing
 from megalite.parallel import comm
 from megalite.parallel.experts import combine, dispatch, split_experts
 
@@ -120,6 +121,10 @@ class MoE(nn.Module):
                  stats: MoEStats | None = None, layer: int = 0):
         super().__init__()
         ep, ep_rank, _ = ep_layout(ps)
+        if getattr(ps, "cp", 1) > 1:
+            raise ValueError("MoE layers with context parallelism (cp > 1) are not supported "
+                             "yet (the balancing loss sums its statistics over tp only); use "
+                             "cp = 1 with an MoE model")
         self.cfg, self.ps, self.layer = cfg, ps, layer
         self.stats = stats or MoEStats()
         self.num_experts, self.top_k = cfg.moe_num_experts, cfg.moe_top_k
@@ -228,7 +233,7 @@ class MoE(nn.Module):
         """The microbatch's weighted balancing + z-loss (None when both coefficients are 0),
         with statistics summed over the tp ranks' token shards; records the step's counts."""
         cfg, ps, E = self.cfg, self.ps, self.num_experts
-        training = self.training and torch.is_grad_enabled()
+        training = self.training and torch.is_grad_enabled() and not is_recomputing()
         if training:
             self.step_counts += counts.detach().float()
         if not (cfg.moe_aux_loss_coeff or cfg.moe_z_loss_coeff):

@@ -111,6 +111,19 @@ def test_losses_capacity_and_bias_update():
                                                        rel=1e-3)
 
 
+def test_full_recompute_counts_each_token_once():
+    losses, metrics = [], []
+    for mode in ("none", "full"):
+        torch.manual_seed(0)
+        model = GPT(CFG.replace(n_layers=2, recompute=mode))
+        tokens = torch.randint(0, 256, (2, 9))
+        res = train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), tokens[:, :-1],
+                         tokens[:, 1:], micro_batch_size=1)
+        losses.append(res.loss)
+        metrics.append(res.moe)
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6) and metrics[0] == metrics[1]
+
+
 def test_config_layers_and_params():
     cfg = GPTConfig.preset("tiny-moe", n_layers=8, moe_first_k_dense=1, moe_layer_freq=2,
                            moe_dense_layers=(5,))
