@@ -103,6 +103,12 @@ def routed_to_hf(family: str, name: str, full: torch.Tensor, cfg) -> dict:
 
 
 # ----------------------------------------------------------------------------- configs
+def _aux_coeff(hf: dict) -> float:
+    """Hugging Face adds ``router_aux_loss_coef`` x its balancing loss only when
+    ``output_router_logits`` is set: so does the import (else the coefficient is 0)."""
+    return float(hf.get("router_aux_loss_coef", 0.0)) if hf.get("output_router_logits") else 0.0
+
+
 def moe_config_from_hf(family: str, hf: dict, unsupported) -> dict:
     """The GPTConfig MoE fields of an HF MoE config; ``unsupported(field, value, fix)``
     makes the ValueError for what megalite cannot represent."""
@@ -113,7 +119,7 @@ def moe_config_from_hf(family: str, hf: dict, unsupported) -> dict:
         return dict(moe_num_experts=hf["num_local_experts"],
                     moe_top_k=hf["num_experts_per_tok"], moe_d_ff=hf["intermediate_size"],
                     moe_norm_topk=True,
-                    moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)))
+                    moe_aux_loss_coeff=_aux_coeff(hf))
     # transformers 5 names Qwen's num_experts num_local_experts (and maps the old name)
     experts = hf.get("num_experts", hf.get("num_local_experts"))
     out = dict(moe_num_experts=experts, moe_top_k=hf["num_experts_per_tok"],
@@ -121,7 +127,7 @@ def moe_config_from_hf(family: str, hf: dict, unsupported) -> dict:
                moe_norm_topk=bool(hf.get("norm_topk_prob", False)),
                moe_layer_freq=int(hf.get("decoder_sparse_step", 1)),
                moe_dense_layers=tuple(hf.get("mlp_only_layers") or ()),
-               moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)))
+               moe_aux_loss_coeff=_aux_coeff(hf))
     if family == "qwen2_moe":
         out.update(moe_shared_d_ff=hf["shared_expert_intermediate_size"], moe_shared_gate=True)
     return out
@@ -152,12 +158,14 @@ def moe_unwritable(family: str, cfg) -> str | None:
 def moe_config_to_hf(family: str, cfg) -> dict:
     if family == "mixtral":
         return dict(num_local_experts=cfg.moe_num_experts, num_experts_per_tok=cfg.moe_top_k,
-                    router_aux_loss_coef=cfg.moe_aux_loss_coeff, router_jitter_noise=0.0)
+                    router_aux_loss_coef=cfg.moe_aux_loss_coeff, router_jitter_noise=0.0,
+                    output_router_logits=cfg.moe_aux_loss_coeff > 0)
     dense = sorted(set(cfg.moe_dense_layers) | set(range(cfg.moe_first_k_dense)))
     out = dict(num_experts=cfg.moe_num_experts, num_local_experts=cfg.moe_num_experts,
                num_experts_per_tok=cfg.moe_top_k, moe_intermediate_size=cfg.moe_d_ff, norm_topk_prob=cfg.moe_norm_topk,
                decoder_sparse_step=cfg.moe_layer_freq, mlp_only_layers=dense,
-               router_aux_loss_coef=cfg.moe_aux_loss_coeff)
+               router_aux_loss_coef=cfg.moe_aux_loss_coeff,
+               output_router_logits=cfg.moe_aux_loss_coeff > 0)
     if family == "qwen2_moe":
         out.update(shared_expert_intermediate_size=cfg.moe_shared_d_ff)
     return out
