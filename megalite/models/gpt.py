@@ -356,12 +356,13 @@ class GPT(nn.Module):
         """16-bit parameters (``cfg.params_dtype``), initialized as fp32 and rounded, so the
         fp32 main weights start from the same values in every layout. Norm weights stay fp32
         (as Megatron keeps them): their gradients are reductions over many tokens, and the
-        normalization itself runs in fp32 inside the kernel. Parameter objects (and their
+        normalization itself runs in fp32 inside the kernel; so do MoE routers (marked
+        ``keep_fp32``: routing runs in fp32, and the balancing bias moves by small steps). Parameter objects (and their
         metadata) are kept; only their data changes dtype."""
         norms = {id(p) for m in self.modules() if isinstance(m, Norm) for p in m.parameters()}
         with torch.no_grad():
             for p in self.parameters():
-                if id(p) not in norms:
+                if id(p) not in norms and not getattr(p, "keep_fp32", False):
                     p.data = p.data.to(self.dtype)
 
     def stage_modules(self, head_input: bool = False) -> dict:

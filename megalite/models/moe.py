@@ -132,9 +132,11 @@ class MoE(nn.Module):
         self.router = nn.Module()
         self.router.weight = nn.Parameter(init.normal(prefix + "router.weight", cfg.init_std)(
             torch.empty(cfg.moe_num_experts, cfg.d_model)).to(ps.device))
-        if cfg.moe_router == "sigmoid":  # moved by update_router_bias, never by gradients
+        if cfg.moe_router == "sigmoid":  # moved by finish_step, never by gradients
             self.router.score_bias = nn.Parameter(
                 torch.zeros(cfg.moe_num_experts, device=ps.device), requires_grad=False)
+        for p in self.router.parameters():  # fp32 even with 16-bit parameters
+            p.keep_fp32 = True
         self.local_experts = split_experts(cfg.moe_num_experts, ep, ep_rank)
         self.experts = Experts(cfg, ps, init, prefix + "experts.", self.local_experts)
         self.shared = shared
