@@ -45,7 +45,8 @@ def _configs(tile_m):
     (the tile list is built for it before the launch), so only N/K tiles vary there."""
     if not HAS_TRITON:
         return None
-    shapes = [(128, 64, 4, 4), (128, 64, 3, 8), (64, 64, 4, 4), (256, 64, 3, 8)]
+    # The last of each list fits in ~100 KB of shared memory even in fp32 (L4, A10G).
+    shapes = [(128, 64, 4, 4), (128, 64, 3, 8), (64, 64, 4, 4), (256, 64, 3, 8), (64, 32, 2, 4)]
     if tile_m:
         return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_stages=s, num_warps=w)
                 for n, k, s, w in shapes]
@@ -55,6 +56,8 @@ def _configs(tile_m):
             triton.Config({"BLOCK_K": 128, "BLOCK_N": 64, "BLOCK_M": 64}, num_stages=4,
                           num_warps=4),
             triton.Config({"BLOCK_K": 64, "BLOCK_N": 64, "BLOCK_M": 64}, num_stages=4,
+                          num_warps=4),
+            triton.Config({"BLOCK_K": 64, "BLOCK_N": 64, "BLOCK_M": 32}, num_stages=2,
                           num_warps=4)]
 
 
@@ -196,7 +199,8 @@ class _GroupedMatmul(torch.autograd.Function):
             dw = torch.empty_like(weight)  # keeps the weight's layout (e.g. a transposed view)
             offsets = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
             offsets[1:] = torch.cumsum(group_sizes, 0, dtype=torch.int32)
-            grid = lambda meta: (E * cdiv(K, meta["BLOCK_K"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+            def grid(meta):
+                return (E * cdiv(K, meta["BLOCK_K"]) * cdiv(N, meta["BLOCK_N"]),)
             _gmm_weight_grad_kernel[grid](x, dy, dw, offsets, N, K, x.stride(0), x.stride(1),
                                           dy.stride(0), dy.stride(1), dw.stride(0),
                                           dw.stride(1), dw.stride(2), PREC=ctx.prec)
@@ -241,6 +245,20 @@ def grouped_matmul(x, weight, group_sizes, *, backend="auto"):
     if x.dtype != weight.dtype:
         raise ValueError(f"grouped_matmul: x ({x.dtype}) and weight ({weight.dtype}) dtypes "
                          "differ; cast one (autocast is not applied inside the kernel)")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if backend == "triton":
+            raise ValueError(f"grouped_matmul: the Triton kernel takes fp32/fp16/bf16, got "
+                             f"{x.dtype}; use backend='auto' or 'torch' (the reference)")
+        return grouped_matmul_reference(x, weight, group_sizes)
     if x.numel() == 0 or weight.numel() == 0:
         return grouped_matmul_reference(x, weight, group_sizes)
-    return _GroupedMatmul.apply(x, weight, group_sizes.to(device=x.device, dtype=torch.int32))
+    return _GroupedMatmul.apply(x, weight, _sizes_on(x.device, group_sizes))
+
+
+def _sizes_on(device, sizes):
+    """The sizes as int32 on ``device``. Host sizes go to a GPU through pinned memory and a
+    non-blocking copy: a plain copy from pageable memory would wait for the GPU's queue."""
+    sizes = sizes.to(torch.int32)
+    if device.type == "cuda" and sizes.device.type == "cpu":
+        return sizes.pin_memory().to(device, non_blocking=True)
+    return sizes.to(device)

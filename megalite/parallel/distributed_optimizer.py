@@ -166,6 +166,6 @@ class DistributedOptimizer(MainParamOptimizer):
             raise ValueError("the distributed optimizer needs gradient buffers built with "
                              "shard=True")
         super().__init__(optimizer, main_grads)
-        if getattr(self.ps, "dp_cp", self.ps.dp) == 1 and self.ps.rank == 0:
+        if self.ps.dp_cp == 1 and self.ps.rank == 0:
             warnings.warn("distributed optimizer at dp=1 shards nothing: each rank keeps the "
                           "whole optimizer state of its parameters", stacklevel=2)

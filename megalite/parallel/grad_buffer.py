@@ -64,22 +64,21 @@ class ReductionGroup:
 
 def dense_reduction(ps: ParallelState) -> ReductionGroup:
     """Dense parameters: averaged over data x context parallelism (the dp group when cp = 1)."""
-    size = getattr(ps, "dp_cp", ps.dp)
-    return ReductionGroup("dp_cp", getattr(ps, "dp_cp_group", ps.dp_group), size,
-                          getattr(ps, "dp_cp_rank", ps.dp_rank),
-                          list(getattr(ps, "dp_cp_ranks", ps.dp_ranks)), 1.0 / size)
+    group = ps.dp_cp_group if ps.dp_cp_group is not None or ps.cp > 1 else ps.dp_group
+    return ReductionGroup("dp_cp", group, ps.dp_cp, ps.dp_cp_rank, list(ps.dp_cp_ranks),
+                          1.0 / ps.dp_cp)
 
 
 def expert_reduction(ps: ParallelState) -> ReductionGroup:
-    """Expert parameters: summed over expert-data parallelism and divided by the dense
-    group's size, as Megatron-Core does: an expert's gradient already gathers the tokens the
-    expert-parallel ranks routed to it, so the whole data x context batch is averaged once."""
-    dense = getattr(ps, "dp_cp", ps.dp)
-    if not hasattr(ps, "expert_dp"):  # before expert parallelism: ep = 1, expert-dp = dp x cp
-        d = dense_reduction(ps)
-        return ReductionGroup("expert_dp", d.group, d.size, d.rank, d.ranks, 1.0 / dense)
+    """Expert parameters: summed over expert-data parallelism (the stage's tp x cp x dp
+    ranks / ep) and divided by the data x context size, as Megatron-Core does. This assumes
+    every rank of a stage routes its own tokens (sequence parallelism under tp, which
+    Megatron requires for MoE with tp > 1): an expert's gradient then gathers the tokens the
+    expert-parallel ranks sent it, and the sum over expert-dp covers the whole batch of the
+    stage, which is dp x cp micro-batches' worth. A dispatcher that sends the same tokens
+    from every tp rank must divide by tp itself."""
     return ReductionGroup("expert_dp", ps.expert_dp_group, ps.expert_dp, ps.expert_dp_rank,
-                          list(ps.expert_dp_ranks), 1.0 / dense)
+                          list(ps.expert_dp_ranks), 1.0 / ps.dp_cp)
 
 
 @dataclass

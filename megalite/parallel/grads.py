@@ -46,9 +46,8 @@ def norm_squares(pieces: Iterable[tuple[ParamMeta, torch.Tensor]], ps: ParallelS
     comm.all_reduce(dense, ps.tp_group)
     if dense_sharded:
         comm.all_reduce(dense, dense_reduction(ps).group)
-    ep_group = getattr(ps, "ep_group", None)
-    if getattr(ps, "ep", 1) > 1:  # each expert-parallel rank holds other experts
-        comm.all_reduce(expert, ep_group)
+    if ps.ep > 1:  # each expert-parallel rank holds other experts
+        comm.all_reduce(expert, ps.ep_group)
     if expert_sharded:
         comm.all_reduce(expert, expert_reduction(ps).group)
     total = dense + expert

@@ -7,7 +7,10 @@ A checkpoint is one directory ``ROOT/step_XXXXXXXX`` holding
                                  ``extra`` (the script's args); written last: it marks the
                                  checkpoint complete
     model_stage{k}.safetensors   parameters of pipeline stage k as full (tp=1, unpadded)
-                                 tensors, keyed by their global names (``layers.3.mlp.up.weight``)
+                                 tensors, keyed by their global names (``layers.3.mlp.up.weight``);
+                                 always fp32: a model with 16-bit parameters saves the
+                                 optimizer's fp32 main weights, so resume is exact and
+                                 checkpoints load across --dtype modes
     optim_stage{k}.safetensors   optimizer state of those parameters, ``{name}.exp_avg``,
                                  ``{name}.exp_avg_sq``, ``{name}.step``, gathered the same way
     rng_rank{r:05d}.safetensors  RNG states of global rank r (CPU, CUDA, TP tracker streams)
@@ -125,9 +128,11 @@ def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
     for name, p in model.named_parameters():
         if param_meta(p).pipeline_duplicate:
             continue  # tied embedding copy on the last stage: the first stage saves it
+        main = _main_weight(optimizer, p)  # collective over dp when sharded
         joins = first_expert if is_expert_sharded(p, ps) else ps.dp_rank == 0
         if joins:
-            params[name] = gather_full_to_cpu(p, ps, keep=writer)
+            params[name] = gather_full_to_cpu(p, ps, tensor=main, keep=writer,
+                                              dtype=torch.float32)
         for key, value in _param_state(optimizer, p):  # gathered over dp one at a time
             if not joins:
                 continue
@@ -143,6 +148,14 @@ def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
         sums[fname] = _save_tensors(tensors, os.path.join(tmp, fname))
         written[fname] = sorted(tensors)
     return written, sums
+
+
+def _main_weight(optimizer, p) -> torch.Tensor | None:
+    """The fp32 main weight of a 16-bit ``p`` (this TP shard, whole over dp); None when
+    ``p`` is its own main weight (fp32)."""
+    if p.dtype == torch.float32 or not isinstance(optimizer, MainParamOptimizer):
+        return None
+    return optimizer.main_weight(p)
 
 
 def _param_state(optimizer, p):
@@ -301,6 +314,9 @@ def _load_optimizer(files: _TensorFiles, meta: dict, model, optimizer) -> None:
                          f"this optimizer {len(current)}; build it with build_optimizer")
     if isinstance(optimizer, MainParamOptimizer):
         for name, p in model.named_parameters():
+            if p.dtype != torch.float32:  # the fp32 main weight, not the rounded parameter
+                optimizer.load_main_weight(p, _shard(files, name, files.get(name), p,
+                                                     model.ps).float())
             saved_state = {k: files.get(f"{name}.{k}") for k in files.state_keys.get(name, [])}
             if saved_state:
                 optimizer.load_full_state(p, {  # keeps this dp rank's range

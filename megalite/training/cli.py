@@ -162,7 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--no-overlap-grad-reduce", action="store_true",
                      help="reduce gradients over dp after the whole backward instead of "
                           "bucket by bucket during the last microbatch's")
-    opt.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    # --- precision (H1, docs/precision.md) ---
+    opt.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                     help="bf16/fp16: 16-bit weights, activations and pipeline transfers with "
+                          "fp32 main weights and gradients (Megatron's --bf16)")
+    opt.add_argument("--autocast", action="store_true",
+                     help="with --dtype bf16/fp16: keep fp32 weights and run the matmuls under "
+                          "torch.autocast instead (the earlier mode)")
     opt.add_argument("--tf32", action="store_true",
                      help="fp32 matmuls on TF32 tensor cores (GPU; fp32 MFU assumes it)")
     opt.add_argument("--seed", type=int, default=1234)
@@ -280,6 +286,22 @@ def schedule_note(args, run_plan: RunPlan) -> str | None:
             f"needs --pp >= 2)")
 
 
+def params_dtype(args) -> str:
+    """The parameters' dtype of a run: --dtype, or fp32 under --autocast."""
+    return "fp32" if getattr(args, "autocast", False) else args.dtype
+
+
+def autocast_dtype(args) -> str:
+    """The dtype train_step autocasts to: --dtype under --autocast, else none ("fp32")."""
+    return args.dtype if getattr(args, "autocast", False) else "fp32"
+
+
+def check_precision(args) -> None:
+    if getattr(args, "autocast", False) and args.dtype == "fp32":
+        raise UsageError("--autocast needs --dtype bf16 or fp16 (the dtype to autocast to); "
+                         "drop --autocast for fp32")
+
+
 def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
     """Every check the flags alone decide, run before any process group, model or data is
     built: a mistake raises UsageError naming the flag and the fix. ``gpt=False``: the
@@ -296,6 +318,7 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
         layout_auto.apply(args, choice)
         if os.environ.get("RANK", "0") == "0":
             print(f"--layout auto: {choice.why}; running {' '.join(choice.flags)}", flush=True)
+    check_precision(args)
     try:
         dp = check_layout(args.tp, args.pp, None, world_size)
     except ValueError as e:
@@ -382,7 +405,8 @@ def check_model(args, num_stages: int) -> GPTConfig:
                          f"stage: {name}'s {cfg.n_layers} layers over {num_stages} "
                          f"stages are {counts} per stage; use --recompute-layers <= "
                          f"{min(counts)}, or drop it to recompute every layer")
-    cfg = cfg.replace(recompute=args.recompute, recompute_layers=args.recompute_layers)
+    cfg = cfg.replace(recompute=args.recompute, recompute_layers=args.recompute_layers,
+                      params_dtype=params_dtype(args))
     what = "the HF model" if args.init_from_hf else f"the {name} preset"
     if cfg.n_heads % args.tp or cfg.n_kv_heads % args.tp:
         raise UsageError(f"--tp {args.tp} must divide {what}'s n_heads "

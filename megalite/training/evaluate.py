@@ -14,7 +14,7 @@ import torch
 from megalite.parallel import comm
 from megalite.pipeline import forward_schedule, run_schedule
 from megalite.training.data import get_batch
-from megalite.training.precision import autocast
+from megalite.training.precision import activation_dtype, autocast
 from megalite.training.sampler import dp_shard
 from megalite.training.step import pipeline_schedule, split_microbatches
 
@@ -37,7 +37,8 @@ def forward_loss(model, tokens, targets, *, micro_batch_size: int, schedule="1f1
         result = run_schedule(table, stages, ps, num_microbatches=m,
                               activation_shape=model.activation_shape(micro_batch_size,
                                                                       tokens.shape[1]),
-                              activation_dtype=torch.float32, inputs=inputs, targets=labels,
+                              activation_dtype=activation_dtype(model), inputs=inputs,
+                              targets=labels,
                               loss_fn=model.loss, forward_only=True)
     return comm.all_reduce(result.loss.reshape(1).clone(), ps.dp_group)[0] / ps.dp
 

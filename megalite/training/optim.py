@@ -47,7 +47,7 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
                     distributed: bool = False, fused: bool | None = None) -> torch.optim.Optimizer:
     """AdamW over ``model``'s decay / no-decay groups. ``distributed=True`` shards its state
     over the data-parallel group (ZeRO-1, :func:`megalite.training.step.distributed_optimizer`).
-    A model with 16-bit parameters (``GPTConfig(params_dtype="bf16")``) gets an optimizer
+    A trainable model with 16-bit parameters (``GPTConfig(params_dtype="bf16")``) gets one
     over fp32 main weights (:class:`megalite.parallel.MainParamOptimizer`; the distributed
     one shards them too).
     ``fused=None`` (default) uses torch's fused kernel (one launch per step for all
@@ -69,7 +69,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kind)
     if distributed:
         return distributed_optimizer(optimizer, model)
-    if any(p.dtype != torch.float32 for p in params):  # 16-bit weights: fp32 main weights
+    if hasattr(model, "stages") and any(p.dtype != torch.float32 for p in params):
+        # a trainable model (train_step) with 16-bit weights: fp32 main weights
         return main_param_optimizer(optimizer, model)
     return optimizer
 

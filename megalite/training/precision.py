@@ -1,9 +1,16 @@
-"""Mixed precision: fp32 master weights with bf16/fp16 autocast, and fp16 loss scaling.
+"""Mixed precision: the two modes, and fp16 loss scaling (docs/precision.md).
 
-Parameters, gradients, their data-parallel reduction and the optimizer stay fp32; only the
-matmuls run in 16 bits under ``torch.autocast``. fp16's narrow range needs the loss scaled
-up before backward; :class:`DynamicLossScaler` halves the scale and skips the step when any
-rank sees an inf/NaN gradient, and doubles it after ``growth_interval`` clean steps.
+* 16-bit parameters (``--dtype bf16|fp16``, ``GPTConfig(params_dtype=...)``, Megatron's
+  ``--bf16``): weights, activations, the residual stream and pipeline transfers are 16-bit;
+  norm weights and the loss stay fp32; gradients accumulate in fp32 main-gradient buffers
+  and the optimizer steps fp32 main weights (:mod:`megalite.parallel.distributed_optimizer`).
+  :func:`activation_dtype` is the dtype the pipeline moves.
+* autocast (``--autocast --dtype bf16|fp16``): fp32 parameters, gradients and optimizer;
+  the matmuls run in 16 bits under ``torch.autocast`` (:func:`autocast`).
+
+fp16's narrow range needs the loss scaled up before backward in both modes;
+:class:`DynamicLossScaler` halves the scale and skips the step when any rank sees an inf/NaN
+gradient, and doubles it after ``growth_interval`` clean steps.
 """
 from __future__ import annotations
 
@@ -15,6 +22,13 @@ import torch.distributed as dist
 from megalite.parallel import comm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def activation_dtype(model) -> torch.dtype:
+    """What ``model``'s stages hand each other: its parameters' dtype (``model.dtype``, set
+    by GPT from ``params_dtype``), fp32 for a model that does not say."""
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def autocast(dtype: str, device: torch.device):

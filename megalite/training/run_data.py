@@ -71,5 +71,6 @@ def evaluation_due(args, step: int) -> bool:
 def validation_metrics(model, data: RunData, args, schedule) -> dict:
     """{"val_loss", "val_ppl"} on the held-out batches (every rank)."""
     loss = evaluate(model, data.heldout, data.eval_batches,
-                    micro_batch_size=args.micro_batch_size, schedule=schedule, dtype=args.dtype)
+                    micro_batch_size=args.micro_batch_size, schedule=schedule,
+                    dtype=args.dtype if getattr(args, "autocast", False) else "fp32")
     return {"val_loss": loss, "val_ppl": perplexity(loss)}

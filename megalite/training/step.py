@@ -22,7 +22,7 @@ from megalite.parallel.distributed_optimizer import DistributedOptimizer, MainPa
 from megalite.parallel.grad_buffer import DEFAULT_BUCKET_BYTES
 from megalite.parallel.main_grads import MainGrads
 from megalite.pipeline import build_schedule, run_schedule, stage_to_rank
-from megalite.training.precision import autocast
+from megalite.training.precision import activation_dtype, autocast
 
 
 @dataclass
@@ -180,12 +180,15 @@ def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
     (``optimizer.full_grad(p)`` gathers one). ``dtype`` "bf16"/"fp16" runs the
     forward under autocast with fp32 weights; fp16 needs a ``grad_scaler``. A non-finite
     loss or gradient norm skips the update on every rank (both are global values, so all
-    ranks decide alike) and sets ``nonfinite``. ``loss_fn`` defaults to ``model.loss``.
+    ranks decide alike) and sets ``nonfinite``. A model with 16-bit parameters
+    (``params_dtype``) trains in that dtype through fp32 main weights whatever ``dtype`` says
+    (leave it "fp32"); fp16 parameters need a ``grad_scaler`` too. ``loss_fn`` defaults to ``model.loss``.
     ``overlap_grad_reduce`` reduces gradient buckets over dp during the last microbatch's
     backward; ``optimizer`` may be a :class:`DistributedOptimizer` (``build_optimizer(...,
     distributed=True)``)."""
     ps = model.ps
-    if dtype == "fp16" and grad_scaler is None:
+    moving = activation_dtype(model)
+    if (dtype == "fp16" or moving == torch.float16) and grad_scaler is None:
         raise ValueError("fp16 training needs a DynamicLossScaler (grad_scaler=...)")
     main_grads = _main_grads(model, optimizer)
     main_grads.zero_grad()
@@ -195,9 +198,10 @@ def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
         loss_fn = lambda out, tgt: grad_scaler.scale(unscaled_fn(out, tgt))  # noqa: E731
         loss_fn.accepts_head_input = getattr(unscaled_fn, "accepts_head_input", False)
     with autocast(dtype, ps.device):
-        # The residual stream stays fp32 under autocast (fp32 embeddings + 16-bit branches).
+        # Under autocast the residual stream stays fp32 (fp32 embeddings + 16-bit branches);
+        # with 16-bit parameters it is 16-bit, and so is what the pipeline moves.
         result = forward_backward(model, tokens, targets, micro_batch_size=micro_batch_size,
-                                  schedule=schedule, activation_dtype=torch.float32,
+                                  schedule=schedule, activation_dtype=moving,
                                   loss_fn=loss_fn, verbose=verbose, trace=trace,
                                   final_backward=main_grads.final_backward
                                   if overlap_grad_reduce else None,

@@ -26,14 +26,15 @@ from megalite.training import inject, profiling
 from megalite.training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from megalite.training.checkpoint_dir import find_resume_checkpoint, remove_checkpoints
 from megalite.parallel.state import ParallelState
-from megalite.training.cli import RunPlan, check_args, default_warmup, schedule_note
+from megalite.training.cli import (RunPlan, autocast_dtype, check_args, default_warmup,
+                                   schedule_note)
 from megalite.training.config_file import write_effective_config
 from megalite.training.data import ShardedSampler, get_batch
 from megalite.training.errors import UsageError, write_launcher_error_file
 from megalite.training.fault import StepWatchdog, Stopper, StopSignals
 from megalite.training.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from megalite.training.optim import build_optimizer, build_scheduler
-from megalite.training.precision import DynamicLossScaler
+from megalite.training.precision import DynamicLossScaler, activation_dtype
 from megalite.training.reporting import measured_vs_planned, planner_prediction, write_timeline
 from megalite.training.hf import copy_tokenizer_files, gpt_from_hf, hf_model_type
 from megalite.training.run_data import describe as describe_data
@@ -104,6 +105,10 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, warmup, args.steps, args.decay,
                                          args.min_lr_ratio)
         self.scaler = DynamicLossScaler() if args.dtype == "fp16" else None
+        # A GPT takes --dtype as its parameters' dtype (cfg.params_dtype) unless --autocast;
+        # a model of the user's own with fp32 parameters keeps autocasting to --dtype.
+        self.autocast = autocast_dtype(args) if self.model_provider is None or \
+            activation_dtype(model) != torch.float32 else args.dtype
         if resume_from:  # a run that resumes continues its own weights, not the HF ones
             load_checkpoint(resume_from, model, self.optimizer, self.scheduler, self.sampler,
                             self.scaler, verify=False)  # choose_start verified it
@@ -172,6 +177,8 @@ class Trainer:
                 + (f" ep={args.ep}" if args.ep > 1 else "") + ", "
                 f"{self.plan.num_microbatches} microbatches of {args.micro_batch_size} x "
                 f"{args.seq_len}, {self.schedule_name}, {args.dtype}"
+                + (" autocast" if self.autocast != "fp32" else
+                   " parameters" if args.dtype != "fp32" else "")
                 + (", distributed optimizer" if args.distributed_optimizer else "")
                 + (f", recompute {args.recompute}" if args.recompute != "none" else "")
                 + (f" (first {args.recompute_layers} layers of each stage)"
@@ -213,7 +220,7 @@ class Trainer:
                 return train_step(model, self.optimizer, tokens, targets,
                                   micro_batch_size=args.micro_batch_size,
                                   schedule=self.plan.schedule, max_grad_norm=args.clip_grad,
-                                  grad_scaler=self.scaler, dtype=args.dtype,
+                                  grad_scaler=self.scaler, dtype=self.autocast,
                                   overlap_grad_reduce=not args.no_overlap_grad_reduce,
                                   verbose=args.verbose_p2p,
                                   trace=bool(args.trace) and step == args.steps,

@@ -46,6 +46,11 @@ def test_grouped_matmul_layouts_and_empty_experts():
     assert dw.stride() == w.stride(), "the weight gradient lost the weight's layout"
     assert dw[1].eq(0).all() and dw[3].eq(0).all(), "experts without tokens: zero gradient"
 
+    # only the weight differentiated (the input gradient kernel is skipped)
+    (dw_only,) = torch.autograd.grad(
+        grouped_matmul(x.detach(), w, torch.tensor(sizes), backend="triton"), [w], dy)
+    close(dw_only, dwr, torch.float32, what="dw without dx")
+
     # under autocast: fp32 leaves, fp16 compute and output, fp32 gradients
     x, w = torch.randn(9, 20, requires_grad=True), torch.randn(2, 20, 17, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.float16):
@@ -95,6 +100,8 @@ def test_grouped_matmul_errors():
         grouped_matmul(x, w, torch.tensor([3.0, 3.0]))
     with pytest.raises(ValueError, match="dtypes differ"):
         grouped_matmul(x, w.half(), [3, 3], backend="triton")
+    with pytest.raises(ValueError, match="fp32/fp16/bf16"):
+        grouped_matmul(x.double(), w.double(), [3, 3], backend="triton")
 
 
 def test_reference_gradcheck_fp64():
@@ -102,6 +109,8 @@ def test_reference_gradcheck_fp64():
     w = torch.randn(3, 3, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: grouped_matmul_reference(x, w, [2, 0, 3]),
                                     (x, w))
+    # fp64 under "auto" (interpreter on) takes the reference too
+    assert torch.autograd.gradcheck(lambda x, w: grouped_matmul(x, w, [2, 0, 3]), (x, w))
 
 
 def test_bench_case_providers_agree():
