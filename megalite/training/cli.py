@@ -504,7 +504,9 @@ def planned_layout(args, dp: int, cfg) -> plan.Layout | None:
         recompute=args.recompute, recompute_layers=args.recompute_layers,
         distributed_optimizer=args.distributed_optimizer,
         overlap_grad_reduce=not args.no_overlap_grad_reduce,
-        kernels="triton" if triton else "torch", fused_loss=cfg.fused_loss)
+        kernels="triton" if triton else "torch", fused_loss=cfg.fused_loss,
+        **layout_auto.plan_extras(args))
+
 
 
 def memory_budget(args) -> float | None:
@@ -544,7 +546,8 @@ def check_memory(args, dp: int, cfg, world_size: int) -> None:
         raise UsageError(f"--check-memory: {layout.describe()} {reason}; python -m "
                          f"megalite.plan --model {args.model or 'tiny'} --gpus {world_size} "
                          f"--gpu-memory {budget / 2**30:.1f}GiB --seq-len {args.seq_len} "
-                         f"--global-batch-size {args.global_batch_size} lists layouts that fit")
+                         f"--global-batch-size {args.global_batch_size} --dtype {args.dtype}"
+                         f"{' --autocast' if layout.autocast else ''} lists layouts that fit")
 
 
 def default_warmup(steps: int) -> int:
