@@ -274,9 +274,10 @@ PRESETS: dict[str, dict] = {
                        d_ff=14336, max_seq_len=32768, rope_theta=10000.0, norm_eps=1e-5,
                        sliding_window=4096, **_LLAMA),
     # --- Mixtures of Experts (docs/moe.md) ---
-    # Byte-level, 8 experts top-2 with a balancing loss: trains on the bundled corpus on CPU.
+    # Byte-level, 8 experts top-2 with a balancing loss: trains on the bundled corpus on CPU;
+    # every layer is MoE (d_ff = the experts' size), so it exports as Mixtral.
     "tiny-moe": dict(vocab_size=256, n_layers=4, n_heads=4, n_kv_heads=2, d_model=128,
-                     d_ff=384, max_seq_len=256, norm_eps=1e-5, moe_num_experts=8, moe_top_k=2,
+                     d_ff=128, max_seq_len=256, norm_eps=1e-5, moe_num_experts=8, moe_top_k=2,
                      moe_d_ff=128, moe_aux_loss_coeff=0.01, **_LLAMA),
     # Mixtral 8x7B (config.json of mistralai/Mixtral-8x7B-v0.1).
     "mixtral-8x7b": dict(vocab_size=32000, n_layers=32, n_heads=32, n_kv_heads=8, d_model=4096,

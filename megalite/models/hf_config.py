@@ -230,6 +230,9 @@ def family_of(cfg: GPTConfig, prefer: str | None = None) -> str:
     for family in order:
         if _unwritable(family, cfg) is None:
             return family
+    if cfg.moe_num_experts:
+        reasons = "; ".join(_unwritable(f, cfg) for f in ("mixtral", "qwen2_moe", "qwen3_moe"))
+        raise ValueError(f"no Hugging Face MoE architecture matches this model: {reasons}")
     raise ValueError(f"no Hugging Face architecture matches norm={cfg.norm}, activation="
                      f"{cfg.activation}, position={cfg.position}, bias={cfg.bias}, qkv_bias="
                      f"{cfg.qkv_bias}, qk_norm={cfg.qk_norm}, n_kv_heads={cfg.n_kv_heads}: "

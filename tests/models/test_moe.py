@@ -134,6 +134,11 @@ def test_config_layers_and_params():
     assert round(mixtral.num_params() / 1e9, 1) == 46.7
     assert round(mixtral.num_params(active=True) / 1e9, 1) == 12.9
     assert round(GPTConfig.preset("deepseek-v3").num_params() / 1e9) == 671
+    from megalite.models.hf_config import family_of
+    assert family_of(GPTConfig.preset("tiny-moe")) == "mixtral"
+    assert family_of(GPTConfig.preset("qwen3-30b-a3b")) == "qwen3_moe"
+    with pytest.raises(ValueError, match="no Hugging Face MoE architecture"):
+        family_of(GPTConfig.preset("deepseek-v3"))
 
 
 @pytest.mark.parametrize("flags, world, message", [
