@@ -57,25 +57,26 @@ class GPTConfig:
     # Context parallelism's attention exchange (megalite.parallel.context): "ring" passes
     # K/V around the cp group, "all-to-all" re-shards sequence <-> heads (Ulysses).
     cp_comm: str = "ring"
-    # Parameter precision: "bf16"/"fp16" keep the weights 16-bit with fp32 main weights in
-    # the optimizer; "fp32" is the full-precision model (mixed precision then by autocast).
-    params_dtype: str = "fp32"
-    # Mixture of Experts (0 experts: every layer dense). moe_d_ff None: d_ff; layers are MoE
-    # from moe_first_k_dense on, every moe_layer_freq-th (Qwen's decoder_sparse_step: layer
-    # i when (i + 1) % freq == 0), except moe_dense_layers (Qwen's mlp_only_layers).
+    # Mixture of Experts (megalite.models.moe, docs/moe.md). 0 experts: a dense model.
     moe_num_experts: int = 0
     moe_top_k: int = 2
-    moe_d_ff: int | None = None
-    moe_shared_d_ff: int = 0
-    moe_router: str = "softmax"
-    moe_norm_topk: bool = True
-    moe_first_k_dense: int = 0
-    moe_layer_freq: int = 1
-    moe_dense_layers: tuple = ()
-    moe_capacity_factor: float | None = None
-    moe_aux_loss_coeff: float = 0.0
-    moe_z_loss_coeff: float = 0.0
-    moe_router_bias_update: float = 0.0
+    moe_d_ff: int | None = None          # each expert's hidden size; None: d_ff
+    moe_shared_d_ff: int = 0             # the shared expert's hidden size; 0: none
+    moe_shared_gate: bool = False        # sigmoid gate on the shared expert (Qwen2-MoE)
+    moe_router: str = "softmax"          # "softmax" (Mixtral, Qwen) | "sigmoid" (DeepSeek-V3)
+    moe_norm_topk: bool = True           # renormalize the chosen k weights to sum to 1
+    moe_routed_scaling: float = 1.0      # routed output x this (DeepSeek-V3: 2.5)
+    moe_first_k_dense: int = 0           # the first k layers are dense (DeepSeek)
+    moe_layer_freq: int = 1              # every n-th layer is MoE (decoder_sparse_step)
+    moe_dense_layers: tuple = ()         # these layers are dense (mlp_only_layers)
+    moe_capacity_factor: float | None = None   # None: dropless
+    moe_aux_loss_coeff: float = 0.0      # load-balancing loss (Switch / Mixtral form)
+    moe_z_loss_coeff: float = 0.0        # router z-loss (ST-MoE)
+    moe_router_bias_update: float = 0.0  # aux-loss-free balancing bias step (DeepSeek-V3)
+    # Weights, activations, residual stream and pipeline transfers in 16 bits ("bf16",
+    # "fp16"); norm weights and the loss stay fp32 and the optimizer keeps fp32 main weights
+    # (docs/precision.md). "fp32": fp32 weights (16-bit math then comes from --autocast).
+    params_dtype: str = "fp32"
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -124,11 +125,55 @@ class GPTConfig:
                                  f"got {self.recompute_layers}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self._check_moe()
+
+    # ------------------------------------------------------------------ mixture of experts
+    def _check_moe(self) -> None:
+        self.moe_dense_layers = tuple(int(i) for i in self.moe_dense_layers)
+        if self.moe_num_experts < 0:
+            raise ValueError(f"moe_num_experts must be >= 0, got {self.moe_num_experts}")
+        if self.moe_d_ff is None:
+            self.moe_d_ff = self.d_ff
+        if not self.moe_num_experts:
+            return
+        if not 1 <= self.moe_top_k <= self.moe_num_experts:
+            raise ValueError(f"moe_top_k={self.moe_top_k} must be in [1, moe_num_experts="
+                             f"{self.moe_num_experts}]; lower the top-k or add experts")
+        if self.moe_d_ff < 1 or self.moe_shared_d_ff < 0 or self.moe_layer_freq < 1 \
+                or self.moe_first_k_dense < 0:
+            raise ValueError("moe_d_ff >= 1, moe_shared_d_ff >= 0, moe_layer_freq >= 1 and "
+                             "moe_first_k_dense >= 0 are required")
+        if self.moe_shared_gate and not self.moe_shared_d_ff:
+            raise ValueError("moe_shared_gate gates the shared expert: set moe_shared_d_ff")
+        if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+            raise ValueError(f"moe_capacity_factor must be > 0 or None (dropless), got "
+                             f"{self.moe_capacity_factor}")
+        if self.moe_router_bias_update and self.moe_router != "sigmoid":
+            raise ValueError("moe_router_bias_update is DeepSeek-V3's balancing bias of the "
+                             "sigmoid router: set moe_router='sigmoid'")
+        if self.bias:
+            raise ValueError("MoE layers have no biases: set bias=False")
 
     def is_moe_layer(self, i: int) -> bool:
-        """Whether layer ``i`` (0-based) has a Mixture-of-Experts MLP."""
+        """Whether layer ``i`` has a mixture of experts (else the dense MLP): DeepSeek's
+        first_k_dense_replace, Qwen's decoder_sparse_step and mlp_only_layers combined."""
         return (self.moe_num_experts > 0 and i >= self.moe_first_k_dense
                 and (i + 1) % self.moe_layer_freq == 0 and i not in self.moe_dense_layers)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
+    def _mlp_params(self, d_ff: int) -> int:
+        return self.d_model * d_ff * (3 if self.activation == "swiglu" else 2)
+
+    def _moe_layer_params(self, active: bool) -> int:
+        """One MoE layer's router, experts (all, or the top-k a token uses) and shared
+        expert, replacing the dense MLP."""
+        experts = self.moe_top_k if active else self.moe_num_experts
+        return (self.moe_num_experts * self.d_model + experts * self._mlp_params(self.moe_d_ff)
+                + self._mlp_params(self.moe_shared_d_ff)
+                + (self.d_model if self.moe_shared_gate else 0))
 
     def replace(self, **changes) -> "GPTConfig":
         """A copy with ``changes``. A head_dim equal to d_model // n_heads counts as derived:
@@ -137,8 +182,9 @@ class GPTConfig:
             changes["head_dim"] = None
         return dataclasses.replace(self, **changes)
 
-    def num_params(self, include_embeddings: bool = True) -> int:
-        """Parameter count of the whole (unsharded, unpadded) model."""
+    def num_params(self, include_embeddings: bool = True, active: bool = False) -> int:
+        """Parameter count of the whole (unsharded, unpadded) model; ``active``: the
+        parameters one token uses (top-k experts of each MoE layer, not all)."""
         d, f, hd = self.d_model, self.d_ff, self.head_dim
         attn = d * (self.n_heads + 2 * self.n_kv_heads) * hd + self.n_heads * hd * d
         mlp = d * f * (3 if self.activation == "swiglu" else 2)
@@ -154,14 +200,15 @@ class GPTConfig:
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         if self.position == "learned":
             emb += self.max_seq_len * d
-        return self.n_layers * per_layer + final_norm + (emb if include_embeddings else 0)
+        moe = len(self.moe_layers) * (self._moe_layer_params(active) - mlp)
+        return self.n_layers * per_layer + moe + final_norm + (emb if include_embeddings else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), PaLM's formula:
-        6 * non-embedding params + 6 * vocab * d (the head) + 12 * layers * heads * head_dim
+        6 * non-embedding active params (top-k experts only) + 6 * vocab * d (the head) + 12 * layers * heads * head_dim
         * keys (attention, counted without causal savings; keys = seq, or the sliding window
         when shorter)."""
-        n = self.num_params(include_embeddings=False)
+        n = self.num_params(include_embeddings=False, active=True)
         keys = seq_len if self.sliding_window is None else min(seq_len, self.sliding_window)
         attention = 12 * self.n_layers * self.n_heads * self.head_dim * keys
         return 6 * n + 6 * self.vocab_size * self.d_model + attention
@@ -230,4 +277,32 @@ PRESETS: dict[str, dict] = {
     "mistral-7b": dict(vocab_size=32000, n_layers=32, n_heads=32, n_kv_heads=8, d_model=4096,
                        d_ff=14336, max_seq_len=32768, rope_theta=10000.0, norm_eps=1e-5,
                        sliding_window=4096, **_LLAMA),
+    # --- Mixtures of Experts (docs/moe.md) ---
+    # Byte-level, 8 experts top-2 with a balancing loss: trains on the bundled corpus on CPU;
+    # every layer is MoE (d_ff = the experts' size), so it exports as Mixtral.
+    "tiny-moe": dict(vocab_size=256, n_layers=4, n_heads=4, n_kv_heads=2, d_model=128,
+                     d_ff=128, max_seq_len=256, norm_eps=1e-5, moe_num_experts=8, moe_top_k=2,
+                     moe_d_ff=128, moe_aux_loss_coeff=0.01, **_LLAMA),
+    # Mixtral 8x7B (config.json of mistralai/Mixtral-8x7B-v0.1).
+    "mixtral-8x7b": dict(vocab_size=32000, n_layers=32, n_heads=32, n_kv_heads=8, d_model=4096,
+                         d_ff=14336, max_seq_len=32768, rope_theta=1e6, norm_eps=1e-5,
+                         moe_num_experts=8, moe_top_k=2, moe_aux_loss_coeff=0.02, **_LLAMA),
+    # Qwen3-30B-A3B: 128 experts of 768, top-8, renormalized; q/k norms, head_dim 128.
+    "qwen3-30b-a3b": dict(vocab_size=151936, n_layers=48, n_heads=32, n_kv_heads=4,
+                          d_model=2048, d_ff=6144, head_dim=128, max_seq_len=40960,
+                          rope_theta=1e6, norm_eps=1e-6, qk_norm=True, moe_num_experts=128,
+                          moe_top_k=8, moe_d_ff=768, moe_aux_loss_coeff=0.001, **_LLAMA),
+    # DeepSeek-V3 (671B, 37B active), for the planner and --check-memory only: megalite has
+    # no multi-head latent attention (MLA), so attention is approximated by grouped-query
+    # attention with about MLA's parameter count (128 heads of 96, 8 kv heads: 187M per
+    # layer against MLA's 187M; the KV cache and attention FLOPs differ). The MoE part is
+    # exact: 3 dense layers first, 256 routed experts of 2048 top-8 + 1 shared, sigmoid
+    # router with the aux-loss-free bias, weights renormalized x 2.5. No multi-token
+    # prediction, no node-limited (group) routing.
+    "deepseek-v3": dict(vocab_size=129280, n_layers=61, n_heads=128, n_kv_heads=8,
+                        head_dim=96, d_model=7168, d_ff=18432, max_seq_len=4096,
+                        rope_theta=10000.0, norm_eps=1e-6, moe_num_experts=256, moe_top_k=8,
+                        moe_d_ff=2048, moe_shared_d_ff=2048, moe_router="sigmoid",
+                        moe_routed_scaling=2.5, moe_first_k_dense=3,
+                        moe_router_bias_update=1e-3, moe_aux_loss_coeff=1e-4, **_LLAMA),
 }

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from megalite import kernels
 from megalite.models.config import RECOMPUTE_MODES, GPTConfig
+from megalite.models.moe import MoE, MoEStats, finish_step
 from megalite.models.recompute import checkpoint
 from megalite.models.rope_scaling import attention_factor, inverse_frequencies
 from megalite.parallel import comm
@@ -46,8 +47,9 @@ from megalite.parallel.partition import layers_per_stage, stage_layers
 CHECKPOINT_FREE_FIELDS = frozenset({
     "dropout", "kernels", "sequence_parallel", "layers_per_stage", "master_init",
     "pad_vocab_to", "init_std", "recompute", "recompute_layers", "fused_loss",
-    "params_dtype",  # checkpoints hold fp32 (main) weights whatever the parameters' dtype
-    "cp_comm"})
+    "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_capacity_factor", "moe_router_bias_update",
+    "cp_comm",
+    "params_dtype"})  # checkpoints hold fp32 (main) weights whatever the parameters' dtype
 
 PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -233,13 +235,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig, ps: ParallelState, init: _Init, index: int):
+    def __init__(self, cfg: GPTConfig, ps: ParallelState, init: _Init, index: int,
+                 moe_stats: MoEStats | None = None):
         super().__init__()
         prefix = f"layers.{index}."
         self.attn_norm = Norm(cfg, ps)
         self.attn = Attention(cfg, ps, init, prefix + "attn.")
         self.mlp_norm = Norm(cfg, ps)
-        self.mlp = MLP(cfg, ps, init, prefix + "mlp.")
+        if cfg.is_moe_layer(index):
+            shared = MLP(cfg.replace(d_ff=cfg.moe_shared_d_ff), ps, init,
+                         prefix + "mlp.shared.") if cfg.moe_shared_d_ff else None
+            self.mlp = MoE(cfg, ps, init, prefix + "mlp.", shared, moe_stats, index)
+        else:
+            self.mlp = MLP(cfg, ps, init, prefix + "mlp.")
         self.dropout, self.sequence_parallel = cfg.dropout, cfg.sequence_parallel
         self.recompute = "none"
 
@@ -341,7 +349,8 @@ class GPT(nn.Module):
         if self.is_first and cfg.position == "learned":
             table = init.normal("pos_embed", cfg.init_std)(torch.empty(cfg.max_seq_len, cfg.d_model))
             self.pos_embed = nn.Parameter(table.to(ps.device))
-        self.layers = nn.ModuleDict({str(i): Block(cfg, ps, init, i)
+        self.moe_stats = MoEStats()  # the aux-loss scale all MoE layers read
+        self.layers = nn.ModuleDict({str(i): Block(cfg, ps, init, i, self.moe_stats)
                                      for s in self.stages for i in self.stage_layers[s]})
         for s in self.stages:  # full recompute: the first recompute_layers of each stage
             layers = self.stage_layers[s]
@@ -377,12 +386,13 @@ class GPT(nn.Module):
         """16-bit parameters (``cfg.params_dtype``), initialized as fp32 and rounded, so the
         fp32 main weights start from the same values in every layout. Norm weights stay fp32
         (as Megatron keeps them): their gradients are reductions over many tokens, and the
-        normalization itself runs in fp32 inside the kernel. Parameter objects (and their
+        normalization itself runs in fp32 inside the kernel; so do MoE routers (marked
+        ``keep_fp32``: routing runs in fp32, and the balancing bias moves by small steps). Parameter objects (and their
         metadata) are kept; only their data changes dtype."""
         norms = {id(p) for m in self.modules() if isinstance(m, Norm) for p in m.parameters()}
         with torch.no_grad():
             for p in self.parameters():
-                if id(p) not in norms:
+                if id(p) not in norms and not getattr(p, "keep_fp32", False):
                     p.data = p.data.to(self.dtype)
 
     def stage_modules(self, head_input: bool = False) -> dict:
@@ -551,6 +561,16 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token of the whole model (for MFU)."""
         return self.cfg.flops_per_token(seq_len)
+
+    def set_aux_loss_scale(self, scale: float) -> None:
+        """The gradient the MoE layers' auxiliary losses get in backward: the scale the
+        pipeline applies to the loss (1 / microbatches, x the fp16 loss scale)."""
+        self.moe_stats.loss_scale = scale
+
+    def finish_step(self, update_bias: bool = True) -> dict:
+        """After each optimizer step (collective): the MoE metrics (aux/z loss, expert load
+        per layer), the sigmoid routers' bias update; {} for a dense model."""
+        return finish_step(self, self.ps, update_bias)
 
     def shared_embedding_params(self) -> list[nn.Parameter]:
         """Parameters duplicated on the first and last stage's ranks (tied embeddings with

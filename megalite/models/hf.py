@@ -27,6 +27,7 @@ from megalite.models.gpt import GPT
 from megalite.models.hf_config import (as_dict, family_of, family_of_hf, gpt_config_from_hf,
                                        hf_config_from_gpt)
 from megalite.models.hf_files import Tensors, open_directory
+from megalite.models.hf_moe import SHARED_KEYS, is_routed, local_routed, routed_to_hf
 from megalite.parallel import comm
 from megalite.parallel.param_meta import param_meta
 from megalite.parallel.sharding import (gather_full_to_cpu, is_tp_sharded, send_stages_to_first,
@@ -51,6 +52,7 @@ _LAYER = {
               "attn.k_norm.weight": ["self_attn.k_norm.weight"]},
     "gpt2": {},
 }
+_LAYER["llama"].update(SHARED_KEYS)   # Qwen2-MoE's shared expert (routed experts: hf_moe)
 for _w in ("weight", "bias"):
     _LAYER["llama"].update({
         f"attn.qkv.{_w}": [f"self_attn.{p}_proj.{_w}" for p in "qkv"],
@@ -91,6 +93,8 @@ def _segment_sizes(cfg: GPTConfig, name: str) -> list[int]:
         return [q, kv, kv]
     if ".mlp.up." in name and cfg.activation == "swiglu":
         return [cfg.d_ff, cfg.d_ff]
+    if ".mlp.shared.up." in name:
+        return [cfg.moe_shared_d_ff, cfg.moe_shared_d_ff]
     return []
 
 
@@ -138,7 +142,9 @@ def from_hf(source, state: ParallelState | None = None, config=None, *,
         with torch.no_grad():
             for name, param in model.named_parameters():
                 try:
-                    local = _local_tensor(family, name, param, tensors, ps)
+                    local = local_routed(family, name, cfg, tensors, getattr(ps, "ep", 1),
+                                         getattr(ps, "ep_rank", 0)).to(param.dtype) \
+                        if is_routed(name) else _local_tensor(family, name, param, tensors, ps)
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from None
                 if local.shape != param.shape:
@@ -251,6 +257,10 @@ def _write(family: str, cfg: GPTConfig, full: dict, hf_config: dict, directory: 
         raise ImportError("save_hf writes safetensors: pip install 'megalite[hf]'") from None
     out = {}
     for name, tensor in full.items():
+        if is_routed(name):
+            out.update({k: v.contiguous().clone()
+                        for k, v in routed_to_hf(family, name, tensor, cfg).items()})
+            continue
         keys = _hf_keys(family, name)
         pieces = tensor.split(_segment_sizes(cfg, name), dim=0) if len(keys) > 1 else [tensor]
         for key, piece in zip(keys, pieces):

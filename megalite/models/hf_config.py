@@ -13,19 +13,24 @@ import os
 import torch
 
 from megalite.models.config import GPTConfig
+from megalite.models.hf_moe import (ARCHITECTURES as _MOE_ARCHITECTURES, ATTENTION_FAMILY,
+                                    MOE_FAMILIES, moe_config_from_hf, moe_config_to_hf,
+                                    moe_unwritable)
 from megalite.models.rope_scaling import ROPE_SCALING_FIELDS
 
 # Llama-style families: RMSNorm, SwiGLU, RoPE and the same weight names (hf.py).
-ROPE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+ROPE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral") + MOE_FAMILIES
 FAMILIES = ROPE_FAMILIES + ("gpt2",)
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
-                  "gpt2": "GPT2LMHeadModel"}
+                  "gpt2": "GPT2LMHeadModel", **_MOE_ARCHITECTURES}
 
 # Fields the HF config decides: overriding them would change the function or the shapes.
 _STRUCTURAL = ("vocab_size", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_ff", "norm",
                "activation", "position", "tie_embeddings", "bias", "norm_eps", "rope_theta",
-               "rope_scaling", "head_dim", "qkv_bias", "qk_norm", "sliding_window")
+               "rope_scaling", "head_dim", "qkv_bias", "qk_norm", "sliding_window",
+               "moe_num_experts", "moe_top_k", "moe_d_ff", "moe_shared_d_ff", "moe_shared_gate",
+               "moe_norm_topk", "moe_layer_freq", "moe_dense_layers", "moe_router")
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                      "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 
@@ -164,7 +169,12 @@ def gpt_config_from_hf(config, **overrides) -> GPTConfig:
     ``sequence_parallel``, ``dropout`` (0 by default), ``max_seq_len`` for RoPE models...)."""
     hf = as_dict(config)
     family = family_of_hf(hf)
-    base = _gpt2_config(hf) if family == "gpt2" else _rope_family_config(family, hf)
+    if family == "gpt2":
+        base = _gpt2_config(hf)
+    else:
+        base = _rope_family_config(ATTENTION_FAMILY.get(family, family), hf)
+    if family in MOE_FAMILIES:
+        base.update(moe_config_from_hf(family, hf, _unsupported))
     for key, value in overrides.items():
         fixed = key in _STRUCTURAL or (key == "max_seq_len" and base["position"] == "learned")
         if fixed and value != base.get(key):
@@ -179,6 +189,11 @@ def gpt_config_from_hf(config, **overrides) -> GPTConfig:
 # ----------------------------------------------------------------------------- export
 def _unwritable(family: str, cfg: GPTConfig) -> str | None:
     """Why ``family`` cannot express ``cfg`` (None: it can)."""
+    if family in MOE_FAMILIES:
+        return moe_unwritable(family, cfg) or _unwritable(ATTENTION_FAMILY[family],
+                                                          cfg.replace(moe_num_experts=0))
+    if cfg.moe_num_experts:
+        return f"{family} is dense and this model has experts"
     if family == "gpt2":
         if (cfg.norm, cfg.position) == ("layernorm", "learned") and \
                 cfg.activation != "swiglu" and cfg.bias and cfg.n_kv_heads == cfg.n_heads:
@@ -209,11 +224,15 @@ def family_of(cfg: GPTConfig, prefer: str | None = None) -> str:
     """The HF architecture that computes ``cfg``: ``prefer`` (e.g. the family a model was
     imported from) when it can, else the first of qwen3, qwen2, llama, mistral, gpt2 that
     can (so q/k norms export as Qwen3, q/k/v biases alone as Qwen2, a window as Mistral)."""
-    order = ([prefer] if prefer in FAMILIES else []) + ["qwen3", "qwen2", "llama", "mistral",
+    order = ([prefer] if prefer in FAMILIES else []) + ["qwen3_moe", "qwen2_moe", "mixtral",
+                                                        "qwen3", "qwen2", "llama", "mistral",
                                                         "gpt2"]
     for family in order:
         if _unwritable(family, cfg) is None:
             return family
+    if cfg.moe_num_experts:
+        reasons = "; ".join(_unwritable(f, cfg) for f in ("mixtral", "qwen2_moe", "qwen3_moe"))
+        raise ValueError(f"no Hugging Face MoE architecture matches this model: {reasons}")
     raise ValueError(f"no Hugging Face architecture matches norm={cfg.norm}, activation="
                      f"{cfg.activation}, position={cfg.position}, bias={cfg.bias}, qkv_bias="
                      f"{cfg.qkv_bias}, qk_norm={cfg.qk_norm}, n_kv_heads={cfg.n_kv_heads}: "
@@ -258,15 +277,18 @@ def hf_config_from_gpt(cfg: GPTConfig, dtype: torch.dtype = torch.float32,
            "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
            "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
            "rms_norm_eps": cfg.norm_eps, **_rope_fields(cfg)}
+    attention = ATTENTION_FAMILY.get(family, family)
+    if family in MOE_FAMILIES:
+        out.update(moe_config_to_hf(family, cfg))
     if family == "llama":
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
-    elif family == "mistral":
+    elif attention == "mistral":
         out.update(sliding_window=cfg.sliding_window)
     else:   # qwen2/qwen3: every layer sliding (max_window_layers=0) or none
         window = cfg.sliding_window is not None
         out.update(use_sliding_window=window, sliding_window=cfg.sliding_window,
                    max_window_layers=0 if window else cfg.n_layers,
                    layer_types=[("sliding" if window else "full") + "_attention"] * cfg.n_layers)
-        if family == "qwen3":
+        if attention == "qwen3":
             out.update(attention_bias=False)
     return out

@@ -39,6 +39,13 @@ import torch
 from megalite.parallel.random import get_rng_tracker
 
 _OBSERVERS: list = []  # measurement hooks (activation_memory.count_saved): see what regions keep
+_RECOMPUTING = [False]
+
+
+def is_recomputing() -> bool:
+    """Whether a region is being recomputed now (backward re-running its forward): code that
+    records statistics in forward (MoE expert load) skips the second run."""
+    return _RECOMPUTING[0]
 
 
 class _Placeholder:
@@ -121,10 +128,12 @@ class _Region:
         kind, enabled, dtype = self.autocast
         try:
             _set_rng_state(self.rng)
+            _RECOMPUTING[0] = True
             with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled), \
                     torch.autograd.graph.saved_tensors_hooks(fill, lambda _: None):
                 self.fn(*inputs)
         finally:
+            _RECOMPUTING[0] = False
             _set_rng_state(now)
         if seen[0] != self.count:
             raise RuntimeError(f"the recomputed region saved {seen[0]} tensors, the first run "

@@ -11,12 +11,19 @@ all-gather, which moves the same bytes but keeps activations outside TP regions 
 * :func:`gather_from_sequence_parallel_region`: all-gather forward, reduce-scatter backward;
 * :func:`reduce_scatter_to_sequence_parallel_region`: reduce-scatter forward, all-gather backward.
 
+Expert parallelism exchanges tokens with a variable-size all-to-all, its own conjugate (the
+backward is the all-to-all with the send and receive sizes swapped):
+
+* :func:`all_to_all`: rows of ``x`` in ``input_splits`` go to the group's ranks in order;
+  returns the rows received, ``output_splits`` from each rank.
+
 Every op is the identity when the group has one rank (or there is no torch.distributed),
 so a model written with them runs in a single plain process.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import Counter
 
 import torch
@@ -117,6 +124,23 @@ def reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return out
 
 
+def all_to_all_single(x: torch.Tensor, group, output_splits: list[int],
+                      input_splits: list[int]) -> torch.Tensor:
+    """Rows ``x[sum(input_splits[:j]) : ...]`` go to group rank j; returns the rows received,
+    ``output_splits[i]`` of them from rank i, in group-rank order. Counted payload: the rows
+    sent plus the rows received (what this rank moves through the network, itself
+    included)."""
+    if group_size(group) == 1:
+        return x
+    x = x.contiguous()
+    out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+    row = math.prod(x.shape[1:])  # elements per row (x may have no rows: an idle expert)
+    _run("all_to_all", x, group, lambda: dist.all_to_all_single(
+        out, x, output_split_sizes=list(output_splits), input_split_sizes=list(input_splits),
+        group=group), payload_elems=(sum(input_splits) + sum(output_splits)) * row)
+    return out
+
+
 def split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     """This rank's chunk of ``dim`` (no communication)."""
     world = group_size(group)
@@ -202,6 +226,28 @@ _ScatterToRegion = _conjugate_pair("_ScatterToRegion", split, all_gather)
 _GatherFromRegion = _conjugate_pair("_GatherFromRegion", all_gather, split)
 _GatherReduceScatter = _conjugate_pair("_GatherReduceScatter", all_gather, reduce_scatter)
 _ReduceScatterGather = _conjugate_pair("_ReduceScatterGather", reduce_scatter, all_gather)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Variable-size all-to-all; its backward is the reverse exchange (splits swapped)."""
+
+    @staticmethod
+    def forward(ctx, x, group, output_splits, input_splits):
+        ctx.group, ctx.splits = group, (list(output_splits), list(input_splits))
+        return all_to_all_single(x, group, output_splits, input_splits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        output_splits, input_splits = ctx.splits
+        return all_to_all_single(grad, ctx.group, input_splits, output_splits), None, None, None
+
+
+def all_to_all(x, group, output_splits: list[int], input_splits: list[int]):
+    """Expert dispatch/combine: rows of ``x`` split by ``input_splits`` to the group's ranks,
+    ``output_splits`` rows received from each; backward sends the gradients back the same
+    way. The identity when the group has one rank."""
+    return x if group_size(group) == 1 else _AllToAll.apply(x, group, output_splits,
+                                                              input_splits)
 
 
 def copy_to_tp_region(x, group):

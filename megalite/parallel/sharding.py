@@ -35,10 +35,22 @@ def _padded_sizes(param: torch.Tensor, tp: int) -> list[int]:
     return list(meta.tp_sizes)
 
 
+def is_expert_sharded(param: torch.Tensor, ps: ParallelState) -> bool:
+    """An MoE expert tensor split over the expert-parallel group along dim 0 (stacked
+    experts, ``expert_parallel``), at ep > 1."""
+    return getattr(param, "expert_parallel", False) and getattr(ps, "ep", 1) > 1
+
+
 def shard_full(full: torch.Tensor, param: torch.Tensor, state: ParallelState | None = None
                ) -> torch.Tensor:
     """This rank's shard of ``full``, the unpadded tp=1 tensor of ``param``."""
     ps = state or get_state()
+    if is_expert_sharded(param, ps):  # this ep rank's block of experts
+        local = param.shape[0]
+        if full.shape[0] != local * ps.ep:
+            raise ValueError(f"full tensor has {full.shape[0]} experts; the parameter's layout "
+                             f"expects {local} x ep={ps.ep} (model shapes differ?)")
+        return full.narrow(0, ps.ep_rank * local, local)
     if not is_tp_sharded(param):
         return full
     dim = param_meta(param).tp_dim
@@ -54,12 +66,15 @@ def shard_full(full: torch.Tensor, param: torch.Tensor, state: ParallelState | N
 
 def gather_full(param: torch.Tensor, state: ParallelState | None = None,
                 tensor: torch.Tensor | None = None) -> torch.Tensor:
-    """The unpadded tp=1 tensor of ``param`` (collective over the TP group).
+    """The unpadded tp=1 tensor of ``param`` (collective over the TP group; for MoE experts
+    at ep > 1 over the expert-parallel group: every expert).
 
     ``tensor`` gathers something shaped like the parameter instead (its gradient, an
     optimizer state)."""
     ps = state or get_state()
     local = param.detach() if tensor is None else tensor
+    if is_expert_sharded(param, ps):  # collective over the ep group instead
+        return comm.all_gather(local.contiguous(), ps.ep_group, dim=0)
     if not is_tp_sharded(param):
         return local
     meta = param_meta(param)

@@ -44,7 +44,7 @@ from megalite.parallel.comm import agree
 from megalite.parallel.distributed_optimizer import MainParamOptimizer
 from megalite.parallel.param_meta import param_meta
 from megalite.parallel.random import get_rng_tracker
-from megalite.parallel.sharding import gather_full_to_cpu, shard_full
+from megalite.parallel.sharding import gather_full_to_cpu, is_expert_sharded, shard_full
 from megalite.parallel.state import global_rank
 from megalite.training.checkpoint_dir import (FORMAT, VERSION, _LEFTOVER, _fsync,  # noqa: F401
                                               _write_atomic, file_checksum, latest_checkpoint,
@@ -118,8 +118,11 @@ def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
     dp_rank 0, cp_rank 0) rank writes them. Returns {file: names} of what it wrote and {file:
     checksum}."""
     sharded = isinstance(optimizer, MainParamOptimizer) and optimizer.main_grads.shard
-    # dp and cp replicas hold identical values: replica 0 writes
-    if (ps.dp_rank != 0 or ps.cp_rank != 0) and not sharded:
+    # dp and cp replicas hold identical values: replica 0 writes. MoE experts split over
+    # ep > 1 are gathered over the ep group of the first expert-data-parallel replica (the
+    # writer's).
+    first_expert = ps.ep > 1 and ps.expert_dp_rank == 0
+    if (ps.dp_rank != 0 or ps.cp_rank != 0) and not sharded and not first_expert:
         return {}, {}
     writer = ps.tp_rank == 0 and ps.dp_rank == 0 and ps.cp_rank == 0
     params, states = {}, {}
@@ -127,11 +130,12 @@ def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
         if param_meta(p).pipeline_duplicate:
             continue  # tied embedding copy on the last stage: the first stage saves it
         main = _main_weight(optimizer, p)  # collective over dp when sharded
-        if ps.dp_rank == 0:
+        joins = first_expert if is_expert_sharded(p, ps) else ps.dp_rank == 0
+        if joins:
             params[name] = gather_full_to_cpu(p, ps, tensor=main, keep=writer,
                                               dtype=torch.float32)
         for key, value in _param_state(optimizer, p):  # gathered over dp one at a time
-            if ps.dp_rank != 0:
+            if not joins:
                 continue
             if torch.is_tensor(value) and value.shape == p.shape:  # exp_avg, exp_avg_sq
                 states[f"{name}.{key}"] = gather_full_to_cpu(p, ps, value, keep=writer)

@@ -207,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--verbose-p2p", action="store_true", help="log every pipeline send/recv")
     out.add_argument("--debug", action="store_true",
                      help="print full tracebacks (also MEGALITE_DEBUG=1)")
+    moe = p.add_argument_group("mixture of experts (docs/moe.md)")
+    moe.add_argument("--ep", type=POSITIVE, default=1,
+                     help="expert-parallel size: experts split over this many of a stage's "
+                          "tp x cp x dp ranks")
+    moe.add_argument("--moe-aux-loss-coeff", type=_float_at_least(0), default=None,
+                     metavar="C", help="load-balancing loss coefficient (default: the model's)")
+    moe.add_argument("--moe-z-loss-coeff", type=_float_at_least(0), default=None,
+                     metavar="C", help="router z-loss coefficient (default: the model's)")
     mem = p.add_argument_group("memory planning (docs/planner.md)")
     mem.add_argument("--check-memory", action="store_true",
                      help="stop before anything is allocated when the planner predicts the "
@@ -337,6 +345,11 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
     num_stages = sum(map(len, rank_stages(table).values()))
     cfg = check_model(args, num_stages) if gpt else refuse_gpt_flags(args)
     check_context_model(args, cfg)
+    if cfg is not None:
+        cfg = check_moe(args, cfg, world_size)
+    elif args.ep > 1 and (world_size // args.pp) % args.ep:
+        raise UsageError(f"--ep {args.ep} must divide the {world_size // args.pp} ranks of a "
+                         f"pipeline stage (tp x cp x dp = world / pp); choose a divisor")
     if args.sequence_parallel and args.seq_len % args.tp:
         raise UsageError(f"--sequence-parallel splits the sequence over tp ranks: --seq-len "
                          f"{args.seq_len} must be divisible by --tp {args.tp}")
@@ -431,6 +444,32 @@ def check_context_model(args, cfg) -> None:
         check_context_parallel(args.seq_len, args.cp, args.cp_comm, *heads, tp=args.tp)
     except ValueError as e:
         raise UsageError(str(e)) from None
+def check_moe(args, cfg: GPTConfig, world_size: int) -> GPTConfig:
+    """--ep and the MoE loss coefficients against the model and the layout (before any
+    process group); returns the config with the coefficients applied."""
+    stage_ranks = world_size // args.pp
+    if args.ep > 1 and stage_ranks % args.ep:
+        raise UsageError(f"--ep {args.ep} must divide the {stage_ranks} ranks of a pipeline "
+                         f"stage (tp x cp x dp = world / pp); choose a divisor of {stage_ranks}")
+    if args.ep > 1 and not cfg.moe_num_experts:
+        raise UsageError(f"--ep {args.ep} splits the experts of an MoE model, and this model "
+                         f"is dense; drop --ep or train an MoE (e.g. --model tiny-moe)")
+    if cfg.moe_layers and args.cp > 1:
+        raise UsageError(f"--cp {args.cp}: MoE layers do not run with context parallelism yet; "
+                         f"train this model with --cp 1 (use --tp/--sequence-parallel for long "
+                         f"sequences)")
+    if cfg.moe_num_experts % args.ep:
+        raise UsageError(f"--ep {args.ep} must divide the model's {cfg.moe_num_experts} "
+                         f"experts; choose a divisor of {cfg.moe_num_experts}")
+    if cfg.moe_layers and args.tp > 1 and not args.sequence_parallel and args.seq_len % args.tp:
+        raise UsageError(f"MoE layers split the sequence over the tp ranks: --seq-len "
+                         f"{args.seq_len} must be divisible by --tp {args.tp}")
+    changes = {k: v for k, v in (("moe_aux_loss_coeff", args.moe_aux_loss_coeff),
+                                 ("moe_z_loss_coeff", args.moe_z_loss_coeff)) if v is not None}
+    if changes and not cfg.moe_num_experts:
+        raise UsageError("--moe-aux-loss-coeff/--moe-z-loss-coeff apply to MoE models; this "
+                         "model is dense: drop them")
+    return cfg.replace(**changes) if changes else cfg
 
 
 def refuse_gpt_flags(args) -> None:

@@ -14,7 +14,8 @@ from megalite.models import GPT, GPTConfig, from_hf
 from megalite.parallel.state import ParallelState
 
 # GPTConfig fields the run decides, not the HF directory.
-_RUN_FIELDS = ("sequence_parallel", "kernels", "dropout", "recompute", "recompute_layers")
+_RUN_FIELDS = ("sequence_parallel", "kernels", "dropout", "recompute", "recompute_layers",
+               "moe_aux_loss_coeff", "moe_z_loss_coeff")  # MoE coefficients: --moe-*-coeff
 
 
 def gpt_from_hf(directory: str, cfg: GPTConfig, ps: ParallelState, stages: list[int],

@@ -34,6 +34,7 @@ class StepResult:
     spans: list = field(default_factory=list)
     skipped: bool = False   # the optimizer step was skipped (fp16 overflow or nonfinite)
     nonfinite: bool = False  # skipped for a NaN/inf loss or gradient norm (not fp16 overflow)
+    moe: dict = field(default_factory=dict)  # MoE metrics (aux_loss, expert_load); {} dense
 
 
 def split_microbatches(tokens: torch.Tensor, micro_batch_size: int) -> list[torch.Tensor]:
@@ -75,13 +76,14 @@ def check_placement(schedule, pp: int) -> dict[int, int]:
 
 def forward_backward(model, tokens, targets, *, micro_batch_size: int, schedule="1f1b",
                      activation_dtype=torch.float32, loss_fn=None, verbose=False, trace=False,
-                     final_backward=None):
+                     final_backward=None, loss_scale: float = 1.0):
     """Run the pipeline schedule (a name such as "1f1b", "interleaved-1f1b", "zbv", or a
     {pipeline rank: actions} table) over this rank's batch; gradients accumulate in
     ``model``. ``loss_fn(logits, targets)`` defaults to ``model.loss``. A ``loss_fn`` marked
     ``accepts_head_input`` (``model.loss`` is) gets the last stage's ``HeadInput`` instead
     of logits, so the fused head + loss never stores them. ``final_backward``: see
-    :func:`megalite.pipeline.run_schedule`."""
+    :func:`megalite.pipeline.run_schedule`. ``loss_scale``: the factor ``loss_fn`` applies
+    (fp16), which the MoE layers' auxiliary losses follow."""
     ps = model.ps
     loss_fn = loss_fn or model.loss
     tokens, targets = context_shard(tokens, targets, ps)
@@ -89,6 +91,8 @@ def forward_backward(model, tokens, targets, *, micro_batch_size: int, schedule=
     labels = split_microbatches(targets, micro_batch_size)
     m = len(inputs)
     table = pipeline_schedule(model, schedule, m)
+    if hasattr(model, "set_aux_loss_scale"):  # MoE aux losses: scaled as the pipeline's loss
+        model.set_aux_loss_scale(loss_scale / m)
     # A loss marked accepts_head_input (GPT.loss) takes what the stages return with
     # head_input=True; other models' stage_modules() need not know the argument.
     stages = (model.stage_modules(head_input=True)
@@ -214,7 +218,8 @@ def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
                                   schedule=schedule, activation_dtype=moving,
                                   loss_fn=loss_fn, verbose=verbose, trace=trace,
                                   final_backward=main_grads.final_backward
-                                  if overlap_grad_reduce else None)
+                                  if overlap_grad_reduce else None,
+                                  loss_scale=grad_scaler.scale_value if grad_scaler else 1.0)
     finalize_grads(model, main_grads)
     # With the distributed optimizer only this rank's shard of each gradient is reduced;
     # the norm, clipping and unscaling act on exactly the reduced parts.
@@ -234,5 +239,7 @@ def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
         optimizer.step()
     if grad_scaler is not None:
         grad_scaler.update(found_inf=skipped)
+    # MoE: the step's expert load and aux losses, the router bias update (collective).
+    moe = model.finish_step(update_bias=not skipped) if hasattr(model, "finish_step") else {}
     return StepResult(loss=loss_value, grad_norm=norm_value, peak_live=result.peak_live,
-                      spans=result.spans, skipped=skipped, nonfinite=nonfinite)
+                      spans=result.spans, skipped=skipped, nonfinite=nonfinite, moe=moe)

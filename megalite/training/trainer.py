@@ -69,7 +69,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def run(self) -> int:
         args, cfg, table = self.args, self.plan.cfg, self.plan.schedule
-        ps = self.ps = parallel.initialize(tp=args.tp, pp=args.pp, cp=args.cp,
+        ps = self.ps = parallel.initialize(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep,
                                            timeout_s=args.comm_timeout)
         say = self.say = print if ps.rank == 0 else (lambda *a, **k: None)
         if args.tf32:
@@ -174,7 +174,8 @@ class Trainer:
         name = type(self.model).__name__ if self.model_provider else self.plan.model_name
         return (f"megalite: {name} ({size}) on "
                 f"{ps.world_size} {ps.device.type} processes: tp={ps.tp} pp={ps.pp} dp={ps.dp}"
-                + (f" cp={ps.cp} ({args.cp_comm})" if ps.cp > 1 else "") + ", "
+                + (f" cp={ps.cp} ({args.cp_comm})" if ps.cp > 1 else "")
+                + (f" ep={args.ep}" if args.ep > 1 else "") + ", "
                 f"{self.plan.num_microbatches} microbatches of {args.micro_batch_size} x "
                 f"{args.seq_len}, {self.schedule_name}, {args.dtype}"
                 + (" autocast" if self.autocast != "fp32" else
@@ -243,6 +244,7 @@ class Trainer:
             if peak:
                 row["mfu"] = flops_per_token * tokens_per_step / dt / (peak * ps.world_size)
             row["peak_mem_gb"] = peak_memory_gb(ps.device)
+            row.update(result.moe)  # MoE: aux_loss, z_loss, expert_load per layer
             if result.skipped:
                 row["skipped"] = True
                 row["skip_reason"] = "non-finite loss or grad norm" if result.nonfinite else \
