@@ -218,3 +218,15 @@ def test_bf16_layouts_track_one_process_and_bytes_per_param():
         # AdamW, bf16: 2 + 4 + 12/dp (distributed), 18 plain (norm weights are fp32: 16)
         assert abs(table[(4, True)] - (2 + 4 + 12 / 4)) < 0.1, table
         assert abs(table[(1, False)] - 18) < 0.1, table
+
+
+def test_dtype_flags_choose_the_mode_before_anything_starts():
+    from megalite.training import UsageError, check_args, parse_args
+    from megalite.training.cli import autocast_dtype
+    plan = check_args(parse_args(["--dtype", "bf16"]), 1)
+    assert plan.cfg.params_dtype == "bf16" and autocast_dtype(parse_args(["--dtype", "bf16"])) \
+        == "fp32"
+    args = parse_args(["--dtype", "bf16", "--autocast"])
+    assert check_args(args, 1).cfg.params_dtype == "fp32" and autocast_dtype(args) == "bf16"
+    with pytest.raises(UsageError, match="--autocast needs --dtype bf16 or fp16"):
+        check_args(parse_args(["--autocast"]), 1)
