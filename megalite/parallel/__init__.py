@@ -15,7 +15,8 @@ from megalite.parallel import grads, sharding
 from megalite.parallel.grads import clip_grad_norm_
 from megalite.parallel.grad_buffer import GradBuffer
 from megalite.parallel.main_grads import MainGrads
-from megalite.parallel.param_meta import ParamMeta, param_meta, set_param_meta, share_meta
+from megalite.parallel.param_meta import (ParamMeta, meta_by_name, param_meta, set_param_meta,
+                                          share_meta)
 from megalite.parallel.distributed_optimizer import DistributedOptimizer, MainParamOptimizer
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "RNGTracker", "get_rng_tracker", "model_parallel_seed", "grads", "sharding",
     "clip_grad_norm_", "GradBuffer", "MainGrads", "DistributedOptimizer",
     "MainParamOptimizer", "ParamMeta", "param_meta", "set_param_meta", "share_meta",
+    "meta_by_name",
 ]

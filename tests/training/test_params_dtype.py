@@ -65,6 +65,24 @@ def test_main_weights_step_like_dense_fp32_adamw_and_params_are_them_rounded():
     assert 4.4 < result.loss < 4.7
 
 
+def test_fp16_params_need_and_use_the_loss_scaler():
+    from megalite.training import DynamicLossScaler
+    d = _batches(1)[0]
+    losses = {}
+    for dtype in ("fp32", "fp16"):
+        torch.manual_seed(0)
+        model = GPT(CFG.replace(params_dtype=dtype), state=ParallelState())
+        opt = build_optimizer(model, lr=1e-2)
+        scaler = DynamicLossScaler(init_scale=2.0**10) if dtype == "fp16" else None
+        if dtype == "fp16":
+            with pytest.raises(ValueError, match="DynamicLossScaler"):
+                train_step(model, opt, d[:, :-1], d[:, 1:], micro_batch_size=4)
+        losses[dtype] = [train_step(model, opt, d[:, :-1], d[:, 1:], micro_batch_size=4,
+                                    grad_scaler=scaler).loss for _ in range(2)]
+    assert max(abs(a - b) for a, b in zip(losses["fp16"], losses["fp32"])) < 5e-3, losses
+    assert losses["fp16"][1] < losses["fp16"][0]  # it stepped (not skipped as overflow)
+
+
 def _trained(steps, cfg=CFG, ckpt=None, save_at=None, root=None, distributed=False):
     """A one-process run of ``steps`` steps (resumed from ``ckpt`` if given, saving at
     ``save_at`` into ``root``); returns (losses, model, opt)."""
@@ -200,3 +218,15 @@ def test_bf16_layouts_track_one_process_and_bytes_per_param():
         # AdamW, bf16: 2 + 4 + 12/dp (distributed), 18 plain (norm weights are fp32: 16)
         assert abs(table[(4, True)] - (2 + 4 + 12 / 4)) < 0.1, table
         assert abs(table[(1, False)] - 18) < 0.1, table
+
+
+def test_dtype_flags_choose_the_mode_before_anything_starts():
+    from megalite.training import UsageError, check_args, parse_args
+    from megalite.training.cli import autocast_dtype
+    plan = check_args(parse_args(["--dtype", "bf16"]), 1)
+    assert plan.cfg.params_dtype == "bf16" and autocast_dtype(parse_args(["--dtype", "bf16"])) \
+        == "fp32"
+    args = parse_args(["--dtype", "bf16", "--autocast"])
+    assert check_args(args, 1).cfg.params_dtype == "fp32" and autocast_dtype(args) == "bf16"
+    with pytest.raises(UsageError, match="--autocast needs --dtype bf16 or fp16"):
+        check_args(parse_args(["--autocast"]), 1)
