@@ -19,7 +19,9 @@ rank reads the names its stage holds from whichever files hold them and keeps it
 Optimizer state is keyed by parameter name, as optimizer indices differ from stage to stage.
 The distributed optimizer's dp-sharded state is gathered whole to save and re-sharded on
 load (:func:`_param_state`, ``DistributedOptimizer.load_full_state``), so either kind of
-optimizer loads either kind of checkpoint.
+optimizer loads either kind of checkpoint. FSDP's dp-sharded parameters and optimizer state
+(DTensors) are gathered whole the same way and sliced back on load (:mod:`megalite.parallel.fsdp`),
+so FSDP and non-FSDP runs load each other's checkpoints.
 
 Atomic: ranks write under ``ROOT/step_XXXXXXXX.tmp-<id>``; once all succeeded, rank 0 adds
 meta.json, publishes the directory with one rename and then replaces ``latest``. A killed
@@ -37,6 +39,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megalite.parallel import fsdp
 from megalite.parallel.comm import agree
 from megalite.parallel.distributed_optimizer import DistributedOptimizer
 from megalite.parallel.random import get_rng_tracker
@@ -113,7 +116,8 @@ def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
     dp for a sharded optimizer) tensor by tensor into host memory; the stage's (tp_rank 0,
     dp_rank 0) rank writes them. Returns {file: names} of what it wrote and {file:
     checksum}."""
-    sharded = isinstance(optimizer, DistributedOptimizer)
+    sharded_model = fsdp.is_fsdp(model)  # FSDP: parameters and state are dp shards
+    sharded = sharded_model or isinstance(optimizer, DistributedOptimizer)
     if ps.dp_rank != 0 and not sharded:  # dp replicas hold identical values: replica 0 writes
         return {}, {}
     writer = ps.tp_rank == 0 and ps.dp_rank == 0
@@ -121,9 +125,11 @@ def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
     for name, p in model.named_parameters():
         if getattr(p, "pipeline_duplicate", False):
             continue  # tied embedding copy on the last stage: the first stage saves it
+        whole = fsdp.full_tensor(p.detach())  # gathered over dp (FSDP), else p itself
         if ps.dp_rank == 0:
-            params[name] = gather_full_to_cpu(p, ps, keep=writer)
+            params[name] = gather_full_to_cpu(p, ps, whole, keep=writer)
         for key, value in _param_state(optimizer, p):  # gathered over dp one at a time
+            value = fsdp.full_tensor(value)
             if ps.dp_rank != 0:
                 continue
             if torch.is_tensor(value) and value.shape == p.shape:  # exp_avg, exp_avg_sq
@@ -164,7 +170,8 @@ def _meta(step, model, optimizer, scheduler, sampler, scaler, extra, files) -> d
     return {
         "format": FORMAT, "version": VERSION, "step": int(step),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
-        "layout": {"tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "world_size": ps.world_size},
+        "layout": {"tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "world_size": ps.world_size,
+                   "fsdp": fsdp.is_fsdp(model)},  # informative: the tensors are layout-free
         "config": model.checkpoint_config(),
         "files": dict(sorted(files.items())),
         "rng_files": [_RNG_FILE.format(r) for r in range(ps.world_size)],
@@ -281,7 +288,7 @@ def _load_model(files: _TensorFiles, model) -> None:
     with torch.no_grad():
         # A tied embedding's copy on the last stage has the same name: it loads the same tensor.
         for name, p in model.named_parameters():
-            p.copy_(_shard(files, name, files.get(name), p, model.ps))
+            p.copy_(fsdp.like_param(_shard(files, name, files.get(name), p, model.ps), p))
 
 
 def _load_optimizer(files: _TensorFiles, meta: dict, model, optimizer) -> None:
@@ -310,8 +317,8 @@ def _load_optimizer(files: _TensorFiles, meta: dict, model, optimizer) -> None:
             name = names[id(p)]  # build_optimizer's groups hold only model parameters
             saved_state = {k: files.get(f"{name}.{k}") for k in files.state_keys.get(name, [])}
             if saved_state:  # none: saved before the first step
-                state[index] = {k: v if v.dim() == 0 else
-                                _shard(files, f"{name}.{k}", v, p, model.ps)
+                state[index] = {k: v if v.dim() == 0 else  # an FSDP shard of it for FSDP
+                                fsdp.like_param(_shard(files, f"{name}.{k}", v, p, model.ps), p)
                                 for k, v in saved_state.items()}
         hyper = {k: tuple(v) if isinstance(indices.get(k), tuple) else v
                  for k, v in hyper.items()}  # JSON turned AdamW's betas into a list

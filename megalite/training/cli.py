@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="0 disables clipping")
     opt.add_argument("--distributed-optimizer", action="store_true",
                      help="shard the AdamW state over the dp group (ZeRO-1, docs/memory.md)")
+    # FSDP (H2): torch's fully_shard per block over the dp group (docs/fsdp.md)
+    opt.add_argument("--fsdp", action="store_true",
+                     help="shard parameters, gradients and AdamW state over the dp group "
+                          "with torch's FSDP2, one group per transformer block (docs/fsdp.md)")
     opt.add_argument("--no-overlap-grad-reduce", action="store_true",
                      help="reduce gradients over dp after the whole backward instead of "
                           "bucket by bucket during the last microbatch's")
@@ -303,6 +307,7 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
         flag = "--schedule-file" if args.schedule_file else "--schedule/--virtual-stages"
         raise UsageError(f"{flag}: {e}") from None
     num_stages = sum(map(len, rank_stages(table).values()))
+    check_fsdp(args)
     cfg = check_model(args, num_stages) if gpt else refuse_gpt_flags(args)
     if args.sequence_parallel and args.seq_len % args.tp:
         raise UsageError(f"--sequence-parallel splits the sequence over tp ranks: --seq-len "
@@ -338,6 +343,21 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
         check_memory(args, dp, cfg, world_size)
     return RunPlan(dp, num_microbatches, cfg, table,
                    model_name=(args.init_from_hf or args.model or "tiny") if gpt else "model")
+
+
+def check_fsdp(args) -> None:
+    """--fsdp's combinations, refused before any process group."""
+    if not getattr(args, "fsdp", False):
+        return
+    if args.distributed_optimizer:
+        raise UsageError("--fsdp shards the optimizer state already: drop "
+                         "--distributed-optimizer")
+    if args.dtype == "fp16":
+        raise UsageError("--fsdp runs --dtype fp32 or bf16 (FSDP's bf16 parameters with fp32 "
+                         "reduction), not fp16: use --dtype bf16")
+    if args.export_hf:
+        raise UsageError("--export-hf does not gather FSDP shards: train with --fsdp and "
+                         "--save, then run --load DIR --export-hf OUT without --fsdp")
 
 
 def check_model(args, num_stages: int) -> GPTConfig:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megalite.parallel import comm
+from megalite.parallel import comm, fsdp
 from megalite.parallel.distributed_optimizer import DistributedOptimizer
 from megalite.parallel.grad_buffer import GradBuffer
 from megalite.parallel.grads import (DEFAULT_BUCKET_BYTES, allreduce_data_parallel,
@@ -171,8 +171,17 @@ def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
     ps = model.ps
     if dtype == "fp16" and grad_scaler is None:
         raise ValueError("fp16 training needs a DynamicLossScaler (grad_scaler=...)")
-    buffer = _grad_buffer(model, optimizer, overlap_grad_reduce)
-    if buffer is None:
+    sharded_model = fsdp.is_fsdp(model)  # FSDP reduces (reduce-scatters) its own gradients
+    if sharded_model and isinstance(optimizer, DistributedOptimizer):
+        raise ValueError("an FSDP model shards its optimizer state already: build a plain "
+                         "optimizer over its parameters (no distributed optimizer)")
+    if sharded_model and dtype == "fp16":
+        raise ValueError("--fsdp supports --dtype fp32 and bf16, not fp16: use bf16")
+    buffer = None if sharded_model else _grad_buffer(model, optimizer, overlap_grad_reduce)
+    if sharded_model:
+        optimizer.zero_grad(set_to_none=True)
+        fsdp.begin_step(model)
+    elif buffer is None:
         optimizer.zero_grad(set_to_none=True)
     else:
         buffer.zero_grad()
@@ -188,11 +197,16 @@ def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
                                   loss_fn=loss_fn, verbose=verbose, trace=trace,
                                   final_backward=buffer.final_backward
                                   if buffer is not None and overlap_grad_reduce else None)
-    finalize_grads(model, buffer)
-    sharded = isinstance(optimizer, DistributedOptimizer)
-    # With the distributed optimizer only this rank's shard of each gradient is reduced.
+    if sharded_model:
+        fsdp.finish_grads(model, ps)
+    else:
+        finalize_grads(model, buffer)
+    sharded = sharded_model or isinstance(optimizer, DistributedOptimizer)
+    # With the distributed optimizer or FSDP only this rank's shard of each gradient is reduced.
     params = list(model.parameters())
-    if sharded:
+    if sharded_model:
+        params = fsdp.local_grads(params)
+    elif sharded:
         params = optimizer.shard_parameters(params)
     loss = result.loss
     skipped = False

@@ -1,0 +1,210 @@
+"""FSDP: data parallelism that shards the parameters too (ZeRO-3), through torch's own
+``fully_shard`` (FSDP2).
+
+:func:`fully_shard_model` gives every transformer block its own FSDP group and puts what is
+left (embeddings, final norm, output head: whatever the root module holds itself) in the
+root's group. Each parameter becomes a ``DTensor`` sharded on dim 0 over the data-parallel
+group (a ``DeviceMesh`` made from ``ps.dp_group``, or ``ps.dp_cp_group`` when the state has
+one). Tensor parallelism composes underneath: our TP layers hold plain local shards, and
+FSDP splits each local shard further over dp, so a DTensor's (global) shape is the TP
+shard's shape and the TP metadata (``tp_dim``...) is copied onto the new parameters.
+
+Pipeline schedules run stage modules microbatch by microbatch, with the backward of one
+microbatch between the forwards of others. FSDP2's hooks assume one forward and one backward
+per iteration, so, as ``torch.distributed.pipelining`` does, a step runs with gradient sync
+and resharding after backward switched off (:func:`begin_step`): blocks all-gather before
+forward, free after it, all-gather again in backward and keep their unsharded gradients
+(accumulated in fp32); the root group stays gathered for the whole step (the output head and
+a tied embedding are used by the loss, outside any module's forward). :func:`finish_grads`
+then reduce-scatters every group once (averaged over dp), frees the unsharded parameters and
+sums a tied embedding's shards over the first and last pipeline stage. Between steps a rank
+holds only its shards: 4 (fp32 parameter) + 4 (gradient) + 8 (AdamW moments) bytes per
+parameter divided by dp.
+
+Every schedule runs, the split backward of the zero-bubble schedules (I, then W later) too:
+W computes weight gradients from saved activations and output gradients, never from the
+weights, and its gradients land on the same unsharded gradient tensors until
+:func:`finish_grads` (tests/parallel/test_fsdp.py checks zbv against one process). fp16
+(loss scaling over DTensor gradients) and the distributed optimizer (FSDP shards the
+optimizer state already) are refused by the command line and by ``train_step``.
+
+Gradients are DTensors: :func:`local_grads` gives the norm/clip code this rank's local
+shards with the parameters' metadata; each element lives on exactly one dp rank, so the
+squares are summed over dp too. Checkpoints store whole tensors: :func:`full_tensor` gathers
+a shard over dp (then the TP gather of :mod:`sharding` runs as before) and
+:func:`like_param` turns a whole (TP-local) tensor back into this rank's dp shard.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+# Attributes our layers and models put on parameters (TP layout, pipeline duplicates...).
+_KEEP_PREFIX = "_"
+
+
+def dp_group(ps):
+    """The group FSDP shards over: data x context when context parallelism exists."""
+    group = getattr(ps, "dp_cp_group", None)
+    return group if group is not None else ps.dp_group
+
+
+def dp_size(ps) -> int:
+    return getattr(ps, "dp_cp", None) or ps.dp
+
+
+def _mesh(ps):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    if not dist.is_initialized():
+        raise ValueError("FSDP needs torch.distributed: launch with torchrun (a world of one "
+                         "process is fine) or call megalite.parallel.initialize in a process "
+                         "group")
+    group = dp_group(ps)
+    if group is None:  # dp = 1 in a world the state built no dp group for
+        group = dist.new_group([dist.get_rank()])
+    return DeviceMesh.from_group(group, ps.device.type)
+
+
+def mixed_precision(param_dtype: torch.dtype | None):
+    """FSDP2's policy: ``param_dtype`` (bf16) for the gathered parameters and compute,
+    fp32 for the gradient reduce-scatter and the sharded (main) weights; None: all fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if param_dtype in (None, torch.float32):
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+
+
+def fully_shard_model(model: nn.Module, ps, blocks: Iterable[nn.Module] | None = None,
+                      param_dtype: torch.dtype | None = None,
+                      reshard_after_forward: bool = True) -> nn.Module:
+    """Shard ``model`` (this rank's stages, already TP-sharded) over dp, in place: one FSDP
+    group per module of ``blocks`` (the transformer layers; default: the modules in
+    ``model.layers``, as GPT holds them), one for the rest on the root.
+    ``param_dtype`` bf16 computes with bf16 copies of the fp32 shards; the root returns fp32
+    so pipeline transfers keep their dtype. ``reshard_after_forward=False`` keeps each
+    block's parameters gathered from its forward to its backward (more memory, one
+    all-gather less per block and microbatch). Returns ``model``."""
+    from torch.distributed.fsdp import fully_shard
+    if is_fsdp(model):
+        raise ValueError("the model is sharded with FSDP already")
+    if blocks is None:
+        layers = getattr(model, "layers", [])
+        blocks = list(layers.values() if isinstance(layers, nn.ModuleDict) else layers)
+    mesh = _mesh(ps)
+    policy = mixed_precision(param_dtype)
+    saved = {name: {k: v for k, v in p.__dict__.items() if not k.startswith(_KEEP_PREFIX)}
+             for name, p in model.named_parameters()}
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy,
+                    reshard_after_forward=reshard_after_forward)
+    root_policy = policy
+    if param_dtype not in (None, torch.float32):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        root_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                           output_dtype=torch.float32)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy, reshard_after_forward=False)
+    for name, p in model.named_parameters():  # the DTensor parameters replaced the originals
+        p.__dict__.update(saved[name])
+    model.fsdp_mesh = mesh
+    model.fsdp_param_dtype = param_dtype or torch.float32
+    return model
+
+
+def is_fsdp(model) -> bool:
+    return getattr(model, "fsdp_mesh", None) is not None
+
+
+def _states(model):
+    from torch.distributed.fsdp import fully_shard
+    root = fully_shard.state(model)
+    root._lazy_init()  # idempotent; finds every group under the root
+    return root, root._state_ctx.all_states
+
+
+def begin_step(model) -> None:
+    """Before a step's schedule: accumulate unsharded gradients across microbatches and keep
+    gathered parameters after backward (the reduction happens once, in finish_grads)."""
+    model.set_is_last_backward(False)
+    model.set_requires_gradient_sync(False)
+    model.set_reshard_after_backward(False)
+
+
+def finish_grads(model, ps) -> None:
+    """After the schedule: reduce-scatter every group's gradients (mean over dp), free the
+    gathered parameters, and sum a tied embedding's shards across pipeline stages."""
+    model.set_is_last_backward(True)
+    model.set_requires_gradient_sync(True)
+    model.set_reshard_after_backward(True)
+    root, states = _states(model)
+    for state in states:
+        for group in state._fsdp_param_groups:
+            group.post_backward()
+    root._root_post_backward_final_callback()  # waits for the reductions, resets state
+    reshard(model)
+    shared = model.shared_embedding_params() if hasattr(model, "shared_embedding_params") else []
+    if ps.pp > 1 and shared:
+        from megalite.parallel.grads import allreduce_shared
+        # Both stages shard the table alike over equal-sized dp groups, and the embedding
+        # group pairs ranks of equal dp rank: summing local shards sums the whole gradients.
+        allreduce_shared(local_grads(shared), ps)
+
+
+def reshard(model) -> None:
+    """Free every gathered parameter (after a forward-only pass, e.g. evaluation), so the
+    registered parameters are the sharded ones the optimizer and checkpoints use."""
+    _, states = _states(model)
+    for state in states:
+        for group in state._fsdp_param_groups:
+            group.reshard()
+
+
+def _local(t):
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_grads(params: Iterable[nn.Parameter]) -> list:
+    """Stand-ins for ``params`` whose ``.grad`` is this rank's local gradient shard (a view:
+    scaling it scales the DTensor gradient), carrying the parameters' metadata: what the
+    norm, clipping and tied-embedding code in :mod:`megalite.parallel.grads` act on."""
+    out = []
+    for p in params:
+        attrs = {k: v for k, v in p.__dict__.items() if not k.startswith(_KEEP_PREFIX)}
+        out.append(SimpleNamespace(**attrs, grad=None if p.grad is None else _local(p.grad)))
+    return out
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole over its mesh (collective over dp); other tensors as they are."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like_param(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (shaped like ``param``'s whole, TP-local value) as this rank's dp shard
+    when ``param`` is an FSDP DTensor (no communication: each rank keeps its slice)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(param, DTensor):
+        return tensor
+    tensor = tensor.to(param.device, param.dtype)
+    return distribute_tensor(tensor, param.device_mesh, param.placements, src_data_rank=None)
+
+
+def local_bytes(model, optimizer=None) -> dict[str, int]:
+    """Bytes this rank holds in parameters, gradients and optimizer state (local shards)."""
+    params = list(model.parameters())
+    out = {"params": sum(_local(p).numel() * p.element_size() for p in params),
+           "grads": sum(_local(p.grad).numel() * p.grad.element_size()
+                        for p in params if p.grad is not None),
+           "optimizer": 0}
+    if optimizer is not None:
+        for st in optimizer.state.values():
+            for v in st.values():
+                if torch.is_tensor(v) and v.dim():
+                    out["optimizer"] += _local(v).numel() * v.element_size()
+    return out
+
