@@ -10,16 +10,18 @@ FSDP splits each local shard further over dp, so a DTensor's (global) shape is t
 shard's shape and the TP metadata (``tp_dim``...) is copied onto the new parameters.
 
 Pipeline schedules run stage modules microbatch by microbatch, with the backward of one
-microbatch between the forwards of others. FSDP2's hooks assume one forward and one backward
-per iteration, so, as ``torch.distributed.pipelining`` does, a step runs with gradient sync
-and resharding after backward switched off (:func:`begin_step`): blocks all-gather before
-forward, free after it, all-gather again in backward and keep their unsharded gradients
-(accumulated in fp32); the root group stays gathered for the whole step (the output head and
-a tied embedding are used by the loss, outside any module's forward). :func:`finish_grads`
-then reduce-scatters every group once (averaged over dp), frees the unsharded parameters and
-sums a tied embedding's shards over the first and last pipeline stage. Between steps a rank
-holds only its shards: 4 (fp32 parameter) + 4 (gradient) + 8 (AdamW moments) bytes per
-parameter divided by dp.
+microbatch between the forwards of others, and FSDP2 runs its end-of-backward callback after
+each of them, over every group. So a step is arranged (:func:`begin_step`) for that: blocks
+all-gather before forward, free after it, all-gather again in backward, free after it, and
+reduce-scatter their gradients after every microbatch (``reduce_every_microbatch=False``:
+accumulate them unsharded and reduce once, as ``torch.distributed.pipelining`` does). The
+root group (embeddings, final norm, output head) is gathered at its first forward and stays
+gathered, accumulating unsharded gradients, for the whole step: the loss uses the output
+head and a tied embedding outside any module's forward, where no FSDP hook could gather
+them. :func:`finish_grads` then reduce-scatters what is left (averaged over dp), frees the
+gathered parameters and sums a tied embedding's shards over the first and last pipeline
+stage. Between steps a rank holds only its shards: 4 (fp32 parameter) + 4 (gradient) + 8
+(AdamW moments) bytes per parameter divided by dp.
 
 Every schedule runs, the split backward of the zero-bubble schedules (I, then W later) too:
 W computes weight gradients from saved activations and output gradients, never from the
@@ -80,14 +82,16 @@ def mixed_precision(param_dtype: torch.dtype | None):
 
 def fully_shard_model(model: nn.Module, ps, blocks: Iterable[nn.Module] | None = None,
                       param_dtype: torch.dtype | None = None,
-                      reshard_after_forward: bool = True) -> nn.Module:
+                      reshard_after_forward: bool = True,
+                      reduce_every_microbatch: bool = True) -> nn.Module:
     """Shard ``model`` (this rank's stages, already TP-sharded) over dp, in place: one FSDP
     group per module of ``blocks`` (the transformer layers; default: the modules in
     ``model.layers``, as GPT holds them), one for the rest on the root.
     ``param_dtype`` bf16 computes with bf16 copies of the fp32 shards; the root returns fp32
     so pipeline transfers keep their dtype. ``reshard_after_forward=False`` keeps each
     block's parameters gathered from its forward to its backward (more memory, one
-    all-gather less per block and microbatch). Returns ``model``."""
+    all-gather less per block and microbatch). ``reduce_every_microbatch``: see
+    :func:`begin_step`. Returns ``model``."""
     from torch.distributed.fsdp import fully_shard
     if is_fsdp(model):
         raise ValueError("the model is sharded with FSDP already")
@@ -111,6 +115,7 @@ def fully_shard_model(model: nn.Module, ps, blocks: Iterable[nn.Module] | None =
         p.__dict__.update(saved[name])
     model.fsdp_mesh = mesh
     model.fsdp_param_dtype = param_dtype or torch.float32
+    model.fsdp_reduce_every_microbatch = reduce_every_microbatch
     return model
 
 
@@ -126,11 +131,17 @@ def _states(model):
 
 
 def begin_step(model) -> None:
-    """Before a step's schedule: accumulate unsharded gradients across microbatches and keep
-    gathered parameters after backward (the reduction happens once, in finish_grads)."""
+    """Before a step's schedule. The root group (embeddings, head) stays gathered and
+    accumulates its unsharded gradients until finish_grads. Blocks free their parameters
+    after each backward; with ``reduce_every_microbatch`` they reduce-scatter their
+    gradients after each microbatch's backward too (gradient memory 4/dp bytes per
+    parameter, m reduce-scatters a step), else accumulate unsharded gradients (4 bytes per
+    parameter until finish_grads, one reduce-scatter a step)."""
     model.set_is_last_backward(False)
-    model.set_requires_gradient_sync(False)
-    model.set_reshard_after_backward(False)
+    model.set_requires_gradient_sync(model.fsdp_reduce_every_microbatch)
+    model.set_reshard_after_backward(True)
+    model.set_requires_gradient_sync(False, recurse=False)
+    model.set_reshard_after_backward(False, recurse=False)
 
 
 def finish_grads(model, ps) -> None:

@@ -1,7 +1,8 @@
 """FSDP (torch's fully_shard over the dp group) trains the single-process model on gloo.
 
 One world of 4 runs, in sequence: dp = 4; tp = 2 x dp = 2; pp = 2 x dp = 2 with 1F1B,
-interleaved 1F1B (full recompute) and the split backward of zbv; each against the same
+interleaved 1F1B (full recompute, gradients reduced once a step, blocks kept gathered from
+forward to backward) and the split backward of zbv; each against the same
 model trained in one process (fp32, 3 steps: losses, grad norms, final weights <= 1e-5).
 Then the bytes a rank holds per parameter at dp = 4 in fp32 and bf16, and checkpoints
 between FSDP and non-FSDP layouts in both directions (AdamW state included).
@@ -35,14 +36,14 @@ def _batches(steps=STEPS, seed=7):
         yield data[:, :-1], data[:, 1:]
 
 
-def _build(cfg, ps, schedule, use_fsdp, param_dtype=None):
+def _build(cfg, ps, schedule, use_fsdp, param_dtype=None, **options):
     torch.manual_seed(0)
     table = build_schedule(schedule, ps.pp, GLOBAL_BATCH // (MICRO_BATCH * ps.dp))
     placement = rank_stages(table)
     model = GPT(cfg, state=ps, stages=placement[ps.pp_rank],
                 num_stages=sum(map(len, placement.values())))
     if use_fsdp:
-        fsdp.fully_shard_model(model, ps, param_dtype=param_dtype)
+        fsdp.fully_shard_model(model, ps, param_dtype=param_dtype, **options)
     return model, table
 
 
@@ -64,9 +65,9 @@ def _steps(model, opt, table, ps, batches, dtype="fp32"):
     return out
 
 
-def _train(cfg, ps, schedule, use_fsdp, dtype="fp32"):
+def _train(cfg, ps, schedule, use_fsdp, dtype="fp32", **options):
     model, table = _build(cfg, ps, schedule, use_fsdp,
-                          torch.bfloat16 if dtype == "bf16" else None)
+                          torch.bfloat16 if dtype == "bf16" else None, **options)
     # SGD: Adam would turn float-reassociation noise in tiny gradients into lr-sized steps.
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     return _steps(model, opt, table, ps, _batches(), dtype), _whole(model, ps), model, opt
@@ -80,11 +81,11 @@ def _reference(cfg):
     return _REFERENCE[key]
 
 
-def check_exact(tp, pp, schedule, cfg):
+def check_exact(tp, pp, schedule, cfg, **options):
     ps = parallel.initialize(tp=tp, pp=pp)
-    records, weights, model, _ = _train(cfg, ps, schedule, True)
+    records, weights, model, _ = _train(cfg, ps, schedule, True, **options)
     ref_records, ref_weights = _reference(cfg)
-    where = f"(tp={tp}, pp={pp}, dp={ps.dp}, {schedule}, tied={cfg.tie_embeddings})"
+    where = f"(tp={tp}, pp={pp}, dp={ps.dp}, {schedule}, tied={cfg.tie_embeddings}, {options})"
     assert all(type(p).__name__ == "DTensor" for p in model.parameters()), where
     for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(records, ref_records)):
         assert abs(loss - ref_loss) <= 1e-5, f"step {step} loss {loss} != {ref_loss} {where}"
@@ -156,7 +157,8 @@ def _world(rank, world, tmp):
     check_exact(1, 1, "1f1b", CFG.replace(tie_embeddings=True))           # dp = 4
     check_exact(2, 1, "1f1b", CFG)                                        # tp 2 x dp 2
     check_exact(1, 2, "1f1b", CFG.replace(tie_embeddings=True))           # tied across stages
-    check_exact(1, 2, "interleaved-1f1b", CFG.replace(recompute="full"))  # 2 stages per rank
+    check_exact(1, 2, "interleaved-1f1b", CFG.replace(recompute="full"),  # 2 stages per rank
+                reduce_every_microbatch=False, reshard_after_forward=False)
     check_exact(1, 2, "zbv", CFG.replace(tie_embeddings=True))            # split I/W backward
     figures = {dtype: bytes_per_param(dtype) for dtype in ("fp32", "bf16")}
     check_checkpoints(tmp)
