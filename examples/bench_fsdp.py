@@ -6,9 +6,12 @@ model with AdamW, plain (gradient buffer, whole optimizer state) and with FSDP
 step and counts the bytes of this rank's real tensors: parameters, gradients and AdamW
 moments (local shards for FSDP), per parameter of the rank's stage (the largest over ranks).
 Between steps FSDP holds 16/dp bytes per parameter in both dtypes (bf16 changes only the
-gathered copies); plain holds 16.
-Part 2, speed: at dp = world (tp = pp = 1) the median step time of plain and FSDP in fp32
-and bf16, the four alternating in one run so load drifts hit all alike.
+gathered copies); plain holds 16. Beside them, what FSDP held on top at the end of the
+step's schedule (``model.fsdp_gathered_bytes``): the gathered root group (embeddings, head)
+and the unsharded gradients still waiting for the reduction.
+Part 2, speed: at dp = world (tp = pp = 1) the median step time of plain, FSDP and FSDP
+reducing gradients once a step (``reduce_every_microbatch=False``), in fp32 and bf16, the
+six alternating in one run so load drifts hit all alike.
 
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 4 examples/bench_fsdp.py --steps 10
 """
@@ -46,12 +49,15 @@ def batch(cfg, ps, args):
     return mine[:, :-1], mine[:, 1:]
 
 
+MODES = {False: "plain", True: "FSDP", "once": "FSDP, reduce once a step"}
+
+
 def build(cfg, ps, sharded, dtype):
     torch.manual_seed(0)
     model = GPT(cfg, state=ps)
     if sharded:
         fsdp.fully_shard_model(model, ps, param_dtype=torch.bfloat16 if dtype == "bf16"
-                               else None)
+                               else None, reduce_every_microbatch=sharded != "once")
     return model, build_optimizer(model, lr=1e-3)
 
 
@@ -83,17 +89,26 @@ def memory_rows(cfg, args, world):
                                       held["optimizer"] / n])
                 comm.all_reduce(worst, torch.distributed.group.WORLD,
                                 op=torch.distributed.ReduceOp.MAX)
+                # at the end of the schedule, before the reduction: gathered parameters and
+                # unsharded gradients (the root group's, and every block's when they wait)
+                extra = getattr(model, "fsdp_gathered_bytes", None) or {}
+                transient = torch.tensor([extra.get("gathered_params", 0) / n,
+                                          extra.get("unsharded_grads", 0) / n])
+                comm.all_reduce(transient, torch.distributed.group.WORLD,
+                                op=torch.distributed.ReduceOp.MAX)
                 rows.append({"dp": dp, "pp": world // dp, "dtype": dtype, "fsdp": sharded,
                              "params_per_rank": n, "weight": worst[0].item(),
                              "grad": worst[1].item(), "optimizer_state": worst[2].item(),
-                             "formula": 16.0 / dp if sharded else 16.0})
+                             "formula": 16.0 / dp if sharded else 16.0,
+                             "gathered_params": transient[0].item(),
+                             "unsharded_grads": transient[1].item()})
         parallel.destroy()
     return rows
 
 
 def speed_rows(cfg, args, world):
     ps = parallel.initialize(tp=1, pp=1, dp=world)
-    builds = {(s, d): build(cfg, ps, s, d) for d in ("fp32", "bf16") for s in (False, True)}
+    builds = {(s, d): build(cfg, ps, s, d) for d in ("fp32", "bf16") for s in MODES}
     tokens, targets = batch(cfg, ps, args)
     times = {k: [] for k in builds}
     for i in range(args.steps + 2):
@@ -126,20 +141,21 @@ def main():
         print(f"{args.model}, world {world}, bytes per parameter on the fullest rank "
               f"(between steps):")
         print("| dp | dtype | data parallelism | weight | grad | AdamW state | total | "
-              "formula |")
-        print("|---:|---|---|---:|---:|---:|---:|---:|")
+              "formula | + gathered params at step end | + unsharded grads at step end |")
+        print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in mem:
             total = r["weight"] + r["grad"] + r["optimizer_state"]
             print(f"| {r['dp']} | {r['dtype']} | {'FSDP' if r['fsdp'] else 'plain'} | "
                   f"{r['weight']:.3f} | {r['grad']:.3f} | {r['optimizer_state']:.3f} | "
-                  f"{total:.3f} | {r['formula']:g} |")
+                  f"{total:.3f} | {r['formula']:g} | {r['gathered_params']:.3f} | "
+                  f"{r['unsharded_grads']:.3f} |")
         print(f"\nstep time at dp={world} (median of {args.steps}, {args.microbatches} "
               f"microbatches of {args.micro_batch_size} x {args.seq_len}); peak RSS of a "
               f"process over the whole run {rss.item():.0f} MiB:")
         print("| dtype | data parallelism | ms / step | vs plain |")
         print("|---|---|---:|---:|")
         for r in speed:
-            print(f"| {r['dtype']} | {'FSDP' if r['fsdp'] else 'plain'} | "
+            print(f"| {r['dtype']} | {MODES[r['fsdp']]} | "
                   f"{r['ms_per_step']:.1f} | {r['vs_plain']:.2f}x |")
         if args.json:
             meta = {"torch": torch.__version__, "device": "cpu", "model": args.model}

@@ -151,6 +151,8 @@ def finish_grads(model, ps) -> None:
     model.set_requires_gradient_sync(True)
     model.set_reshard_after_backward(True)
     root, states = _states(model)
+    # What the step held beyond the shards at its end (its peak, with one block's share):
+    model.fsdp_gathered_bytes = _gathered_bytes(states)
     for state in states:
         for group in state._fsdp_param_groups:
             group.post_backward()
@@ -162,6 +164,24 @@ def finish_grads(model, ps) -> None:
         # Both stages shard the table alike over equal-sized dp groups, and the embedding
         # group pairs ranks of equal dp rank: summing local shards sums the whole gradients.
         allreduce_shared(local_grads(shared), ps)
+
+
+def _gathered_bytes(states) -> dict[str, int]:
+    """Bytes of the gathered (unsharded) parameters and of the unsharded gradients that
+    FSDP holds now, over every group of the model."""
+    params = grads = 0
+    for state in states:
+        for group in state._fsdp_param_groups:
+            for fp in group.fsdp_params:
+                unsharded = getattr(fp, "_unsharded_param", None)
+                if unsharded is None:
+                    continue
+                if group.is_unsharded:
+                    params += unsharded.numel() * unsharded.element_size()
+                for g in (unsharded.grad, fp.unsharded_accumulated_grad):
+                    if g is not None:
+                        grads += g.numel() * g.element_size()
+    return {"gathered_params": params, "unsharded_grads": grads}
 
 
 def reshard(model) -> None:

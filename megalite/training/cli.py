@@ -307,7 +307,7 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
         flag = "--schedule-file" if args.schedule_file else "--schedule/--virtual-stages"
         raise UsageError(f"{flag}: {e}") from None
     num_stages = sum(map(len, rank_stages(table).values()))
-    check_fsdp(args)
+    check_fsdp(args, world_size)
     cfg = check_model(args, num_stages) if gpt else refuse_gpt_flags(args)
     if args.sequence_parallel and args.seq_len % args.tp:
         raise UsageError(f"--sequence-parallel splits the sequence over tp ranks: --seq-len "
@@ -345,10 +345,13 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
                    model_name=(args.init_from_hf or args.model or "tiny") if gpt else "model")
 
 
-def check_fsdp(args) -> None:
+def check_fsdp(args, world_size: int) -> None:
     """--fsdp's combinations, refused before any process group."""
     if not getattr(args, "fsdp", False):
         return
+    if world_size == 1:
+        raise UsageError("--fsdp shards over processes and this is one: launch several "
+                         "with torchrun --nproc-per-node N, or drop --fsdp")
     if args.distributed_optimizer:
         raise UsageError("--fsdp shards the optimizer state already: drop "
                          "--distributed-optimizer")
@@ -455,7 +458,10 @@ def planned_layout(args, dp: int, cfg) -> plan.Layout | None:
     if args.schedule_file:
         return None
     triton = cuda_selected() and args.kernels != "torch"
-    return plan.Layout(
+    # --fsdp: planned once the planner's Layout has the field (issue 18, the planner's part)
+    sharding = {"fsdp": True} if getattr(args, "fsdp", False) and "fsdp" in \
+        getattr(plan.Layout, "__dataclass_fields__", {}) else {}
+    return plan.Layout(**sharding,
         tp=args.tp, pp=args.pp, dp=dp, micro_batch_size=args.micro_batch_size,
         seq_len=args.seq_len, global_batch_size=args.global_batch_size,
         schedule=args.schedule, virtual_stages=args.virtual_stages,

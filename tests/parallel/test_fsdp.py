@@ -1,10 +1,12 @@
 """FSDP (torch's fully_shard over the dp group) trains the single-process model on gloo.
 
-One world of 4 runs, in sequence: dp = 4; tp = 2 x dp = 2; pp = 2 x dp = 2 with 1F1B,
+One world of 4 runs, in sequence: dp = 4; tp = 2 x dp = 2 (sequence parallel); pp = 2 x
+dp = 2 with 1F1B,
 interleaved 1F1B (full recompute, gradients reduced once a step, blocks kept gathered from
 forward to backward) and the split backward of zbv; each against the same
 model trained in one process (fp32, 3 steps: losses, grad norms, final weights <= 1e-5).
-Then the bytes a rank holds per parameter at dp = 4 in fp32 and bf16, and checkpoints
+Then the bytes a rank holds per parameter at dp = 4 in fp32 and bf16 (and the bf16 loss
+near the fp32 one), and checkpoints
 between FSDP and non-FSDP layouts in both directions (AdamW state included).
 """
 import types
@@ -102,7 +104,7 @@ def bytes_per_param(dtype):
     ps = parallel.initialize(tp=1, pp=1)
     model, table = _build(CFG, ps, "1f1b", True, torch.bfloat16 if dtype == "bf16" else None)
     opt = build_optimizer(model, lr=1e-3)
-    _steps(model, opt, table, ps, _batches(1), dtype)
+    (loss, _), = _steps(model, opt, table, ps, _batches(1), dtype)
     n = sum(p.numel() for p in model.parameters())
     held = fsdp.local_bytes(model, opt)
     total = parallel.comm.all_reduce(torch.tensor([held["params"]]), ps.dp_group).item()
@@ -111,7 +113,7 @@ def bytes_per_param(dtype):
     for kind, per_param in (("params", 4), ("grads", 4), ("optimizer", 8)):
         assert abs(held[kind] - per_param * n / ps.dp) <= per_param / 4 * slack, (kind, held)
     parallel.destroy()
-    return {k: v / n for k, v in held.items()}
+    return {k: v / n for k, v in held.items()}, loss
 
 
 def check_checkpoints(tmp):
@@ -155,14 +157,15 @@ def check_checkpoints(tmp):
 
 def _world(rank, world, tmp):
     check_exact(1, 1, "1f1b", CFG.replace(tie_embeddings=True))           # dp = 4
-    check_exact(2, 1, "1f1b", CFG)                                        # tp 2 x dp 2
+    check_exact(2, 1, "1f1b", CFG.replace(sequence_parallel=True))        # tp 2 x dp 2
     check_exact(1, 2, "1f1b", CFG.replace(tie_embeddings=True))           # tied across stages
     check_exact(1, 2, "interleaved-1f1b", CFG.replace(recompute="full"),  # 2 stages per rank
                 reduce_every_microbatch=False, reshard_after_forward=False)
     check_exact(1, 2, "zbv", CFG.replace(tie_embeddings=True))            # split I/W backward
-    figures = {dtype: bytes_per_param(dtype) for dtype in ("fp32", "bf16")}
+    (figures, loss), (figures16, loss16) = (bytes_per_param(d) for d in ("fp32", "bf16"))
+    assert abs(loss16 - loss) < 2e-2 * loss, (loss16, loss)  # bf16 compute, same model
     check_checkpoints(tmp)
-    return figures
+    return {"fp32": figures, "bf16": figures16}
 
 
 def test_fsdp_trains_like_one_process_and_checkpoints_across_layouts(tmp_path):
@@ -174,9 +177,15 @@ def test_fsdp_trains_like_one_process_and_checkpoints_across_layouts(tmp_path):
 
 def test_fsdp_flag_combinations_are_refused_before_any_group():
     base = dict(fsdp=True, distributed_optimizer=False, dtype="fp32", export_hf=None)
-    check_fsdp(types.SimpleNamespace(**base))
+    check_fsdp(types.SimpleNamespace(**base), 2)
     for change, words in ((dict(distributed_optimizer=True), "drop --distributed-optimizer"),
                           (dict(dtype="fp16"), "use --dtype bf16"),
                           (dict(export_hf="out"), "without --fsdp")):
         with pytest.raises(UsageError, match=words):
-            check_fsdp(types.SimpleNamespace(**{**base, **change}))
+            check_fsdp(types.SimpleNamespace(**{**base, **change}), 2)
+    with pytest.raises(UsageError, match="torchrun --nproc-per-node"):
+        check_fsdp(types.SimpleNamespace(**base), 1)
+    # and through the command line's own checks, before anything starts
+    from megalite.training.cli import check_args, parse_args
+    with pytest.raises(UsageError, match="drop --distributed-optimizer"):
+        check_args(parse_args(["--fsdp", "--distributed-optimizer", "--steps", "1"]), 2)
