@@ -1,13 +1,12 @@
 """FSDP (torch's fully_shard over the dp group) trains the single-process model on gloo.
 
 One world of 4 runs, in sequence: dp = 4; tp = 2 x dp = 2 (sequence parallel); pp = 2 x
-dp = 2 with 1F1B,
-interleaved 1F1B (full recompute, gradients reduced once a step, blocks kept gathered from
-forward to backward) and the split backward of zbv; each against the same
-model trained in one process (fp32, 3 steps: losses, grad norms, final weights <= 1e-5).
-Then the bytes a rank holds per parameter at dp = 4 in fp32 and bf16 (and the bf16 loss
-near the fp32 one), and checkpoints
-between FSDP and non-FSDP layouts in both directions (AdamW state included).
+dp = 2 with 1F1B, interleaved 1F1B (full recompute, gradients reduced once a step, blocks
+kept gathered from forward to backward) and the split backward of zbv; each against the
+same model trained in one process (fp32, 3 steps: losses, grad norms, final weights
+<= 1e-5). Then the bytes a rank holds per parameter at dp = 4 in fp32 and bf16 (and the
+bf16 loss near the fp32 one), checkpoints between FSDP and non-FSDP layouts in both
+directions (AdamW state included), and the trainer's --fsdp beside the same run without it.
 """
 import types
 
@@ -155,6 +154,28 @@ def check_checkpoints(tmp):
     return True
 
 
+def check_trainer(tmp):
+    """The command line's --fsdp: the trainer shards the model, evaluates, saves, and trains
+    the losses of the same run without --fsdp (its first step: same weights, same batch)."""
+    import json
+    import os
+    from megalite.training import Trainer, parse_args
+    flags = ["--pp", "2", "--seq-len", "16", "--global-batch-size", "4", "--micro-batch-size",
+             "1", "--steps", "2", "--lr", "3e-4", "--warmup", "1", "--seed", "3",
+             "--eval-interval", "2", "--eval-iters", "1", "--eval-split", "0.05"]
+    rows = {}
+    for sharded in (True, False):
+        out = os.path.join(tmp, f"metrics_{sharded}.jsonl")
+        extra = ["--fsdp", "--save", os.path.join(tmp, "run")] if sharded else []
+        assert Trainer(parse_args(flags + extra + ["--metrics-out", out])).run() == 0
+        with open(out) as f:
+            rows[sharded] = [json.loads(line) for line in f]
+    assert abs(rows[True][0]["loss"] - rows[False][0]["loss"]) <= 1e-5, rows
+    assert abs(rows[True][1]["val_loss"] - rows[False][1]["val_loss"]) <= 1e-4, rows
+    with open(os.path.join(tmp, "run", "step_00000002", "meta.json")) as f:
+        assert json.load(f)["layout"]["fsdp"] is True
+
+
 def _world(rank, world, tmp):
     check_exact(1, 1, "1f1b", CFG.replace(tie_embeddings=True))           # dp = 4
     check_exact(2, 1, "1f1b", CFG.replace(sequence_parallel=True))        # tp 2 x dp 2
@@ -165,6 +186,7 @@ def _world(rank, world, tmp):
     (figures, loss), (figures16, loss16) = (bytes_per_param(d) for d in ("fp32", "bf16"))
     assert abs(loss16 - loss) < 2e-2 * loss, (loss16, loss)  # bf16 compute, same model
     check_checkpoints(tmp)
+    check_trainer(tmp)
     return {"fp32": figures, "bf16": figures16}
 
 
