@@ -54,20 +54,14 @@ def dp_group(ps):
     return group if group is not None else ps.dp_group
 
 
-def dp_size(ps) -> int:
-    return getattr(ps, "dp_cp", None) or ps.dp
-
-
 def _mesh(ps):
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
-    if not dist.is_initialized():
-        raise ValueError("FSDP needs torch.distributed: launch with torchrun (a world of one "
-                         "process is fine) or call megalite.parallel.initialize in a process "
-                         "group")
     group = dp_group(ps)
-    if group is None:  # dp = 1 in a world the state built no dp group for
-        group = dist.new_group([dist.get_rank()])
+    if not dist.is_initialized() or group is None:
+        raise ValueError("FSDP shards over a process group and this process has none: "
+                         "launch several processes (torchrun --nproc-per-node N) and call "
+                         "megalite.parallel.initialize there")
     return DeviceMesh.from_group(group, ps.device.type)
 
 

@@ -170,8 +170,9 @@ def _meta(step, model, optimizer, scheduler, sampler, scaler, extra, files) -> d
     return {
         "format": FORMAT, "version": VERSION, "step": int(step),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
+        # "fsdp" only when true, informative: the tensors are layout-free
         "layout": {"tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "world_size": ps.world_size,
-                   "fsdp": fsdp.is_fsdp(model)},  # informative: the tensors are layout-free
+                   **({"fsdp": True} if fsdp.is_fsdp(model) else {})},
         "config": model.checkpoint_config(),
         "files": dict(sorted(files.items())),
         "rng_files": [_RNG_FILE.format(r) for r in range(ps.world_size)],

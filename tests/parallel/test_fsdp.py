@@ -207,6 +207,8 @@ def test_fsdp_flag_combinations_are_refused_before_any_group():
             check_fsdp(types.SimpleNamespace(**{**base, **change}), 2)
     with pytest.raises(UsageError, match="torchrun --nproc-per-node"):
         check_fsdp(types.SimpleNamespace(**base), 1)
+    with pytest.raises(ValueError, match="launch several processes"):  # no process group
+        fsdp.fully_shard_model(GPT(CFG, state=ParallelState()), ParallelState())
     # and through the command line's own checks, before anything starts
     from megalite.training.cli import check_args, parse_args
     with pytest.raises(UsageError, match="drop --distributed-optimizer"):
