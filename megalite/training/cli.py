@@ -280,6 +280,7 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
     """Every check the flags alone decide, run before any process group, model or data is
     built: a mistake raises UsageError naming the flag and the fix. ``gpt=False``: the
     caller trains its own model (the GPT's flags are refused, its checks skipped)."""
+    check_fsdp(args, world_size)
     if args.layout == "auto":
         if not gpt:
             raise UsageError("--layout auto plans megalite's GPT; give your model's --tp/--pp")
@@ -307,7 +308,6 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
         flag = "--schedule-file" if args.schedule_file else "--schedule/--virtual-stages"
         raise UsageError(f"{flag}: {e}") from None
     num_stages = sum(map(len, rank_stages(table).values()))
-    check_fsdp(args, world_size)
     cfg = check_model(args, num_stages) if gpt else refuse_gpt_flags(args)
     if args.sequence_parallel and args.seq_len % args.tp:
         raise UsageError(f"--sequence-parallel splits the sequence over tp ranks: --seq-len "
@@ -352,6 +352,9 @@ def check_fsdp(args, world_size: int) -> None:
     if world_size == 1:
         raise UsageError("--fsdp shards over processes and this is one: launch several "
                          "with torchrun --nproc-per-node N, or drop --fsdp")
+    if getattr(args, "layout", None) == "auto":  # until the planner models FSDP layouts
+        raise UsageError("--layout auto does not plan --fsdp yet: give --tp/--pp with "
+                         "--fsdp, or drop --fsdp")
     if args.distributed_optimizer:
         raise UsageError("--fsdp shards the optimizer state already: drop "
                          "--distributed-optimizer")
