@@ -32,6 +32,7 @@ else:
     from .add_rms_norm import add_rms_norm
     from .attention import attention
     from .cross_entropy import cross_entropy, shard_grad_, shard_stats
+    from .grouped_matmul import grouped_matmul
     from .layer_norm import layer_norm
     from .linear import ACTIVATIONS, linear
     from .linear_cross_entropy import linear_cross_entropy
@@ -47,6 +48,6 @@ else:
     __all__ = [
         "scaled_causal_softmax", "scaled_masked_softmax", "attention", "rms_norm", "add_rms_norm", "layer_norm",
         "cross_entropy", "shard_stats", "shard_grad_", "swiglu", "swiglu_packed", "apply_rope", "linear",
-        "linear_cross_entropy",
+        "linear_cross_entropy", "grouped_matmul",
         "ACTIVATIONS", "BACKENDS", "HAS_TRITON", "interpreting", "use_triton",
     ]

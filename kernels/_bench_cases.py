@@ -19,13 +19,13 @@ import importlib
 
 # The package re-exports each op under its module's name, so `from . import rms_norm` would
 # give the function; fetch the modules themselves.
-_attn, _ce, _ln, _lin, _rms, _rope, _sm, _sw, _lce = (
+_attn, _ce, _ln, _lin, _rms, _rope, _sm, _sw, _lce, _gmm = (
     importlib.import_module(f"{__package__}.{name}") for name in
     ("attention", "cross_entropy", "layer_norm", "linear", "rms_norm", "rope", "softmax",
-     "swiglu", "linear_cross_entropy"))
+     "swiglu", "linear_cross_entropy", "grouped_matmul"))
 
 OPS = ("softmax", "rms_norm", "layer_norm", "attention", "cross_entropy", "swiglu", "rope",
-       "linear", "linear_cross_entropy")
+       "linear", "linear_cross_entropy", "grouped_matmul")
 
 
 @dataclass
@@ -82,6 +82,30 @@ def _sdpa_flash(causal):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal,
                                                   enable_gqa=k.shape[1] != q.shape[1])
     return run
+
+
+def routed_group_sizes(rows, experts, skew, seed=0):
+    """Tokens per expert of a router whose expert probabilities are softmax(skew * noise):
+    skew 0 is perfectly balanced, 1 a typical imbalance early in training."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(skew * torch.randn(experts, generator=g), 0)
+    sizes = (p * rows).floor().long()
+    sizes[p.argmax()] += rows - sizes.sum()
+    return sizes
+
+
+def per_expert_loop(x, weight, sizes):
+    """The eager PyTorch a user would write: one matmul per expert, in the input dtype, with
+    the group sizes already on the host (the loop's best case: no sync is charged), and
+    ``unbind`` (``weight[e]``'s backward would write E full-size zero gradients)."""
+    return torch.cat([xe @ we for xe, we in zip(x.split(sizes), weight.unbind(0))])
+
+
+def grouped_mm_provider(offsets):
+    """torch._grouped_mm (torch >= 2.8; CUDA bf16 on sm90+, CPU in recent versions), or None."""
+    if not hasattr(torch, "_grouped_mm"):
+        return None
+    return lambda x, w: torch._grouped_mm(x, w, offs=offsets)
 
 
 def cases(op, device, dtype, quick=False):
@@ -209,6 +233,32 @@ def cases(op, device, dtype, quick=False):
                 "compile": lambda x, w, t=t: compiled(op, _lce.linear_cross_entropy_reference)(
                     x, w, t)},
                 measure_memory=True, cpu_providers=("torch", "fused")))
+    elif op == "grouped_matmul":
+        # (routed rows = tokens x top-k, experts, K, N, routing skew): Mixtral-8x7B's fused
+        # gate/up and down projections at 8k tokens x top-2; Qwen3-30B-A3B's (128 experts,
+        # expert d_ff 768) at 8k tokens x top-8.
+        sizes = [(64, 4, 32, 48, None)] if tiny else [
+            (16384, 8, 4096, 28672, 0.3), (16384, 8, 14336, 4096, 0.3),
+            (16384, 8, 14336, 4096, 1.0), (65536, 128, 2048, 1536, 0.5),
+            (65536, 128, 768, 2048, 0.5)]
+        for t, ne, k, n, skew in sizes[:1] if quick else sizes:
+            # the CPU case has an empty expert and K, N off the interpreter's blocks
+            group = torch.tensor([20, 0, 37, 7]) if skew is None else \
+                routed_group_sizes(t, ne, skew)
+            host, dev_sizes = group.tolist(), group.to(device)
+            offsets = torch.cumsum(dev_sizes, 0).to(torch.int32)
+            prov = {"triton": lambda x, w, g=dev_sizes: _gmm.grouped_matmul(x, w, g,
+                                                                             backend="triton"),
+                    "torch": lambda x, w, h=host: per_expert_loop(x, w, h)}
+            if grouped_mm_provider(offsets):
+                prov["grouped_mm"] = grouped_mm_provider(offsets)
+            flops = 2 * t * k * n
+            label = f"T{t} E{ne} {k}x{n}" + ("" if skew is None else f" skew{skew}")
+            out.append(Case(op, label, dtype, "TFLOP/s",
+                            {"fwd": flops, "bwd": 2 * flops, "fwd+bwd": 3 * flops},
+                            lambda t=t, ne=ne, k=k, n=n: [r(t, k), r(ne, k, n, scale=k ** -0.5)],
+                            prov, cpu_providers=tuple(p for p in ("torch", "grouped_mm")
+                                                      if p in prov)))
     else:
         raise ValueError(f"unknown op {op!r}; choose from {OPS}")
     return out

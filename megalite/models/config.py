@@ -12,6 +12,8 @@ _CHOICES = {
     "position": ("rope", "learned"),
     "kernels": ("auto", "torch", "triton"),
     "recompute": ("none", "selective", "full"),
+    "params_dtype": ("fp32", "bf16", "fp16"),
+    "moe_router": ("softmax", "sigmoid"),
 }
 RECOMPUTE_MODES = _CHOICES["recompute"]
 
@@ -51,6 +53,25 @@ class GPTConfig:
     # activation.
     recompute: str = "none"
     recompute_layers: int | None = None
+    # Parameter precision: "bf16"/"fp16" keep the weights 16-bit with fp32 main weights in
+    # the optimizer; "fp32" is the full-precision model (mixed precision then by autocast).
+    params_dtype: str = "fp32"
+    # Mixture of Experts (0 experts: every layer dense). moe_d_ff None: d_ff; layers are MoE
+    # from moe_first_k_dense on, every moe_layer_freq-th (Qwen's decoder_sparse_step: layer
+    # i when (i + 1) % freq == 0), except moe_dense_layers (Qwen's mlp_only_layers).
+    moe_num_experts: int = 0
+    moe_top_k: int = 2
+    moe_d_ff: int | None = None
+    moe_shared_d_ff: int = 0
+    moe_router: str = "softmax"
+    moe_norm_topk: bool = True
+    moe_first_k_dense: int = 0
+    moe_layer_freq: int = 1
+    moe_dense_layers: tuple = ()
+    moe_capacity_factor: float | None = None
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: float = 0.0
+    moe_router_bias_update: float = 0.0
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -99,6 +120,11 @@ class GPTConfig:
                                  f"got {self.recompute_layers}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer ``i`` (0-based) has a Mixture-of-Experts MLP."""
+        return (self.moe_num_experts > 0 and i >= self.moe_first_k_dense
+                and (i + 1) % self.moe_layer_freq == 0 and i not in self.moe_dense_layers)
 
     def replace(self, **changes) -> "GPTConfig":
         """A copy with ``changes``. A head_dim equal to d_model // n_heads counts as derived:

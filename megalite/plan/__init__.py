@@ -1,5 +1,6 @@
-"""The planner: predicted memory and step time of a training layout, and a search over
-layouts (``python -m megalite.plan``). Saved activation bytes come from
+"""The planner: predicted memory and step time of a training layout (tp, cp, pp, dp, ep,
+FSDP, 16-bit parameters or autocast), and a search over layouts (``python -m
+megalite.plan``). Saved activation bytes come from
 :mod:`megalite.models.activation_memory`. Nothing in the library imports it; see
 docs/planner.md.
 
@@ -12,12 +13,14 @@ docs/planner.md.
 from megalite.plan.layout import Layout, invalid_reason
 from megalite.plan.memory import MemoryBreakdown, RankMemory, memory, parse_bytes
 from megalite.plan.gpus import GPU, GPUS, get_gpu
+from megalite.plan.params import model_flops_per_token, model_parameters
 from megalite.plan.speed import StepTime, step_time
 from megalite.plan.search import fit_reason, search
 
 __all__ = ["Layout", "invalid_reason", "memory", "MemoryBreakdown", "RankMemory",
            "parse_bytes", "GPU", "GPUS", "get_gpu",
-           "StepTime", "step_time", "fit_reason", "search", "gpu_for_device"]
+           "StepTime", "step_time", "fit_reason", "search", "gpu_for_device",
+           "model_flops_per_token", "model_parameters"]
 
 
 def gpu_for_device(name: str):

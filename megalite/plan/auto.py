@@ -33,7 +33,8 @@ class LayoutChoice:
 
 
 def layout_flags(layout: Layout) -> list[str]:
-    """The trainer flags (``--tp --pp --schedule ...``) that run ``layout``."""
+    """The trainer flags (``--tp --pp --schedule ... --cp --ep --fsdp``) that run
+    ``layout``; the precision (``--dtype``, ``--autocast``) is the caller's, not chosen."""
     flags = ["--tp", str(layout.tp), "--pp", str(layout.pp),
              "--micro-batch-size", str(layout.micro_batch_size), "--schedule", layout.schedule]
     if layout.virtual_stages:
@@ -46,6 +47,14 @@ def layout_flags(layout: Layout) -> list[str]:
         flags += ["--recompute-layers", str(layout.recompute_layers)]
     if layout.distributed_optimizer:
         flags.append("--distributed-optimizer")
+    if layout.cp > 1:
+        flags += ["--cp", str(layout.cp)]
+        if layout.cp_comm != "ring":
+            flags += ["--cp-comm", layout.cp_comm]
+    if layout.ep > 1:
+        flags += ["--ep", str(layout.ep)]
+    if layout.fsdp:
+        flags.append("--fsdp")
     return flags
 
 
@@ -99,6 +108,8 @@ def launch_command(model: str, layout: Layout, gpus_per_node: int, **flags) -> s
         launcher += (f" --nnodes {nodes} --node-rank $NODE_RANK --master-addr $MASTER_ADDR "
                      f"--master-port 29500")
     rest = [f"--{k.replace('_', '-')} {v}" for k, v in flags.items() if v is not None]
+    if layout.autocast:
+        rest.append("--autocast")
     return " ".join([launcher, "-m megalite.train", f"--model {model}", *rest,
                      *layout_flags(layout)])
 

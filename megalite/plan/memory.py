@@ -1,12 +1,15 @@
 """Per-rank memory of a layout: parameters, gradients, optimizer state, autocast weight
-copies, activations x live microbatches, the loss head, and the optimizer step's temporary.
+copies, FSDP's unsharded working copies, activations x live microbatches, the loss head, and
+the optimizer step's temporary.
 
-``memory(cfg, layout)`` answers for every pipeline rank (TP and DP ranks of one pipeline
+``memory(cfg, layout)`` answers for every pipeline rank (TP, CP and DP ranks of one pipeline
 rank hold the same amounts); ``.worst`` is the rank that decides whether a layout fits.
 
-Static bytes per parameter (megalite's parameters are always fp32; bf16/fp16 run under
-autocast): 4 weight + 4 gradient + 8 AdamW moments, or 8/dp with the distributed optimizer
-(ZeRO-1), plus 2 for the 16-bit copy autocast caches of every matmul weight for the step.
+Static bytes per parameter, by precision mode and sharding: :mod:`megalite.plan.params`
+(16-bit parameters with fp32 main weights 2 + 4 + 12/dp with the distributed optimizer;
+autocast 4 + 4 + 2 + 8/dp; FSDP 16/dp plus the working copies). Context parallelism
+divides every rank's tokens by cp (activations per rank / cp); an MoE layer saves what
+:mod:`megalite.plan.moe` lists instead of the dense MLP's tensors.
 
 Activations: a stage holds one microbatch's saved tensors (per layer, head and embedding:
 :mod:`megalite.models.activation_memory`, the models package's own account) from its F
@@ -24,14 +27,17 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from megalite.models.config import GPTConfig
 from megalite.parallel.layers import padded_vocab_size
 from megalite.pipeline import Action, build_schedule, layers_per_stage
 
 from megalite.models.activation_memory import (embedding_saved_bytes, final_norm_saved_bytes,
-                                               head_saved_bytes, saved_activation_bytes,
-                                               stage_saved_bytes)
+                                               head_saved_bytes, saved_activation_bytes)
 from megalite.plan.layout import Layout, compute_bytes, invalid_reason
+from megalite.plan.moe import moe_saved_delta
+from megalite.plan.params import stage_layers, stage_parameter_counts, static_bytes
 
 GIB = 2**30
 
@@ -49,10 +55,12 @@ class RankMemory:
     optimizer_temp: float        # the optimizer step's temporary (after activations free)
     live_microbatches: dict[int, int] = field(default_factory=dict)  # stage -> at the peak
     counts: dict[str, float] = field(default_factory=dict)            # parameter counts
+    fsdp_working: float = 0.0    # FSDP's gathered parameters and unsharded gradients
 
     @property
     def static(self) -> float:
-        return self.parameters + self.gradients + self.optimizer_state + self.weight_casts
+        return (self.parameters + self.gradients + self.optimizer_state + self.weight_casts
+                + self.fsdp_working)
 
     @property
     def total(self) -> float:
@@ -61,7 +69,13 @@ class RankMemory:
     def parts(self) -> dict[str, float]:
         return {"parameters": self.parameters, "gradients": self.gradients,
                 "optimizer state": self.optimizer_state, "weight casts": self.weight_casts,
+                "fsdp working": self.fsdp_working,
                 "activations": self.activations, "optimizer temp": self.optimizer_temp}
+
+    def bytes_per_parameter(self) -> float:
+        """Parameters + gradients + optimizer state (+ casts, FSDP working copies) over the
+        parameters this rank's model part has (its stage at 1/tp, experts at 1/ep)."""
+        return self.static / self.counts["total"]
 
     def largest_part(self) -> str:
         parts = self.parts()
@@ -93,40 +107,6 @@ class MemoryBreakdown:
         return "\n".join(lines)
 
 
-def stage_parameter_counts(cfg: GPTConfig, tp: int, stages: list[int], num_stages: int
-                           ) -> dict[str, int]:
-    """Parameters one TP rank holds for ``stages`` (as GPT builds them): 'matmul' (the
-    linear weights autocast copies), 'other' (norms, embedding tables, biases)."""
-    d, e, f = cfg.d_model, cfg.head_dim, cfg.d_ff
-    h, g = cfg.n_heads, cfg.n_kv_heads
-    mlp_mats = 3 if cfg.activation == "swiglu" else 2
-    per_layer_mat = (d * (h + 2 * g) * e + h * e * d + mlp_mats * d * f) // tp
-    per_layer_other = 2 * d * (2 if cfg.norm == "layernorm" else 1)
-    per_layer_other += 2 * e if cfg.qk_norm else 0      # replicated q/k norm weights
-    if cfg.qkv_bias and not cfg.bias:
-        per_layer_other += (h + 2 * g) * e // tp
-    if cfg.bias:
-        col = ((h + 2 * g) * e + (2 if cfg.activation == "swiglu" else 1) * f) // tp
-        per_layer_other += col + 2 * d
-    counts = layers_per_stage(cfg.n_layers, num_stages, cfg.layers_per_stage)
-    layers = sum(counts[s] for s in stages)
-    first, last = 0 in stages, num_stages - 1 in stages
-    table = padded_vocab_size(cfg.vocab_size, tp, cfg.pad_vocab_to) // tp * d
-    matmul, other = layers * per_layer_mat, layers * per_layer_other
-    if first or (last and cfg.tie_embeddings):
-        other += table   # the embedding (a tied last stage elsewhere keeps its own copy)
-    if first and cfg.position == "learned":
-        other += cfg.max_seq_len * d
-    if last:
-        other += d * (2 if cfg.norm == "layernorm" else 1)
-        if not cfg.tie_embeddings:
-            matmul += table
-    # the head's matmul weight: its own, or the (tied) embedding table, cast like any weight
-    head_cast = table if last else 0
-    return {"matmul": matmul, "other": other, "total": matmul + other,
-            "cast": matmul + (head_cast if cfg.tie_embeddings else 0)}
-
-
 # 1F1B and interleaved 1F1B reach their steady state after at most (v + 2) p microbatches;
 # more only repeat it, so their live counts are taken from 4p (a multiple of p, as
 # interleaving needs). Every other schedule is walked in full.
@@ -141,9 +121,24 @@ def _parse(text: str) -> tuple[int, str]:
 
 def _live_states(schedule: str, p: int, m: int, v: int, head_until_w: bool
                  ) -> dict[int, tuple]:
+    """Per pipeline rank: (its stages, live counts [states x stages], of them between I
+    and W [states x stages], loss heads live [states]) as arrays, for a vectorized peak."""
     if schedule in STEADY_AFTER:
         m = min(m, STEADY_AFTER[schedule] * p)
-    return _live_states_walk(schedule, p, m, v, head_until_w)
+    return _live_state_arrays(schedule, p, m, v, head_until_w)
+
+
+@functools.lru_cache(maxsize=4096)
+def _live_state_arrays(schedule: str, p: int, m: int, v: int, head_until_w: bool
+                       ) -> dict[int, tuple]:
+    out = {}
+    for rank, (local, states) in _live_states_walk(schedule, p, m, v, head_until_w).items():
+        ordered = sorted(states)
+        live = np.array([x[0] for x in ordered], dtype=np.float64).reshape(-1, len(local))
+        split = np.array([x[1] for x in ordered], dtype=np.float64).reshape(-1, len(local))
+        heads = np.array([x[2] for x in ordered], dtype=np.float64)
+        out[rank] = (local, live, split, heads)
+    return out
 
 
 @functools.lru_cache(maxsize=4096)
@@ -185,17 +180,27 @@ def memory(cfg: GPTConfig, layout: Layout) -> MemoryBreakdown:
         raise ValueError(f"{layout.describe()}: {reason}")
     L = layout
     v, num_stages = L.virtual, L.num_stages
-    b, seq = L.micro_batch_size, L.seq_len
+    b, seq = L.micro_batch_size, L.seq_len // L.cp     # the tokens of one cp rank
     kw = dict(act_bytes=compute_bytes(L.dtype), kernels=L.kernels)
     shape = (b, seq, L.tp, L.sequence_parallel)
-    run_cfg = cfg.replace(recompute=L.recompute, recompute_layers=L.recompute_layers)
     vp = padded_vocab_size(cfg.vocab_size, L.tp, cfg.pad_vocab_to)
     head = head_saved_bytes(cfg, *shape, fused_loss=L.fused_loss, padded_vocab=vp, **kw)
     embed = embedding_saved_bytes(b, seq)
     counts = layers_per_stage(cfg.n_layers, num_stages, cfg.layers_per_stage)
 
+    moe_delta = moe_saved_delta(cfg, b, seq, L.tp, kw["act_bytes"]) \
+        if cfg.moe_num_experts else 0.0
+
     def stage_bytes(s: int) -> float:
-        return stage_saved_bytes(run_cfg, counts[s], *shape, **kw) + (embed if s == 0 else 0)
+        moe = 0.0
+        if moe_delta:   # MoE layers that keep their MLP's tensors (not fully recomputed)
+            full = recomputed_layers(s)
+            moe = moe_delta * sum(cfg.is_moe_layer(i) for j, i in
+                                  enumerate(stage_layers(cfg, num_stages, s)) if j >= full)
+        # stage_saved_bytes's sum, from the two layer figures computed once below
+        kept = counts[s] if L.recompute_layers is None else min(L.recompute_layers, counts[s])
+        layers = kept * recomputed + (counts[s] - kept) * full_layer
+        return layers + moe + (embed if s == 0 else 0)
 
     full_layer = saved_activation_bytes(cfg, *shape, "none", **kw)
     recomputed = saved_activation_bytes(cfg, *shape, L.recompute, **kw)
@@ -206,36 +211,35 @@ def memory(cfg: GPTConfig, layout: Layout) -> MemoryBreakdown:
             return 0
         return counts[s] if L.recompute_layers is None else min(L.recompute_layers, counts[s])
 
-    sixteen_bit = L.dtype in ("bf16", "fp16")
-    opt_share = L.dp if L.distributed_optimizer else 1
     ranks = []
-    for rank, (stages, states) in sorted(_live_states(L.schedule, L.pp, L.num_microbatches,
-                                                      v, L.fused_loss).items()):
+    for rank, (stages, live, split, heads) in sorted(
+            _live_states(L.schedule, L.pp, L.num_microbatches, v, L.fused_loss).items()):
         stages = list(stages)
-        n = stage_parameter_counts(cfg, L.tp, stages, num_stages)
+        n = stage_parameter_counts(cfg, L.tp, stages, num_stages, L.ep)
         weights = [stage_bytes(s) for s in stages]
         # Between I and W (graph retained) a fully recomputed layer holds its whole saved
         # set again; what selective regions recompute does not outlive I (both measured in
         # tests/plan/test_memory.py).
         regrown = [recomputed_layers(s) * (full_layer - recomputed) for s in stages]
+        held = live @ np.array(weights, dtype=np.float64) + heads * head \
+            + split @ np.array(regrown, dtype=np.float64)
         best, best_state = 0.0, ((0,) * len(stages), (), 0)
-        for live, split, heads in states:
-            held = sum(c * w for c, w in zip(live, weights)) + heads * head \
-                + sum(c * r for c, r in zip(split, regrown))
-            if held > best:
-                best, best_state = held, (live, split, heads)
-        if L.recompute != "none" and not any(any(x) for _, x, _ in states):
+        if len(held) and held.max() > 0:
+            i = int(held.argmax())
+            best = float(held[i])
+            best_state = (tuple(int(c) for c in live[i]), tuple(split[i]), int(heads[i]))
+        if L.recompute != "none" and not split.any():
             # a B recomputes one layer at a time, holding its full saved set; on the last
             # stage the final norm's backward has freed its tensors by then
             best = max(best, best + full_layer - recomputed - final_norm * best_state[2])
-        opt_params = -(-n["total"] // opt_share)
+        st = static_bytes(n, L)
         ranks.append(RankMemory(
-            pp_rank=rank, stages=stages, parameters=4 * n["total"], gradients=4 * n["total"],
-            optimizer_state=8 * opt_params,
-            weight_casts=2 * n["cast"] if sixteen_bit else 0.0,
-            activations=best,
-            optimizer_temp=4 * opt_params if L.kernels == "triton" else 0.0,
-            live_microbatches=dict(zip(stages, best_state[0])), counts=n))
+            pp_rank=rank, stages=stages, parameters=st["parameters"],
+            gradients=st["gradients"], optimizer_state=st["optimizer"],
+            weight_casts=st["casts"], activations=best,
+            optimizer_temp=4 * st["owned"] if L.kernels == "triton" else 0.0,
+            live_microbatches=dict(zip(stages, best_state[0])), counts=n,
+            fsdp_working=st["working"]))
     return MemoryBreakdown(layout=L, ranks=ranks)
 
 

@@ -171,7 +171,8 @@ def _meta(step, model, optimizer, scheduler, sampler, scaler, extra, files) -> d
         "format": FORMAT, "version": VERSION, "step": int(step),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
         # "fsdp" only when true, informative: the tensors are layout-free
-        "layout": {"tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "world_size": ps.world_size,
+        "layout": {"tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "cp": ps.cp, "ep": ps.ep,
+                   "world_size": ps.world_size,
                    **({"fsdp": True} if fsdp.is_fsdp(model) else {})},
         "config": model.checkpoint_config(),
         "files": dict(sorted(files.items())),
@@ -340,14 +341,14 @@ def _continue_schedule(scheduler, optimizer) -> None:
 
 
 def _load_rng(meta: dict, ps) -> None:
-    """Same tp and pp: each rank restores its own streams (dp replicas share them), so a
+    """Same tp, cp and pp: each rank restores its own streams (dp replicas share them), so a
     resume draws the same dropout masks. Another tp or pp: the per-TP-rank tracker streams
     do not map onto other shards; keep the freshly seeded ones and restore only the default
     stream, which model_parallel_seed starts identically on every rank (from rank 0)."""
     layout = meta["layout"]
-    same = layout["tp"] == ps.tp and layout["pp"] == ps.pp
+    same = (layout["tp"], layout["pp"], layout.get("cp", 1)) == (ps.tp, ps.pp, ps.cp)
     src = global_rank(ps.tp_rank, ps.dp_rank if ps.dp_rank < layout["dp"] else 0,
-                      ps.pp_rank, ps.tp, layout["dp"]) if same else 0
+                      ps.pp_rank, ps.tp, layout["dp"], ps.cp_rank, ps.cp) if same else 0
     path = os.path.join(meta["path"], _RNG_FILE.format(src))
     try:
         with safe_open(path, framework="pt") as f:

@@ -280,7 +280,6 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
     """Every check the flags alone decide, run before any process group, model or data is
     built: a mistake raises UsageError naming the flag and the fix. ``gpt=False``: the
     caller trains its own model (the GPT's flags are refused, its checks skipped)."""
-    check_fsdp(args, world_size)
     if args.layout == "auto":
         if not gpt:
             raise UsageError("--layout auto plans megalite's GPT; give your model's --tp/--pp")
@@ -308,6 +307,7 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
         flag = "--schedule-file" if args.schedule_file else "--schedule/--virtual-stages"
         raise UsageError(f"{flag}: {e}") from None
     num_stages = sum(map(len, rank_stages(table).values()))
+    check_fsdp(args, world_size)  # after --layout auto, which may choose --fsdp
     cfg = check_model(args, num_stages) if gpt else refuse_gpt_flags(args)
     if args.sequence_parallel and args.seq_len % args.tp:
         raise UsageError(f"--sequence-parallel splits the sequence over tp ranks: --seq-len "
@@ -352,9 +352,10 @@ def check_fsdp(args, world_size: int) -> None:
     if world_size == 1:
         raise UsageError("--fsdp shards over processes and this is one: launch several "
                          "with torchrun --nproc-per-node N, or drop --fsdp")
-    if getattr(args, "layout", None) == "auto":  # until the planner models FSDP layouts
-        raise UsageError("--layout auto does not plan --fsdp yet: give --tp/--pp with "
-                         "--fsdp, or drop --fsdp")
+    for name in ("cp", "ep"):  # the flags arrive with their own branches
+        if getattr(args, name, 1) > 1:
+            raise UsageError(f"--fsdp with --{name} {getattr(args, name)} is not supported "
+                             f"yet: run --fsdp with --{name} 1, or drop --fsdp")
     if args.distributed_optimizer:
         raise UsageError("--fsdp shards the optimizer state already: drop "
                          "--distributed-optimizer")
@@ -461,10 +462,7 @@ def planned_layout(args, dp: int, cfg) -> plan.Layout | None:
     if args.schedule_file:
         return None
     triton = cuda_selected() and args.kernels != "torch"
-    # --fsdp: planned once the planner's Layout has the field (issue 18, the planner's part)
-    sharding = {"fsdp": True} if getattr(args, "fsdp", False) and "fsdp" in \
-        getattr(plan.Layout, "__dataclass_fields__", {}) else {}
-    return plan.Layout(**sharding,
+    return plan.Layout(
         tp=args.tp, pp=args.pp, dp=dp, micro_batch_size=args.micro_batch_size,
         seq_len=args.seq_len, global_batch_size=args.global_batch_size,
         schedule=args.schedule, virtual_stages=args.virtual_stages,
@@ -472,7 +470,9 @@ def planned_layout(args, dp: int, cfg) -> plan.Layout | None:
         recompute=args.recompute, recompute_layers=args.recompute_layers,
         distributed_optimizer=args.distributed_optimizer,
         overlap_grad_reduce=not args.no_overlap_grad_reduce,
-        kernels="triton" if triton else "torch", fused_loss=cfg.fused_loss)
+        kernels="triton" if triton else "torch", fused_loss=cfg.fused_loss,
+        **layout_auto.plan_extras(args))
+
 
 
 def memory_budget(args) -> float | None:
@@ -512,7 +512,8 @@ def check_memory(args, dp: int, cfg, world_size: int) -> None:
         raise UsageError(f"--check-memory: {layout.describe()} {reason}; python -m "
                          f"megalite.plan --model {args.model or 'tiny'} --gpus {world_size} "
                          f"--gpu-memory {budget / 2**30:.1f}GiB --seq-len {args.seq_len} "
-                         f"--global-batch-size {args.global_batch_size} lists layouts that fit")
+                         f"--global-batch-size {args.global_batch_size} --dtype {args.dtype}"
+                         f"{' --autocast' if layout.autocast else ''} lists layouts that fit")
 
 
 def default_warmup(steps: int) -> int:

@@ -198,13 +198,12 @@ def test_fsdp_trains_like_one_process_and_checkpoints_across_layouts(tmp_path):
 
 
 def test_fsdp_flag_combinations_are_refused_before_any_group():
-    base = dict(fsdp=True, distributed_optimizer=False, dtype="fp32", export_hf=None,
-                layout=None)
+    base = dict(fsdp=True, distributed_optimizer=False, dtype="fp32", export_hf=None)
     check_fsdp(types.SimpleNamespace(**base), 2)
     for change, words in ((dict(distributed_optimizer=True), "drop --distributed-optimizer"),
                           (dict(dtype="fp16"), "use --dtype bf16"),
                           (dict(export_hf="out"), "without --fsdp"),
-                          (dict(layout="auto"), "does not plan --fsdp")):
+                          (dict(cp=2), "with --cp 1"), (dict(ep=2), "with --ep 1")):
         with pytest.raises(UsageError, match=words):
             check_fsdp(types.SimpleNamespace(**{**base, **change}), 2)
     with pytest.raises(UsageError, match="torchrun --nproc-per-node"):

@@ -287,8 +287,41 @@ def check_agree(rank, world):
         assert str(raised.value) == "saving failed on rank(s) [1]: {1: 'ValueError: disk full'}"
 
 
+def _coordinates(rank, tp, cp, dp):
+    """(pp, dp, cp, tp) ranks of a global rank by DESIGN.md's formula, read backwards."""
+    return rank // (dp * cp * tp), rank // (cp * tp) % dp, rank // tp % cp, rank % tp
+
+
+def check_context_and_expert_groups(rank, world):
+    """Every group of a layout with cp and ep is the set of ranks DESIGN.md's formula puts in
+    it, and a sum over each group adds exactly its members."""
+    for tp, cp, pp, ep in ((1, 2, 1, 4), (1, 2, 2, 2), (2, 2, 1, 2), (1, 1, 1, 2)):
+        ps = parallel.initialize(tp=tp, cp=cp, pp=pp, ep=ep)
+        dp = world // (tp * cp * pp)
+        assert (ps.dp, ps.world_size, ps.rank) == (dp, world, rank)
+        me = _coordinates(rank, tp, cp, dp)
+        assert (ps.pp_rank, ps.dp_rank, ps.cp_rank, ps.tp_rank) == me
+        same = lambda *keep: [r for r in range(world) if all(  # noqa: E731
+            _coordinates(r, tp, cp, dp)[i] == me[i] for i in keep)]
+        stage = same(0)
+        local = stage.index(rank)
+        expected = {"tp": same(0, 1, 2), "cp": same(0, 1, 3), "dp": same(0, 2, 3),
+                    "dp_cp": same(0, 3), "pp": same(1, 2, 3),
+                    "ep": [r for r in stage if stage.index(r) // ep == local // ep],
+                    "expert_dp": [r for r in stage if stage.index(r) % ep == local % ep]}
+        for kind, ranks in expected.items():
+            assert getattr(ps, f"{kind}_ranks") == ranks, (kind, tp, cp, pp, ep)
+            total = comm.all_reduce(torch.tensor([float(rank)]), getattr(ps, f"{kind}_group"))
+            assert total.item() == sum(ranks), (kind, tp, cp, pp, ep)
+        assert (ps.ep_rank, ps.expert_dp_rank) == (local % ep, local // ep)
+        assert ps.dp_cp_rank == ps.dp_cp_ranks.index(rank)
+        assert ps.expert_dp == len(ps.expert_dp_ranks)
+        parallel.destroy()
+
+
 def _layers_world(rank, world):
     check_agree(rank, world)
+    check_context_and_expert_groups(rank, world)
     for tp in (1, 2, 4):
         ps = parallel.initialize(tp=tp)
         check_comm_ops(ps)
@@ -347,6 +380,13 @@ def test_bad_sizes_raise_before_any_collective():
     with pytest.raises(ValueError, match="not divisible"):
         check_layout(2, 2, None, 6)
     assert check_layout(2, 2, None, 8) == 2
+    assert check_layout(1, 1, None, 8, cp=2, ep=4) == 4
+    with pytest.raises(ValueError, match=r"tp\*cp\*pp = 1\*4\*1 = 4.*--cp"):
+        check_layout(1, 1, None, 6, cp=4)
+    with pytest.raises(ValueError, match=r"ep = 3 does not divide the tp\*cp\*dp = 4 .*\[1, 2, 4\]"):
+        check_layout(1, 2, None, 8, ep=3)
+    with pytest.raises(ValueError, match="cp must be"):
+        parallel.initialize(cp=0)
     with pytest.raises(ValueError, match="divisible by tp"):
         parallel.ColumnParallelLinear(4, 6, state=ParallelState(tp=4))
     with pytest.raises(ValueError, match="partition_sizes"):
@@ -384,3 +424,10 @@ def test_rank_layout_matches_design():
     assert groups["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert groups["dp"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert groups["pp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert groups["dp_cp"] == groups["dp"]  # cp = 1: data x context is data
+    # DESIGN.md with cp: tp innermost, then cp, then dp, then pp
+    groups = parallel.group_ranks(tp=2, pp=1, dp=2, cp=2, ep=4)
+    assert groups["cp"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert groups["dp_cp"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert groups["ep"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert groups["expert_dp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]

@@ -258,7 +258,7 @@ def test_resume_and_reshard(tmp_path):
         f"(1,2,2) distributed after loading a (2,2,1) checkpoint: {resharded} vs {expected}"
 
     meta = json.load(open(os.path.join(path, "meta.json")))
-    assert meta["layout"] == {"tp": 2, "pp": 2, "dp": 1, "world_size": 4}
+    assert meta["layout"] == {"tp": 2, "pp": 2, "dp": 1, "cp": 1, "ep": 1, "world_size": 4}
     assert meta["extra"] == {"args": {"tp": 2, "pp": 2}}
     assert sorted(meta["files"]) == ["model_stage0.safetensors", "model_stage1.safetensors",
                                      "optim_stage0.safetensors", "optim_stage1.safetensors"]
