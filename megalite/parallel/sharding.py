@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megalite.parallel import comm
+from megalite.parallel.fsdp import full_tensor
 from megalite.parallel.layers import shard_segments
 from megalite.parallel.state import ParallelState, get_state
 
@@ -54,9 +55,11 @@ def gather_full(param: torch.Tensor, state: ParallelState | None = None,
     """The unpadded tp=1 tensor of ``param`` (collective over the TP group).
 
     ``tensor`` gathers something shaped like the parameter instead (its gradient, an
-    optimizer state)."""
+    optimizer state). An FSDP parameter or state (a DTensor) is gathered over dp first, so
+    with FSDP every rank of the dp group must call it too."""
     ps = state or get_state()
-    local = param.detach() if tensor is None else tensor
+    # An FSDP shard (DTensor) is first gathered over dp: every dp rank calls this alike.
+    local = full_tensor(param.detach() if tensor is None else tensor)
     if not is_tp_sharded(param):
         return local
     dim = param.tp_dim

@@ -362,9 +362,6 @@ def check_fsdp(args, world_size: int) -> None:
     if args.dtype == "fp16":
         raise UsageError("--fsdp runs --dtype fp32 or bf16 (FSDP's bf16 parameters with fp32 "
                          "reduction), not fp16: use --dtype bf16")
-    if args.export_hf:
-        raise UsageError("--export-hf does not gather FSDP shards: train with --fsdp and "
-                         "--save, then run --load DIR --export-hf OUT without --fsdp")
 
 
 def check_model(args, num_stages: int) -> GPTConfig:

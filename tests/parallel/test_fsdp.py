@@ -155,8 +155,9 @@ def check_checkpoints(tmp):
 
 
 def check_trainer(tmp):
-    """The command line's --fsdp: the trainer shards the model, evaluates, saves, and trains
-    the losses of the same run without --fsdp (its first step: same weights, same batch)."""
+    """The command line's --fsdp: the trainer shards the model, evaluates, saves, exports a
+    Hugging Face directory, and trains the losses of the same run without --fsdp; both
+    exports hold the same weights."""
     import json
     import os
     from megalite.training import Trainer, parse_args
@@ -167,6 +168,7 @@ def check_trainer(tmp):
     for sharded in (True, False):
         out = os.path.join(tmp, f"metrics_{sharded}.jsonl")
         extra = ["--fsdp", "--save", os.path.join(tmp, "run")] if sharded else []
+        extra += ["--export-hf", os.path.join(tmp, f"hf_{sharded}")]
         assert Trainer(parse_args(flags + extra + ["--metrics-out", out])).run() == 0
         with open(out) as f:
             rows[sharded] = [json.loads(line) for line in f]
@@ -174,6 +176,11 @@ def check_trainer(tmp):
     assert abs(rows[True][1]["val_loss"] - rows[False][1]["val_loss"]) <= 1e-4, rows
     with open(os.path.join(tmp, "run", "step_00000002", "meta.json")) as f:
         assert json.load(f)["layout"]["fsdp"] is True
+    from safetensors.torch import load_file
+    exported = [load_file(os.path.join(tmp, f"hf_{s}", "model.safetensors")) for s in (True, False)]
+    assert exported[0].keys() == exported[1].keys()
+    for name, w in exported[0].items():
+        assert (w - exported[1][name]).abs().max() <= 1e-5, name
 
 
 def _world(rank, world, tmp):
@@ -198,11 +205,10 @@ def test_fsdp_trains_like_one_process_and_checkpoints_across_layouts(tmp_path):
 
 
 def test_fsdp_flag_combinations_are_refused_before_any_group():
-    base = dict(fsdp=True, distributed_optimizer=False, dtype="fp32", export_hf=None)
+    base = dict(fsdp=True, distributed_optimizer=False, dtype="fp32")
     check_fsdp(types.SimpleNamespace(**base), 2)
     for change, words in ((dict(distributed_optimizer=True), "drop --distributed-optimizer"),
                           (dict(dtype="fp16"), "use --dtype bf16"),
-                          (dict(export_hf="out"), "without --fsdp"),
                           (dict(cp=2), "with --cp 1"), (dict(ep=2), "with --ep 1")):
         with pytest.raises(UsageError, match=words):
             check_fsdp(types.SimpleNamespace(**{**base, **change}), 2)
