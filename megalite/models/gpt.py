@@ -287,6 +287,11 @@ class HeadInput:
     hidden: torch.Tensor
 
 
+def _as_saved(value):
+    """A config value as meta.json gives it back: JSON has no tuples (moe_dense_layers)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 class GPT(nn.Module):
     """This rank's pipeline stages of a GPT, TP-sharded.
 
@@ -553,7 +558,7 @@ class GPT(nn.Module):
         diffs = [f"{k}={saved[k]!r}" + (" (the checkpoint predates this field)"
                                          if k not in written else "") + f" (model: {v!r})"
                  for k, v in self.checkpoint_config().items()
-                 if k not in free and saved[k] != v]
+                 if k not in free and _as_saved(saved[k]) != _as_saved(v)]
         if diffs:
             raise ValueError(f"another model: {', '.join(diffs)}; build the model with the "
                              f"checkpoint's config (meta.json 'config')")

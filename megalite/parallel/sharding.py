@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megalite.parallel import comm
+from megalite.parallel.fsdp import full_tensor
 from megalite.parallel.layers import shard_segments
 from megalite.parallel.param_meta import param_meta
 from megalite.parallel.state import ParallelState, get_state
@@ -70,9 +71,11 @@ def gather_full(param: torch.Tensor, state: ParallelState | None = None,
     at ep > 1 over the expert-parallel group: every expert).
 
     ``tensor`` gathers something shaped like the parameter instead (its gradient, an
-    optimizer state)."""
+    optimizer state). An FSDP parameter or state (a DTensor) is gathered over dp first, so
+    with FSDP every rank of the dp group must call it too."""
     ps = state or get_state()
-    local = param.detach() if tensor is None else tensor
+    # An FSDP shard (DTensor) is first gathered over dp: every dp rank calls this alike.
+    local = full_tensor(param.detach() if tensor is None else tensor)
     if is_expert_sharded(param, ps):  # collective over the ep group instead
         return comm.all_gather(local.contiguous(), ps.ep_group, dim=0)
     if not is_tp_sharded(param):

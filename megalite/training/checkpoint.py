@@ -22,7 +22,9 @@ rank reads the names its stage holds from whichever files hold them and keeps it
 Optimizer state is keyed by parameter name, as optimizer indices differ from stage to stage.
 The distributed optimizer's dp-sharded state is gathered whole to save and re-sharded on
 load (:func:`_param_state`, ``DistributedOptimizer.load_full_state``), so either kind of
-optimizer loads either kind of checkpoint.
+optimizer loads either kind of checkpoint. FSDP's dp-sharded parameters and optimizer state
+(DTensors) are gathered whole the same way and sliced back on load (:mod:`megalite.parallel.fsdp`),
+so FSDP and non-FSDP runs load each other's checkpoints.
 
 Atomic: ranks write under ``ROOT/step_XXXXXXXX.tmp-<id>``; once all succeeded, rank 0 adds
 meta.json, publishes the directory with one rename and then replaces ``latest``. A killed
@@ -40,6 +42,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megalite.parallel import fsdp
 from megalite.parallel.comm import agree
 from megalite.parallel.distributed_optimizer import MainParamOptimizer
 from megalite.parallel.param_meta import param_meta
@@ -117,7 +120,9 @@ def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
     dp for a sharded optimizer) tensor by tensor into host memory; the stage's (tp_rank 0,
     dp_rank 0, cp_rank 0) rank writes them. Returns {file: names} of what it wrote and {file:
     checksum}."""
-    sharded = isinstance(optimizer, MainParamOptimizer) and optimizer.main_grads.shard
+    sharded_model = fsdp.is_fsdp(model)  # FSDP: parameters and state are dp shards
+    sharded = sharded_model or (isinstance(optimizer, MainParamOptimizer)
+                                and optimizer.main_grads.shard)
     # dp and cp replicas hold identical values: replica 0 writes. MoE experts split over
     # ep > 1 are gathered over the ep group of the first expert-data-parallel replica (the
     # writer's).
@@ -129,12 +134,17 @@ def _write_stage(tmp: str, model, optimizer, ps) -> tuple[dict, dict]:
     for name, p in model.named_parameters():
         if param_meta(p).pipeline_duplicate:
             continue  # tied embedding copy on the last stage: the first stage saves it
-        main = _main_weight(optimizer, p)  # collective over dp when sharded
+        # The fp32 main weight of a 16-bit p (collective over dp when sharded), or an FSDP
+        # shard gathered over dp (collective too); else p itself.
+        main = _main_weight(optimizer, p)
+        if sharded_model:
+            main = fsdp.full_tensor(p.detach())
         joins = first_expert if is_expert_sharded(p, ps) else ps.dp_rank == 0
         if joins:
             params[name] = gather_full_to_cpu(p, ps, tensor=main, keep=writer,
                                               dtype=torch.float32)
         for key, value in _param_state(optimizer, p):  # gathered over dp one at a time
+            value = fsdp.full_tensor(value)
             if not joins:
                 continue
             if torch.is_tensor(value) and value.shape == p.shape:  # exp_avg, exp_avg_sq
@@ -183,8 +193,10 @@ def _meta(step, model, optimizer, scheduler, sampler, scaler, extra, files) -> d
     return {
         "format": FORMAT, "version": VERSION, "step": int(step),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
+        # "fsdp" only when true, informative: the tensors are layout-free
         "layout": {"tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "cp": ps.cp, "ep": ps.ep,
-                   "world_size": ps.world_size},
+                   "world_size": ps.world_size,
+                   **({"fsdp": True} if fsdp.is_fsdp(model) else {})},
         "config": model.checkpoint_config(),
         "files": dict(sorted(files.items())),
         "rng_files": [_RNG_FILE.format(r) for r in range(ps.world_size)],
@@ -301,7 +313,7 @@ def _load_model(files: _TensorFiles, model) -> None:
     with torch.no_grad():
         # A tied embedding's copy on the last stage has the same name: it loads the same tensor.
         for name, p in model.named_parameters():
-            p.copy_(_shard(files, name, files.get(name), p, model.ps))
+            p.copy_(fsdp.like_param(_shard(files, name, files.get(name), p, model.ps), p))
 
 
 def _load_optimizer(files: _TensorFiles, meta: dict, model, optimizer) -> None:
@@ -333,8 +345,8 @@ def _load_optimizer(files: _TensorFiles, meta: dict, model, optimizer) -> None:
             name = names[id(p)]  # build_optimizer's groups hold only model parameters
             saved_state = {k: files.get(f"{name}.{k}") for k in files.state_keys.get(name, [])}
             if saved_state:  # none: saved before the first step
-                state[index] = {k: v if v.dim() == 0 else
-                                _shard(files, f"{name}.{k}", v, p, model.ps)
+                state[index] = {k: v if v.dim() == 0 else  # an FSDP shard of it for FSDP
+                                fsdp.like_param(_shard(files, f"{name}.{k}", v, p, model.ps), p)
                                 for k, v in saved_state.items()}
         hyper = {k: tuple(v) if isinstance(indices.get(k), tuple) else v
                  for k, v in hyper.items()}  # JSON turned AdamW's betas into a list

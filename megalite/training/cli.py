@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="0 disables clipping")
     opt.add_argument("--distributed-optimizer", action="store_true",
                      help="shard the AdamW state over the dp group (ZeRO-1, docs/memory.md)")
+    # FSDP (H2): torch's fully_shard per block over the dp group (docs/fsdp.md)
+    opt.add_argument("--fsdp", action="store_true",
+                     help="shard parameters, gradients and AdamW state over the dp group "
+                          "with torch's FSDP2, one group per transformer block (docs/fsdp.md)")
     opt.add_argument("--no-overlap-grad-reduce", action="store_true",
                      help="reduce gradients over dp after the whole backward instead of "
                           "bucket by bucket during the last microbatch's")
@@ -295,8 +299,11 @@ def schedule_note(args, run_plan: RunPlan) -> str | None:
 
 
 def params_dtype(args) -> str:
-    """The parameters' dtype of a run: --dtype, or fp32 under --autocast."""
-    return "fp32" if getattr(args, "autocast", False) else args.dtype
+    """The parameters' dtype of a run: --dtype, or fp32 under --autocast and under --fsdp
+    (FSDP keeps fp32 shards and gathers --dtype copies of them itself)."""
+    if getattr(args, "autocast", False) or getattr(args, "fsdp", False):
+        return "fp32"
+    return args.dtype
 
 
 def autocast_dtype(args) -> str:
@@ -343,6 +350,7 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
         flag = "--schedule-file" if args.schedule_file else "--schedule/--virtual-stages"
         raise UsageError(f"{flag}: {e}") from None
     num_stages = sum(map(len, rank_stages(table).values()))
+    check_fsdp(args, world_size)  # after --layout auto, which may choose --fsdp
     cfg = check_model(args, num_stages) if gpt else refuse_gpt_flags(args)
     check_context_model(args, cfg)
     if cfg is not None:
@@ -384,6 +392,25 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
         check_memory(args, dp, cfg, world_size)
     return RunPlan(dp, num_microbatches, cfg, table,
                    model_name=(args.init_from_hf or args.model or "tiny") if gpt else "model")
+
+
+def check_fsdp(args, world_size: int) -> None:
+    """--fsdp's combinations, refused before any process group."""
+    if not getattr(args, "fsdp", False):
+        return
+    if world_size == 1:
+        raise UsageError("--fsdp shards over processes and this is one: launch several "
+                         "with torchrun --nproc-per-node N, or drop --fsdp")
+    for name in ("cp", "ep"):  # the flags arrive with their own branches
+        if getattr(args, name, 1) > 1:
+            raise UsageError(f"--fsdp with --{name} {getattr(args, name)} is not supported "
+                             f"yet: run --fsdp with --{name} 1, or drop --fsdp")
+    if args.distributed_optimizer:
+        raise UsageError("--fsdp shards the optimizer state already: drop "
+                         "--distributed-optimizer")
+    if args.dtype == "fp16":
+        raise UsageError("--fsdp runs --dtype fp32 or bf16 (FSDP's bf16 parameters with fp32 "
+                         "reduction), not fp16: use --dtype bf16")
 
 
 def check_model(args, num_stages: int) -> GPTConfig:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megalite.parallel import comm
+from megalite.parallel import comm, fsdp
 from megalite.parallel.context import shard_sequence
 from megalite.parallel.distributed_optimizer import DistributedOptimizer, MainParamOptimizer
 from megalite.parallel.grad_buffer import DEFAULT_BUCKET_BYTES
@@ -204,8 +204,15 @@ def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
     moving = activation_dtype(model)
     if (dtype == "fp16" or moving == torch.float16) and grad_scaler is None:
         raise ValueError("fp16 training needs a DynamicLossScaler (grad_scaler=...)")
-    main_grads = _main_grads(model, optimizer)
-    main_grads.zero_grad()
+    sharded_model = fsdp.is_fsdp(model)  # FSDP reduces (reduce-scatters) its own gradients
+    if sharded_model:
+        fsdp.check_step(optimizer, dtype, moving)
+        optimizer.zero_grad(set_to_none=True)
+        fsdp.begin_step(model)
+        main_grads = None
+    else:
+        main_grads = _main_grads(model, optimizer)
+        main_grads.zero_grad()
     loss_fn = loss_fn or model.loss
     if grad_scaler is not None:  # fp16: scale the loss so small gradients stay representable
         unscaled_fn = loss_fn
@@ -218,17 +225,21 @@ def train_step(model, optimizer, tokens, targets, *, micro_batch_size: int,
                                   schedule=schedule, activation_dtype=moving,
                                   loss_fn=loss_fn, verbose=verbose, trace=trace,
                                   final_backward=main_grads.final_backward
-                                  if overlap_grad_reduce else None,
+                                  if main_grads is not None and overlap_grad_reduce else None,
                                   loss_scale=grad_scaler.scale_value if grad_scaler else 1.0)
-    finalize_grads(model, main_grads)
-    # With the distributed optimizer only this rank's shard of each gradient is reduced;
-    # the norm, clipping and unscaling act on exactly the reduced parts.
+    if sharded_model:
+        fsdp.finish_grads(model, ps)
+    else:
+        finalize_grads(model, main_grads)
+    # With the distributed optimizer (or FSDP) only this rank's shard of each gradient is
+    # reduced; the norm, clipping and unscaling act on exactly the reduced parts.
     loss = result.loss
     skipped = False
     if grad_scaler is not None:
         loss = loss / grad_scaler.scale_value
         skipped = not grad_scaler.unscale_(main_grads, ps)
-    norm = main_grads.clip_(0.0 if skipped else max_grad_norm)
+    max_norm = 0.0 if skipped else max_grad_norm
+    norm = fsdp.clip_(model, max_norm, ps) if sharded_model else main_grads.clip_(max_norm)
     # Each cp rank's loss is cp x its share of the sequence's mean: average over dp x cp.
     loss = comm.all_reduce(loss.reshape(1).clone(), ps.dp_cp_group)[0] / ps.dp_cp
     # One host sync for both; they are global, so every rank skips (or not) alike.

@@ -20,6 +20,7 @@ import torch
 
 from megalite import parallel
 from megalite.models import GPT, save_hf
+from megalite.parallel import fsdp
 from megalite.parallel.comm import agree
 from megalite.pipeline import rank_stages
 from megalite.training import inject, profiling
@@ -92,6 +93,9 @@ class Trainer:
         model = self.model = self.build_model(stages[ps.pp_rank],
                                               sum(map(len, stages.values())),
                                               from_hf=not resume_from)
+        if getattr(args, "fsdp", False):  # before the optimizer: it holds the DTensor shards
+            fsdp.fully_shard_model(model, ps, param_dtype=torch.bfloat16
+                                   if args.dtype == "bf16" else None)
         self.data = open_run_data(args)
         self.dataset = self.data.train
         self.sampler = ShardedSampler(self.dataset.sizes, args.global_batch_size, ps.dp_rank,
@@ -181,6 +185,7 @@ class Trainer:
                 + (" autocast" if self.autocast != "fp32" else
                    " parameters" if args.dtype != "fp32" else "")
                 + (", distributed optimizer" if args.distributed_optimizer else "")
+                + (", FSDP" if getattr(args, "fsdp", False) else "")
                 + (f", recompute {args.recompute}" if args.recompute != "none" else "")
                 + (f" (first {args.recompute_layers} layers of each stage)"
                    if args.recompute_layers else "")
@@ -252,6 +257,8 @@ class Trainer:
             if evaluation_due(args, step):
                 with watchdog.paused():
                     row.update(validation_metrics(model, self.data, args, self.plan.schedule))
+                    if fsdp.is_fsdp(model):  # the forward left the root group gathered
+                        fsdp.reshard(model)
                 say(f"validation at step {step}: loss {row['val_loss']:.4f}, perplexity "
                     f"{row['val_ppl']:.2f}", flush=True)
             self.logger.log(row)
