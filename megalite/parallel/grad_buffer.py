@@ -268,8 +268,9 @@ class GradBuffer:
     @torch.no_grad()
     def all_gather_params(self) -> None:
         """Every group rank updated its owned chunk of the parameters: share them
-        (shard=True); the gather moves the parameters' own dtype (2 bytes for bf16)."""
-        if self.dp == 1:
+        (shard=True); the gather moves the parameters' own dtype (2 bytes for bf16). Unsharded,
+        every rank updated every parameter alike: nothing to share."""
+        if self.dp == 1 or not self.shard:
             return
         for b in self.buckets:
             flat = torch.zeros(b.end - b.start, dtype=self.param_dtype, device=self.data.device)

@@ -123,3 +123,20 @@ def test_dp2_reductions_train_like_one_process():
     """Fast dp = 2 check of the buffer's reductions (the layouts of tests/pipeline/test_3d.py
     cover them too, in minutes; this is the mutation pass's subset for grad_buffer.py)."""
     run_world(2, _dp2_steps, timeout=180)
+
+
+def test_unsharded_16_bit_step_gathers_nothing():
+    """Without the distributed optimizer every dp rank steps every main weight alike, so the
+    step copies them into the 16-bit parameters and moves no bytes over dp (no process group
+    exists here: a gather would fail, and count_comm would count it)."""
+    from megalite.parallel import count_comm
+    from megalite.parallel.distributed_optimizer import MainParamOptimizer
+    from megalite.parallel.main_grads import MainGrads
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 12).bfloat16())
+    grads = MainGrads({0: [p]}, ParallelState(dp=2), shard=False)
+    opt = MainParamOptimizer(torch.optim.SGD([p], lr=0.5), grads)
+    grads.main_grad(p).fill_(1.0)
+    with count_comm() as stats:
+        opt.step()
+    assert stats.calls == {}
+    assert torch.equal(p, (torch.linspace(-1, 1, 12).bfloat16().float() - 0.5).bfloat16())
