@@ -51,6 +51,7 @@ from megalite import kernels
 from megalite.models.recompute import is_recomputing
 from megalite.parallel import comm
 from megalite.parallel.experts import combine, dispatch, split_experts
+from megalite.parallel.param_meta import mark_expert_parallel
 
 
 def ep_layout(ps) -> tuple[int, int, object]:
@@ -97,7 +98,7 @@ class Experts(nn.Module):
             init.normal(f"{prefix}{e}.down", out_std)(down[j])
         self.up, self.down = nn.Parameter(up.to(ps.device)), nn.Parameter(down.to(ps.device))
         for p in (self.up, self.down):
-            p.expert_parallel = True           # gradients reduce over expert-dp
+            mark_expert_parallel(p)            # gradients reduce over expert-dp
             p.ep_num_experts = cfg.moe_num_experts   # full tensor: dim 0 gathered over ep
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

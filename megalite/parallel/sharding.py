@@ -39,7 +39,7 @@ def _padded_sizes(param: torch.Tensor, tp: int) -> list[int]:
 def is_expert_sharded(param: torch.Tensor, ps: ParallelState) -> bool:
     """An MoE expert tensor split over the expert-parallel group along dim 0 (stacked
     experts, ``expert_parallel``), at ep > 1."""
-    return getattr(param, "expert_parallel", False) and getattr(ps, "ep", 1) > 1
+    return param_meta(param).expert_parallel and ps.ep > 1
 
 
 def shard_full(full: torch.Tensor, param: torch.Tensor, state: ParallelState | None = None
