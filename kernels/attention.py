@@ -392,6 +392,15 @@ def attention_block_backward_reference(q, k, v, do, lse, delta, causal=True, sca
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _check_block_window(causal, window, where):
+    """A window is a sliding *causal* window: every path (Triton, torch's flash, the
+    reference's ``block_mask``) must agree on what a block sees, so refuse it without causal
+    (as :func:`attention` does) rather than let the paths differ."""
+    if window is not None and not causal:
+        raise ValueError(f"{where}: window is a sliding causal window; pass causal=True (or "
+                         f"window=None for a block the window does not cut)")
+
+
 def _block_triton(backend, q, k, v):
     if not use_triton(backend, q, k, v):
         return False
@@ -418,6 +427,7 @@ def attention_block(q, k, v, *, causal=True, scale=None, window=None, offset=0,
     """Forward of one attention block without autograd: (out [b, h, sq, d], lse [b, h, sq]
     fp32, natural log). See :func:`attention_block_reference` for the meaning."""
     _check(q, k, v)
+    _check_block_window(causal, window, "attention_block")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not _block_triton(backend, q, k, v):
         if _cpu_flash(q, causal, window, offset, k.shape[2]):
@@ -435,6 +445,7 @@ def attention_block_backward(q, k, v, do, lse, delta, *, causal=True, scale=None
     from the rows' final natural ``lse`` and ``delta`` = rowsum(dO * O_final) [b, h, sq].
     ``out``: those rows' final output (O_final), which torch's CPU flash backward takes
     instead of ``delta``; without it the reference runs."""
+    _check_block_window(causal, window, "attention_block_backward")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not _block_triton(backend, q, k, v):
         if _cpu_flash(q, causal, window, offset, k.shape[2]) and out is not None:

@@ -314,6 +314,10 @@ class GPT(nn.Module):
     cross-entropy as one chunked op (``parallel.vocab_parallel_linear_cross_entropy``).
     """
 
+    # Its attention runs the cp ring and its positions are the rank's chunks' (the trainer
+    # refuses cp > 1 for a model without this: megalite.parallel.context.check_context_model)
+    supports_context_parallel = True
+
     def __init__(self, cfg: GPTConfig, state: ParallelState | None = None,
                  stages: list[int] | None = None, num_stages: int | None = None):
         super().__init__()

@@ -78,6 +78,21 @@ def check_context_parallel(seq_len: int | None, cp: int, comm: str = "ring",
                              f"use --cp-comm ring")
 
 
+def check_context_model(model, cp: int) -> None:
+    """Raise ValueError unless ``model`` can run on this rank's chunks of each sequence.
+
+    Under cp > 1 a rank holds 2 of the 2*cp chunks: a model that does not know it (its
+    attention does not run the ring over the cp group, its positions are not the chunks')
+    would attend only within its own chunks and train wrong without an error. A model
+    declares it knows with ``supports_context_parallel = True`` (megalite's GPT does)."""
+    if cp > 1 and not getattr(model, "supports_context_parallel", False):
+        raise ValueError(f"{type(model).__name__} does not declare supports_context_parallel "
+                         f"= True: with cp={cp} each rank would attend only to its own chunks "
+                         f"of the sequence; use cp=1, or give the model context-parallel "
+                         f"attention and positions (megalite.parallel.context) and set the "
+                         f"attribute")
+
+
 def chunk_ids(cp: int, rank: int) -> tuple[int, int]:
     """The two chunks (of 2*cp) cp rank ``rank`` holds, in its local order."""
     return rank, 2 * cp - 1 - rank
@@ -133,16 +148,24 @@ def _ring_peers(group):
 class _Transfer:
     """Send ``buf`` to the next rank and receive the previous rank's, asynchronously."""
 
-    def __init__(self, buf, group, nxt, prv, tag):
+    def __init__(self, buf, group, nxt, prv, tag, step: int):
         self.send, self.recv = buf.contiguous(), torch.empty_like(buf)
+        self.nxt, self.prv, self.tag, self.step = nxt, prv, tag, step
         ops = [dist.P2POp(dist.isend, self.send, nxt, group, tag),
                dist.P2POp(dist.irecv, self.recv, prv, group, tag)]
         self.reqs = dist.batch_isend_irecv(ops)
         _count("cp_ring_p2p", self.send.numel() * self.send.element_size())
 
     def wait(self) -> torch.Tensor:
-        for req in self.reqs:
-            req.wait()
+        try:
+            for req in self.reqs:
+                req.wait()
+        except RuntimeError as e:  # a timeout or a dead peer: say where in the ring
+            what = "K/V" if self.tag == _TAG_KV else "dK/dV"
+            raise RuntimeError(
+                f"rank {dist.get_rank() if dist.is_initialized() else 0}: context-parallel "
+                f"ring step {self.step}: sending {what} {tuple(self.recv.shape)} to rank "
+                f"{self.nxt} / receiving it from rank {self.prv} failed: {e}") from e
         self.send = None
         return self.recv
 
@@ -158,6 +181,7 @@ def _pairs(cp: int, rank: int, src: int, c: int, window):
                 continue  # every key in the future
             if window is not None and offset - (c - 1) >= window:
                 continue  # every key beyond the window
+            # a full block sees all its keys: no mask, and the window passes over it
             full = offset >= c - 1 and (window is None or offset + c - 1 < window)
             out.append((qa, ka, offset, not full))
     return out
@@ -184,13 +208,13 @@ class _RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v])  # one message per step; only the kv heads that exist
         acc = [None, None]
         for i in range(cp):
-            transfer = _Transfer(kv, group, nxt, prv, _TAG_KV) if i < cp - 1 else None
+            transfer = _Transfer(kv, group, nxt, prv, _TAG_KV, i) if i < cp - 1 else None
             src = (r - i) % cp
             for qa, ka, offset, causal in _pairs(cp, r, src, c, window):
                 o, lse = attention_block(
                     q[:, :, qa * c:(qa + 1) * c], kv[0][:, :, ka * c:(ka + 1) * c],
                     kv[1][:, :, ka * c:(ka + 1) * c], causal=causal, scale=scale,
-                    window=window, offset=offset, backend=backend)
+                    window=window if causal else None, offset=offset, backend=backend)
                 acc[qa] = _merge(acc[qa], o, lse)
             if transfer is not None:
                 kv = transfer.wait()
@@ -216,7 +240,7 @@ class _RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v])
         dkv_transfer = None
         for i in range(cp):
-            kv_transfer = _Transfer(kv, group, nxt, prv, _TAG_KV) if i < cp - 1 else None
+            kv_transfer = _Transfer(kv, group, nxt, prv, _TAG_KV, i) if i < cp - 1 else None
             src = (r - i) % cp
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
             for qa, ka, offset, causal in _pairs(cp, r, src, c, window):
@@ -224,13 +248,14 @@ class _RingAttention(torch.autograd.Function):
                 dq_b, dk_b, dv_b = attention_block_backward(
                     q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], dout[:, :, rows],
                     lse[:, :, rows], delta[:, :, rows], causal=causal, scale=scale,
-                    window=window, offset=offset, backend=ctx.backend, out=out[:, :, rows])
+                    window=window if causal else None, offset=offset, backend=ctx.backend,
+                    out=out[:, :, rows])
                 dq[:, :, rows] += dq_b
                 dkv[0][:, :, cols] += dk_b
                 dkv[1][:, :, cols] += dv_b
             if dkv_transfer is not None:  # the gradient of src's K/V so far, from rank r-1
                 dkv += dkv_transfer.wait()
-            dkv_transfer = _Transfer(dkv, group, nxt, prv, _TAG_DKV)  # overlaps next block
+            dkv_transfer = _Transfer(dkv, group, nxt, prv, _TAG_DKV, i)  # overlaps next block
             if kv_transfer is not None:
                 kv = kv_transfer.wait()
         dkv = dkv_transfer.wait()  # after cp hops: this rank's own K/V gradient

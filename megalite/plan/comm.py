@@ -78,9 +78,21 @@ def cp_time(cfg: GPTConfig, L: Layout, gpu: GPU, attention: float) -> float:
     if L.cp_comm == "all-to-all":
         per_token = (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * e / t * a
         return 2 * (cp - 1) / cp * tokens * per_token / link
-    kv_chunk = 2 * tokens * cfg.n_kv_heads / t * e * a
-    ring = 3 * (cp - 1) * kv_chunk / link
-    return max(0.0, ring - attention * (cp - 1) / cp)
+    return max(0.0, cp_ring_bytes(cfg, L) / link - attention * (cp - 1) / cp)
+
+
+def cp_ring_bytes(cfg: GPTConfig, L: Layout) -> float:
+    """Bytes one rank sends in one layer's ring attention, forward + backward, one
+    microbatch, as megalite.parallel.context sends them: the K/V shard (this rank's kv heads,
+    in the compute dtype) to the next rank cp-1 times in the forward, cp-1 times again in the
+    backward (once more in the forward that full recompute re-runs), and the fp32 dK/dV
+    cp times (its last hop brings each rank its own gradient home)."""
+    cp = L.cp
+    if cp == 1 or L.cp_comm != "ring":
+        return 0.0
+    kv_values = 2 * tokens_per_rank(L) * cfg.n_kv_heads / L.tp * cfg.head_dim
+    kv_passes = (cp - 1) * (3 if L.recompute == "full" else 2)
+    return kv_values * (kv_passes * compute_bytes(L.dtype) + cp * 4)
 
 
 def p2p_time(cfg: GPTConfig, L: Layout, gpu: GPU) -> float:
@@ -127,5 +139,5 @@ def exposed(comm: float, compute: float, units: int) -> float:
     return max(comm - compute, comm / max(1, units))
 
 
-__all__ = ["bandwidth", "cp_time", "dp_time", "dp_volume", "exposed", "fsdp_time",
+__all__ = ["bandwidth", "cp_ring_bytes", "cp_time", "dp_time", "dp_volume", "exposed", "fsdp_time",
            "p2p_time", "residual_bytes", "tokens_per_rank", "tp_time", "weight_bytes"]

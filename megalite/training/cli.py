@@ -334,7 +334,6 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
         if os.environ.get("RANK", "0") == "0":
             print(f"--layout auto: {choice.why}; running {' '.join(choice.flags)}", flush=True)
     check_precision(args)
-    check_context_world(args, world_size)
     try:  # cp ranks share one dp rank's batch: dp = world // (tp * pp * cp)
         dp = check_layout(args.tp, args.pp, None, world_size, cp=args.cp)
     except ValueError as e:
@@ -358,9 +357,11 @@ def check_args(args, world_size: int, gpt: bool = True) -> RunPlan:
     elif args.ep > 1 and (world_size // args.pp) % args.ep:
         raise UsageError(f"--ep {args.ep} must divide the {world_size // args.pp} ranks of a "
                          f"pipeline stage (tp x cp x dp = world / pp); choose a divisor")
-    if args.sequence_parallel and args.seq_len % args.tp:
-        raise UsageError(f"--sequence-parallel splits the sequence over tp ranks: --seq-len "
-                         f"{args.seq_len} must be divisible by --tp {args.tp}")
+    if args.sequence_parallel and (args.seq_len // args.cp) % args.tp:
+        held = (f"the --seq-len {args.seq_len} / --cp {args.cp} = {args.seq_len // args.cp} "
+                f"tokens a cp rank holds" if args.cp > 1 else f"--seq-len {args.seq_len}")
+        raise UsageError(f"--sequence-parallel splits the sequence over tp ranks: {held} must "
+                         f"be divisible by --tp {args.tp}")
     if args.kernels == "triton":
         if not HAS_TRITON:
             raise UsageError("--kernels triton needs the triton package: pip install "
@@ -454,14 +455,6 @@ def check_model(args, num_stages: int) -> GPTConfig:
     return cfg
 
 
-def check_context_world(args, world_size: int) -> None:
-    """--cp must divide the processes left after tp and pp."""
-    if args.cp > 1 and world_size % (args.tp * args.pp * args.cp):
-        raise UsageError(f"--cp {args.cp}: the world size {world_size} is not divisible by "
-                         f"tp*pp*cp = {args.tp}*{args.pp}*{args.cp}; launch a multiple of "
-                         f"{args.tp * args.pp * args.cp} processes or change --cp")
-
-
 def check_context_model(args, cfg) -> None:
     """--seq-len must cut into 2*cp chunks; all-to-all needs the heads divisible by cp."""
     if args.cp == 1:
@@ -471,6 +464,8 @@ def check_context_model(args, cfg) -> None:
         check_context_parallel(args.seq_len, args.cp, args.cp_comm, *heads, tp=args.tp)
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
 def check_moe(args, cfg: GPTConfig, world_size: int) -> GPTConfig:
     """--ep and the MoE loss coefficients against the model and the layout (before any
     process group); returns the config with the coefficients applied."""
@@ -505,7 +500,9 @@ def refuse_gpt_flags(args) -> None:
         ("--model", args.model), ("--init-from-hf", args.init_from_hf),
         ("--export-hf", args.export_hf), ("--recompute", args.recompute != "none"),
         ("--recompute-layers", args.recompute_layers), ("--kernels", args.kernels != "auto"),
-        ("--dropout", args.dropout), ("--check-memory", args.check_memory)) if is_set]
+        ("--dropout", args.dropout), ("--check-memory", args.check_memory),
+        # a model that knows nothing of cp would attend only to its own chunks
+        ("--cp", args.cp > 1), ("--cp-comm", args.cp_comm != "ring")) if is_set]
     if given:
         raise UsageError(f"{', '.join(given)}: these flags build the trainer's GPT, and this "
                          f"run trains a model of its own; drop them")

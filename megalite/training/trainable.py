@@ -20,6 +20,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
+from megalite.parallel.context import check_context_model
 from megalite.parallel.state import ParallelState
 
 
@@ -58,11 +59,15 @@ class TrainableModel(Protocol):
 # a stage's gradients as soon as its backward ends (else it waits for the whole rank);
 # ``flops_per_token(seq_len)`` gives the metrics an ``mfu``; a ``loss`` marked
 # ``accepts_head_input`` gets what ``stage_modules(head_input=True)`` returns (GPT's fused
-# head and loss).
+# head and loss). ``supports_context_parallel = True`` says the model runs on a cp rank's
+# chunks of each sequence (context-parallel attention and positions); without it cp > 1 is
+# refused.
 
 
 def check_trainable(model) -> None:
-    """Raise a TypeError naming what ``model`` lacks of :class:`TrainableModel`."""
+    """Raise a TypeError naming what ``model`` lacks of :class:`TrainableModel`, and a
+    ValueError when its ``ps`` has cp > 1 and the model does not declare
+    ``supports_context_parallel = True``."""
     missing = [name for name in ("ps", "stages", "num_stages", "parameters", "named_parameters",
                                  "stage_modules", "activation_shape", "loss",
                                  "shared_embedding_params", "checkpoint_config",
@@ -70,3 +75,4 @@ def check_trainable(model) -> None:
     if missing:
         raise TypeError(f"{type(model).__name__} cannot be trained by megalite: it lacks "
                         f"{', '.join(missing)} (see megalite.training.trainable.TrainableModel)")
+    check_context_model(model, model.ps.cp)

@@ -66,3 +66,16 @@ def test_block_rows_without_keys(backend):
     torch.testing.assert_close(lse[:, :, 5:], ref_lse[:, :, 5:], atol=2e-5, rtol=2e-5)
     assert torch.equal(attention_block_reference(q, k, v, True, None, None, -5)[0][:, :, :5],
                        out[:, :, :5])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_block_window_without_causal_is_refused(backend):
+    """A window is causal only: the Triton kernel would apply it to a non-causal block and
+    the reference's mask would not, so the block functions refuse the pair."""
+    q, k, v = torch.randn(1, 1, 8, 16), torch.randn(1, 1, 8, 16), torch.randn(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="sliding causal window"):
+        attention_block(q, k, v, causal=False, window=3, offset=4, backend=backend)
+    out, lse = attention_block(q, k, v, causal=True, window=3, offset=4, backend=backend)
+    with pytest.raises(ValueError, match="sliding causal window"):
+        attention_block_backward(q, k, v, q, lse, lse, causal=False, window=3, offset=4,
+                                 backend=backend)

@@ -21,15 +21,18 @@ from megalite.kernels.attention import attention_reference
 from megalite.models import GPT, GPTConfig
 from megalite.parallel import ParallelState, comm
 from megalite.parallel.context import (context_attention, positions, shard_sequence,
-                                       unshard_sequence, _pairs)
+                                       unshard_sequence, _pairs, _Transfer, _TAG_DKV)
 from megalite.parallel.sharding import gather_full
 from megalite.pipeline import build_schedule, rank_stages
+from megalite.plan import Layout
+from megalite.plan.comm import cp_ring_bytes
 from megalite.training.checkpoint import load_checkpoint, save_checkpoint
 from megalite.training.cli import check_args, parse_args
 from megalite.training.errors import UsageError
 from megalite.training.evaluate import forward_loss
 from megalite.training.sampler import ShardedSampler
 from megalite.training.step import distributed_optimizer, train_step
+from megalite.training.trainable import check_trainable
 from world import run_world
 
 LLAMA = GPTConfig(vocab_size=97, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, d_ff=64,
@@ -181,6 +184,11 @@ def _check_recompute_traffic():
     kv_shard = 2 * 1 * LLAMA.n_kv_heads * (SEQ // 2) * LLAMA.head_dim * 4
     assert sent["selective"] == sent["none"], sent
     assert sent["full"] == sent["none"] + LLAMA.n_layers * kv_shard, sent
+    # the planner books what the ring sends: (cp-1) K/V forward, (cp-1) backward (+ (cp-1)
+    # in full recompute's forward), cp fp32 dK/dV hops, per layer
+    for mode, measured in sent.items():
+        at = Layout(micro_batch_size=1, seq_len=SEQ, cp=2, dtype="fp32", recompute=mode)
+        assert LLAMA.n_layers * cp_ring_bytes(LLAMA, at) == measured, (mode, sent)
     parallel.destroy()
 
 
@@ -243,13 +251,52 @@ def test_sharding_is_load_balanced_and_invertible():
     assert seen == {(q, k) for q in range(8) for k in range(8) if k <= q}
 
 
-@pytest.mark.parametrize("argv, world, message", [
-    (["--cp", "3"], 4, "--cp 3: the world size 4 is not divisible by tp*pp*cp"),
-    (["--cp", "2", "--seq-len", "30"], 2, "--seq-len 30 must be divisible by 4"),
+@pytest.mark.parametrize("argv, world, message, gpt", [
+    (["--cp", "3"], 4, "world size 4 is not divisible by tp*cp*pp", True),
+    (["--cp", "2", "--seq-len", "30"], 2, "--seq-len 30 must be divisible by 4", True),
     (["--cp", "4", "--cp-comm", "all-to-all"], 4, "4 query and 2 kv heads per tp rank must "
-                                                  "be divisible by --cp 4"),
+                                                  "be divisible by --cp 4", True),
+    # each cp rank holds seq_len/cp = 6 tokens, which sequence parallelism splits over tp 4
+    (["--model", "tiny-gpt2", "--cp", "2", "--tp", "4", "--sequence-parallel", "--seq-len",
+      "12"], 8, "--seq-len 12 / --cp 2 = 6 tokens a cp rank holds must be divisible by --tp 4",
+     True),
+    # a model of the caller's own knows nothing of cp: it would attend to its chunks only
+    (["--cp", "2"], 2, "--cp: these flags build the trainer's GPT", False),
+    (["--cp-comm", "all-to-all"], 2, "--cp-comm: these flags build the trainer's GPT", False),
 ])
-def test_bad_context_parallel_flags_fail_in_one_line(argv, world, message):
+def test_bad_context_parallel_flags_fail_in_one_line(argv, world, message, gpt):
     with pytest.raises(UsageError) as e:
-        check_args(parse_args(argv), world)
+        check_args(parse_args(argv), world, gpt=gpt)
     assert message in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).count("divisible") <= 1   # one message for one error
+
+
+def test_a_model_without_context_parallel_support_is_refused_at_cp_2():
+    class OwnModel(torch.nn.Module):   # everything the trainer needs, nothing of cp
+        ps, stages, num_stages = ParallelState(cp=2), [0], 1
+        stage_modules = activation_shape = loss = shared_embedding_params = None
+        checkpoint_config = check_checkpoint_config = None
+
+    with pytest.raises(ValueError, match="supports_context_parallel"):
+        check_trainable(OwnModel())
+    OwnModel.ps = ParallelState()
+    check_trainable(OwnModel())            # cp = 1: any model
+    OwnModel.ps, OwnModel.supports_context_parallel = ParallelState(cp=2), True
+    check_trainable(OwnModel())
+    assert GPT.supports_context_parallel
+
+
+def test_ring_transfer_failure_names_rank_step_peer_and_message():
+    class Stuck:
+        def wait(self):
+            raise RuntimeError("Timed out waiting 1800000ms for recv operation to complete")
+
+    t = object.__new__(_Transfer)
+    t.reqs, t.recv, t.nxt, t.prv, t.tag, t.step = [Stuck()], torch.empty(2, 1, 2, 8, 4), 3, \
+        1, _TAG_DKV, 1
+    with pytest.raises(RuntimeError) as e:
+        t.wait()
+    text = str(e.value)
+    for words in ("rank 0", "ring step 1", "dK/dV (2, 1, 2, 8, 4)", "to rank 3",
+                  "from rank 1", "Timed out"):
+        assert words in text, text

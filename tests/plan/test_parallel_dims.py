@@ -144,12 +144,40 @@ def test_invalid_cp_ep_fsdp_layouts_say_why():
              (MIXTRAL, BASE.replace(ep=16, dp=16), "does not divide the 8 experts"),
              (MIXTRAL, BASE.replace(ep=4, dp=2), "tp*cp*dp=2 ranks"),
              (MIXTRAL, BASE.replace(tp=2), "sequence parallelism"),
+             (MIXTRAL, BASE.replace(cp=2), "MoE layers do not run with context parallelism"),
+             (MIXTRAL, BASE.replace(cp=2, cp_comm="all-to-all"), "context parallelism yet"),
              (LLAMA7B, BASE.replace(dp=2, fsdp=True, distributed_optimizer=True),
               "drop distributed_optimizer"),
              (LLAMA7B, BASE.replace(dp=2, fsdp=True, dtype="fp16"), "FSDP runs in bf16"),
              (LLAMA7B, BASE.replace(dtype="fp32", autocast=True), "autocast needs")]
     for cfg, layout, words in cases:
         assert words in (invalid_reason(cfg, layout) or ""), (layout, words)
+
+
+def test_mixtral_search_at_32k_plans_no_context_parallelism():
+    """The runtime refuses MoE with cp (cli.check_moe): the planner must not rank it."""
+    from megalite.plan.gpus import get_gpu
+    from megalite.plan.search import search
+
+    fits, rejected = search(MIXTRAL, 16, get_gpu("h100"), 32768, 32, micro_batch_sizes=(1,))
+    assert fits and all(c.layout.cp == 1 for c in fits)
+    with_cp = [c.rejected for c in rejected if c.layout.cp > 1]
+    assert with_cp and all(r.startswith("invalid: ") for r in with_cp)   # none "does not fit"
+    assert any("do not run with context parallelism" in r for r in with_cp)
+
+
+def test_planner_ring_bytes_are_what_the_ring_sends():
+    """K/V (cp-1) times forward and backward in the compute dtype, (cp-1) more under full
+    recompute, dK/dV cp hops in fp32; per rank and layer (the measured count:
+    tests/parallel/test_context_parallel.py)."""
+    from megalite.plan.comm import cp_ring_bytes
+
+    at = BASE.replace(cp=4, tp=2, dtype="bf16")
+    kv = 2 * 4096 // 4 * (8 // 2) * 128      # K and V: tokens/cp x kv heads/tp x head dim
+    cfg = LLAMA7B.replace(n_kv_heads=8)
+    assert cp_ring_bytes(cfg, at) == kv * (2 * 3 * 2 + 4 * 4)
+    assert cp_ring_bytes(cfg, at.replace(recompute="full")) == kv * (3 * 3 * 2 + 4 * 4)
+    assert cp_ring_bytes(cfg, at.replace(cp_comm="all-to-all")) == 0
 
 
 def test_cli_fixes_cp_fsdp_and_precision_and_prints_their_flags(capsys):
