@@ -25,7 +25,7 @@ def forward_loss(model, tokens, targets, *, micro_batch_size: int, schedule="1f1
     ``[batch, seq]``, computed forward only through ``schedule`` (a name or the training
     table); the same value on every rank."""
     ps = model.ps
-    tokens, targets = context_shard(tokens, targets, ps)
+    tokens, targets = context_shard(tokens, targets, model)
     inputs = split_microbatches(tokens, micro_batch_size)
     labels = split_microbatches(targets, micro_batch_size)
     m = len(inputs)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megalite.parallel import comm, fsdp
-from megalite.parallel.context import shard_sequence
+from megalite.parallel.context import check_context_model, shard_sequence
 from megalite.parallel.distributed_optimizer import DistributedOptimizer, MainParamOptimizer
 from megalite.parallel.grad_buffer import DEFAULT_BUCKET_BYTES
 from megalite.parallel.main_grads import MainGrads
@@ -86,7 +86,7 @@ def forward_backward(model, tokens, targets, *, micro_batch_size: int, schedule=
     (fp16), which the MoE layers' auxiliary losses follow."""
     ps = model.ps
     loss_fn = loss_fn or model.loss
-    tokens, targets = context_shard(tokens, targets, ps)
+    tokens, targets = context_shard(tokens, targets, model)
     inputs = split_microbatches(tokens, micro_batch_size)
     labels = split_microbatches(targets, micro_batch_size)
     m = len(inputs)
@@ -105,11 +105,14 @@ def forward_backward(model, tokens, targets, *, micro_batch_size: int, schedule=
                         final_backward=final_backward)
 
 
-def context_shard(tokens, targets, ps):
+def context_shard(tokens, targets, model):
     """With context parallelism, this cp rank's 2 of the 2*cp chunks of every sequence
-    (``megalite.parallel.context``); the model knows their positions from ``ps``."""
+    (``megalite.parallel.context``); the model (one that declares
+    ``supports_context_parallel``) knows their positions from its state."""
+    ps = model.ps
     if ps.cp == 1:
         return tokens, targets
+    check_context_model(model, ps.cp)
     if tokens.shape[1] % (2 * ps.cp):
         raise ValueError(f"cp={ps.cp} cuts each sequence into {2 * ps.cp} chunks: the "
                          f"sequence length {tokens.shape[1]} must be divisible by {2 * ps.cp}")

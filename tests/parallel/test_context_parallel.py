@@ -279,6 +279,10 @@ def test_a_model_without_context_parallel_support_is_refused_at_cp_2():
 
     with pytest.raises(ValueError, match="supports_context_parallel"):
         check_trainable(OwnModel())
+    from megalite.training.step import context_shard   # train_step / forward_loss called directly
+    tokens = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="supports_context_parallel"):
+        context_shard(tokens, tokens, OwnModel())
     OwnModel.ps = ParallelState()
     check_trainable(OwnModel())            # cp = 1: any model
     OwnModel.ps, OwnModel.supports_context_parallel = ParallelState(cp=2), True
