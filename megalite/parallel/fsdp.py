@@ -48,9 +48,9 @@ from megalite.parallel.param_meta import ParamMeta, meta_by_name, param_meta, se
 
 
 def dp_group(ps):
-    """The group FSDP shards over: data x context when context parallelism exists."""
-    group = getattr(ps, "dp_cp_group", None)
-    return group if group is not None else ps.dp_group
+    """The group FSDP shards over: the one dense gradients reduce over (data x context)."""
+    from megalite.parallel.grad_buffer import dense_reduction
+    return dense_reduction(ps).group
 
 
 def _mesh(ps):
@@ -98,6 +98,10 @@ def fully_shard_model(model: nn.Module, ps, blocks: Iterable[nn.Module] | None =
     from torch.distributed.fsdp import fully_shard
     if is_fsdp(model):
         raise ValueError("the model is sharded with FSDP already")
+    if any(param_meta(p).expert_parallel for p in model.parameters()):
+        raise ValueError("FSDP does not shard MoE experts yet (their gradients reduce over "
+                         "the expert-data-parallel ranks, not FSDP's group): train MoE models "
+                         "without FSDP, with the distributed optimizer")
     check_state(ps)
     if blocks is None:
         layers = getattr(model, "layers", [])

@@ -307,8 +307,12 @@ def params_dtype(args) -> str:
 
 
 def autocast_dtype(args) -> str:
-    """The dtype train_step autocasts to: --dtype under --autocast, else none ("fp32")."""
-    return args.dtype if getattr(args, "autocast", False) else "fp32"
+    """The dtype train_step autocasts to: --dtype under --autocast, and under --fsdp (whose
+    blocks compute with --dtype copies of fp32 shards: the pipeline's stages take fp32
+    inputs, so the matmuls between them autocast); else none ("fp32")."""
+    if getattr(args, "autocast", False) or getattr(args, "fsdp", False):
+        return args.dtype
+    return "fp32"
 
 
 def check_precision(args) -> None:
@@ -476,6 +480,10 @@ def check_moe(args, cfg: GPTConfig, world_size: int) -> GPTConfig:
     if args.ep > 1 and not cfg.moe_num_experts:
         raise UsageError(f"--ep {args.ep} splits the experts of an MoE model, and this model "
                          f"is dense; drop --ep or train an MoE (e.g. --model tiny-moe)")
+    if cfg.moe_layers and getattr(args, "fsdp", False):
+        raise UsageError("--fsdp does not shard MoE experts yet (they reduce over the "
+                         "expert-data-parallel ranks): drop --fsdp and use "
+                         "--distributed-optimizer")
     if cfg.moe_layers and args.cp > 1:
         raise UsageError(f"--cp {args.cp}: MoE layers do not run with context parallelism yet; "
                          f"train this model with --cp 1 (use --tp/--sequence-parallel for long "

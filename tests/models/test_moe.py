@@ -307,7 +307,8 @@ def _world(rank, world, hf_dirs, hf_refs, x, ckpt, round_trip):
     # distributed optimizer a checkpoint that plain SGD resumes at ep 1 and 4
     layouts = [
         (1, 1, 2, False, "1f1b", True), (1, 1, 4, False, "1f1b", False),
-        (2, 1, 2, True, "1f1b", False), (1, 2, 2, False, "1f1b", True),
+        (2, 1, 2, True, "1f1b", False), (2, 1, 2, False, "1f1b", False),
+        (1, 2, 2, False, "1f1b", True),
         (1, 2, 2, False, "zb-h1", False)]
     for tp, pp, ep, sp, schedule, dist_opt in layouts:
         ps = parallel.initialize(tp=tp, pp=pp, ep=ep)

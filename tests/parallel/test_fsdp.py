@@ -220,3 +220,13 @@ def test_fsdp_flag_combinations_are_refused_before_any_group():
     from megalite.training.cli import check_args, parse_args
     with pytest.raises(UsageError, match="drop --distributed-optimizer"):
         check_args(parse_args(["--fsdp", "--distributed-optimizer", "--steps", "1"]), 2)
+    # MoE experts reduce over expert-dp, not FSDP's group: refused (command line, library)
+    with pytest.raises(UsageError, match="--fsdp does not shard MoE experts"):
+        check_args(parse_args(["--fsdp", "--model", "tiny-moe", "--steps", "1"]), 2)
+    with pytest.raises(ValueError, match="FSDP does not shard MoE experts"):
+        fsdp.fully_shard_model(GPT(GPTConfig.preset("tiny-moe"), state=ParallelState()),
+                               ParallelState())
+    # bf16 under --fsdp: fp32 shards, and the stages autocast to bf16 (FSDP gathers bf16)
+    from megalite.training.cli import autocast_dtype
+    args = parse_args(["--fsdp", "--dtype", "bf16", "--steps", "1"])
+    assert check_args(args, 2).cfg.params_dtype == "fp32" and autocast_dtype(args) == "bf16"
