@@ -1,7 +1,7 @@
 """What one transformer layer saves for backward: predicted, counted, and Korthikanti's.
 
 ``saved_activation_bytes(cfg, micro_batch, seq, tp, sequence_parallel, recompute)`` predicts
-the bytes one of *our* layers (``models.gpt.Block``, torch reference kernels) holds between
+the bytes one of *our* layers (``models.block.Block``, torch reference kernels) holds between
 its forward and its backward, tensor by tensor (symbols: b micro-batch, s sequence, h
 d_model, a heads, g kv heads, d head dim, f d_ff, t tp; e bytes per activation element):
 

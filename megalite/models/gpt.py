@@ -10,12 +10,15 @@ Initialization is layout invariant: every parameter is drawn from a generator se
 number taken from torch's global RNG plus the parameter's global name, then sharded. So the
 same ``torch.manual_seed`` gives the same full model at any (tp, pp), and a stage does not
 need the layers of earlier stages to initialize its own.
+
+The layers it stacks live beside it, one concept a file: ``Block`` and ``MLP``
+(:mod:`megalite.models.block`), ``Attention`` and ``rope_tables``
+(:mod:`megalite.models.attention`), ``Norm`` (:mod:`megalite.models.norm`), ``MoE``
+(:mod:`megalite.models.moe`); their names stay importable from here.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 import zlib
 from dataclasses import dataclass
 
@@ -23,19 +26,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megalite import kernels
-from megalite.models.config import RECOMPUTE_MODES, GPTConfig
-from megalite.models.moe import MoE, MoEStats, finish_step
-from megalite.models.recompute import checkpoint
-from megalite.models.rope_scaling import attention_factor, inverse_frequencies
+from megalite.models.attention import Attention, rope_tables  # noqa: F401  (Attention: re-exported)
+from megalite.models.block import MLP, Block, _tp_fork  # noqa: F401  (MLP: re-exported)
+from megalite.models.config import GPTConfig
+from megalite.models.moe import MoEStats, finish_step
+from megalite.models.norm import Norm
 from megalite.parallel import comm
-from megalite.parallel.context import check_context_parallel, context_attention
 from megalite.parallel.context import positions as cp_positions
 from megalite.parallel.cross_entropy import (vocab_parallel_cross_entropy,
                                              vocab_parallel_linear_cross_entropy)
-from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
-                                      VocabParallelEmbedding, init_rows, set_tp_layout,
-                                      padded_vocab_size)
+from megalite.parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, init_rows,
+                                      set_tp_layout, padded_vocab_size)
 from megalite.parallel.param_meta import mark_pipeline_duplicate, param_meta
 from megalite.parallel.random import get_rng_tracker
 from megalite.parallel.state import ParallelState, get_state
@@ -68,214 +69,6 @@ class _Init:
         def init(t):
             return t.normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
         return init
-
-
-def _tp_fork(active: bool):
-    """Dropout on a tensor that differs across TP ranks draws from the TP stream."""
-    tracker = get_rng_tracker()
-    if active and "tensor-parallel" in tracker.states:
-        return tracker.fork()
-    return contextlib.nullcontext()
-
-
-class Norm(nn.Module):
-    """RMSNorm or LayerNorm over the last dim (``width``, default d_model), through
-    megalite.kernels.
-
-    The weight is replicated over the TP group. When the ranks normalize different rows
-    (other tokens under sequence parallelism; other heads for the q/k norms, ``per_head``)
-    its gradient is partial: ``copy_to_tp_region`` all-reduces it over the TP group.
-    """
-
-    def __init__(self, cfg: GPTConfig, ps: ParallelState, width: int | None = None,
-                 per_head: bool = False):
-        super().__init__()
-        self.kind, self.eps, self.backend = cfg.norm, cfg.norm_eps, cfg.kernels
-        self.group = ps.tp_group if cfg.sequence_parallel or per_head else None
-        width = cfg.d_model if width is None else width
-        self.weight = nn.Parameter(torch.ones(width, device=ps.device))
-        self.bias = nn.Parameter(torch.zeros(width, device=ps.device)) \
-            if cfg.norm == "layernorm" else None
-        self.selective_recompute = False  # set by Block.set_recompute
-
-    def forward(self, x):
-        if self.selective_recompute:
-            return checkpoint(self._normalize, x)
-        return self._normalize(x)
-
-    def _normalize(self, x):
-        weight, bias = self.weight, self.bias
-        if self.group is not None:
-            weight = comm.copy_to_tp_region(weight, self.group)
-            bias = None if bias is None else comm.copy_to_tp_region(bias, self.group)
-        if self.kind == "rmsnorm":
-            return kernels.rms_norm(x, weight, self.eps, backend=self.backend)
-        return kernels.layer_norm(x, weight, bias, self.eps, backend=self.backend)
-
-
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None,
-                scaling: dict | None = None):
-    """cos/sin tables [max_seq_len, head_dim] in the rotate-half (Llama) convention, with
-    ``scaling`` (GPTConfig.rope_scaling) applied to the frequencies and, for YaRN, its
-    attention factor to both tables."""
-    inv_freq = inverse_frequencies(head_dim, theta, scaling)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    factor = attention_factor(scaling)
-    return ((angles.cos() * factor).float().to(device),
-            (angles.sin() * factor).float().to(device))
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig, ps: ParallelState, init: _Init, prefix: str):
-        super().__init__()
-        if cfg.n_heads % ps.tp or cfg.n_kv_heads % ps.tp:
-            raise ValueError(f"n_heads={cfg.n_heads} and n_kv_heads={cfg.n_kv_heads} must both "
-                             f"be divisible by tp={ps.tp}; lower --tp or change the model")
-        hd, sp = cfg.head_dim, cfg.sequence_parallel
-        self.cfg, self.head_dim = cfg, hd
-        self.local_heads, self.local_kv_heads = cfg.n_heads // ps.tp, cfg.n_kv_heads // ps.tp
-        # Context parallelism: this rank holds 2 of the sequence's 2*cp chunks, attention
-        # reaches the others' keys through the cp group (megalite.parallel.context).
-        self.cp, self.cp_group = ps.cp, ps.cp_group
-        check_context_parallel(None, ps.cp, cfg.cp_comm, cfg.n_heads, cfg.n_kv_heads, ps.tp)
-        q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
-        self.qkv = ColumnParallelLinear(
-            cfg.d_model, q + 2 * kv, bias=cfg.bias or cfg.qkv_bias, partition_sizes=[q, kv, kv],
-            sequence_parallel=sp, init_method=init.normal(prefix + "qkv.weight", cfg.init_std),
-            master_init=cfg.master_init, state=ps)
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        self.proj = RowParallelLinear(
-            q, cfg.d_model, bias=cfg.bias, sequence_parallel=sp,
-            init_method=init.normal(prefix + "proj.weight", out_std),
-            master_init=cfg.master_init, state=ps)
-        if cfg.qk_norm:
-            self.q_norm = Norm(cfg, ps, width=hd, per_head=True)
-            self.k_norm = Norm(cfg, ps, width=hd, per_head=True)
-        self.selective_recompute = False  # set by Block.set_recompute
-
-    def forward(self, x, rope=None):
-        qkv = self.qkv(x)  # [b, s, local q + 2 local kv] (full sequence)
-        if self.cp > 1:
-            out = self._context_parallel(qkv, rope)
-        elif self.selective_recompute:
-            out = checkpoint(self._core, qkv, rope)
-        else:
-            out = self._core(qkv, rope)
-        return self.proj(out)
-
-    def _context_parallel(self, qkv, rope):
-        """Attention over the whole sequence of the cp group. Selective recompute
-        recomputes the q/k norms and RoPE but not the attention: recomputing it would
-        repeat the ring's communication, and it saves only q, k, v, the output and one
-        log-sum-exp per row (no [s, s] scores) anyway."""
-        if self.selective_recompute:
-            q, k, v = checkpoint(self._heads, qkv, rope)
-        else:
-            q, k, v = self._heads(qkv, rope)
-        out = context_attention(q, k, v, self.cp_group, window=self.cfg.sliding_window,
-                                comm=self.cfg.cp_comm, backend=self.cfg.kernels)
-        b, s = qkv.shape[:2]
-        return out.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)
-
-    def _core(self, qkv, rope):
-        """q/k norms, RoPE and softmax(q k^T) v, from the fused qkv projection to the input
-        of proj."""
-        q, k, v = self._heads(qkv, rope)
-        b, s = qkv.shape[:2]
-        out = kernels.attention(q, k, v, causal=True, window=self.cfg.sliding_window,
-                                backend=self.cfg.kernels)
-        return out.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)
-
-    def _heads(self, qkv, rope):
-        """q, k, v [b, heads, s, head_dim] from the fused projection: split, q/k norms,
-        RoPE (``rope`` tables already at these tokens' positions)."""
-        b, s = qkv.shape[:2]
-        hd = self.head_dim
-        q, k, v = qkv.split([self.local_heads * hd, self.local_kv_heads * hd,
-                             self.local_kv_heads * hd], dim=-1)
-        q = q.view(b, s, self.local_heads, hd).transpose(1, 2)
-        k = k.view(b, s, self.local_kv_heads, hd).transpose(1, 2)
-        v = v.view(b, s, self.local_kv_heads, hd).transpose(1, 2)
-        if self.cfg.qk_norm:
-            q, k = self.q_norm._normalize(q), self.k_norm._normalize(k)
-        if rope is not None:
-            cos, sin = rope[0][:s], rope[1][:s]
-            q = kernels.apply_rope(q, cos, sin, backend=self.cfg.kernels)
-            k = kernels.apply_rope(k, cos, sin, backend=self.cfg.kernels)
-        return q, k, v
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig, ps: ParallelState, init: _Init, prefix: str):
-        super().__init__()
-        self.activation, self.backend = cfg.activation, cfg.kernels
-        sp, f = cfg.sequence_parallel, cfg.d_ff
-        sizes = [f, f] if cfg.activation == "swiglu" else [f]
-        self.up = ColumnParallelLinear(
-            cfg.d_model, sum(sizes), bias=cfg.bias, partition_sizes=sizes, sequence_parallel=sp,
-            init_method=init.normal(prefix + "up.weight", cfg.init_std),
-            master_init=cfg.master_init, state=ps)
-        self.down = RowParallelLinear(
-            f, cfg.d_model, bias=cfg.bias, sequence_parallel=sp,
-            init_method=init.normal(prefix + "down.weight", cfg.init_std / math.sqrt(2 * cfg.n_layers)),
-            master_init=cfg.master_init, state=ps)
-        self.selective_recompute = False  # set by Block.set_recompute
-
-    def forward(self, x):
-        h = self.up(x)
-        if self.selective_recompute:
-            return self.down(checkpoint(self._activate, h))
-        return self.down(self._activate(h))
-
-    def _activate(self, h):
-        if self.activation == "swiglu":  # h = [gate | up]: one buffer, one gradient
-            return kernels.swiglu_packed(h, backend=self.backend)
-        return F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig, ps: ParallelState, init: _Init, index: int,
-                 moe_stats: MoEStats | None = None):
-        super().__init__()
-        prefix = f"layers.{index}."
-        self.attn_norm = Norm(cfg, ps)
-        self.attn = Attention(cfg, ps, init, prefix + "attn.")
-        self.mlp_norm = Norm(cfg, ps)
-        if cfg.is_moe_layer(index):
-            shared = MLP(cfg.replace(d_ff=cfg.moe_shared_d_ff), ps, init,
-                         prefix + "mlp.shared.") if cfg.moe_shared_d_ff else None
-            self.mlp = MoE(cfg, ps, init, prefix + "mlp.", shared, moe_stats, index)
-        else:
-            self.mlp = MLP(cfg, ps, init, prefix + "mlp.")
-        self.dropout, self.sequence_parallel = cfg.dropout, cfg.sequence_parallel
-        self.recompute = "none"
-
-    def set_recompute(self, mode: str) -> None:
-        """Activation recomputation of this layer. "full": keep only the layer's input and
-        recompute the whole layer in backward; "selective": recompute the cheap,
-        memory-heavy parts (the norms, RoPE + attention core, the MLP activation) and keep
-        the matmul inputs; "none" (docs/memory.md)."""
-        if mode not in RECOMPUTE_MODES:
-            raise ValueError(f"recompute mode {mode!r}; choose one of {RECOMPUTE_MODES}")
-        self.recompute = mode
-        for part in (self.attn_norm, self.attn, self.mlp_norm, self.mlp):
-            part.selective_recompute = mode == "selective"
-
-    def _drop(self, x):
-        if not self.training or self.dropout == 0.0:
-            return x
-        with _tp_fork(self.sequence_parallel):
-            return F.dropout(x, self.dropout, training=True)
-
-    def forward(self, x, rope=None):
-        if self.recompute == "full":
-            return checkpoint(self._layer, x, rope)
-        return self._layer(x, rope)
-
-    def _layer(self, x, rope):
-        x = x + self._drop(self.attn(self.attn_norm(x), rope))
-        return x + self._drop(self.mlp(self.mlp_norm(x)))
 
 
 @dataclass

@@ -172,7 +172,7 @@ def _cp_ep_fsdp_reason(cfg: GPTConfig, L: Layout) -> str | None:
                 f"({cfg.n_heads // L.tp} q, {cfg.n_kv_heads // L.tp} kv) divisible by "
                 f"cp={L.cp}")
     if cfg.moe_num_experts:
-        if L.cp > 1:   # the runtime refuses it (cli.check_moe): never plan it
+        if L.cp > 1:   # the runtime refuses it (cli_checks.check_moe): never plan it
             return "MoE layers do not run with context parallelism yet"
         if cfg.moe_top_k > cfg.moe_num_experts:
             return f"moe_top_k={cfg.moe_top_k} exceeds the {cfg.moe_num_experts} experts"

@@ -1,6 +1,6 @@
 """The data a pretraining run's flags name: ``--data`` (one prefix or a weighted blend),
 ``--eval-split`` / ``--eval-data`` (held-out data), ``--eval-iters`` (how much of it every
-evaluation reads), for :mod:`megalite.training.cli` (checks) and the trainer (use).
+evaluation reads), for :mod:`megalite.training.cli_checks` (checks) and the trainer (use).
 """
 from __future__ import annotations
 

@@ -155,7 +155,7 @@ def test_invalid_cp_ep_fsdp_layouts_say_why():
 
 
 def test_mixtral_search_at_32k_plans_no_context_parallelism():
-    """The runtime refuses MoE with cp (cli.check_moe): the planner must not rank it."""
+    """The runtime refuses MoE with cp (cli_checks.check_moe): the planner must not rank it."""
     from megalite.plan.gpus import get_gpu
     from megalite.plan.search import search
 
