@@ -229,13 +229,10 @@ def clip_(model, max_norm: float, ps) -> torch.Tensor:
     """Scale the gradient shards so the global norm is at most ``max_norm`` (0: no clip);
     returns the norm before. Each element lives on exactly one dp rank: the squares are
     summed over the FSDP group too."""
-    from megalite.parallel.grads import norm_squares
+    from megalite.parallel.grads import norm_squares, scale_to_max_norm_
     pieces = local_grads(model.parameters())
     norm = norm_squares(pieces, ps, dense_sharded=True).sqrt()[0]
-    if max_norm > 0:
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for _, g in pieces:
-            g.mul_(coef.to(g.dtype))
+    scale_to_max_norm_([g for _, g in pieces], norm, max_norm)
     return norm
 
 

@@ -26,7 +26,7 @@ from megalite.parallel.param_meta import ParamMeta, param_meta
 from megalite.parallel.state import ParallelState
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "norm_squares", "grad_norm", "clip_grad_norm_",
-           "allreduce_shared"]
+           "scale_to_max_norm_", "allreduce_shared"]
 
 
 def norm_squares(pieces: Iterable[tuple[ParamMeta, torch.Tensor]], ps: ParallelState, *,
@@ -69,12 +69,21 @@ def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float,
     """Scale gradients so the global norm is at most ``max_norm``; returns the norm before."""
     params = list(params)
     norm = grad_norm(params, ps, dp_sharded)
-    if max_norm > 0:
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.dtype))
+    scale_to_max_norm_([p.grad for p in params if p.grad is not None], norm, max_norm)
     return norm
+
+
+def scale_to_max_norm_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale the gradient pieces ``grads`` of a gradient whose global norm is ``norm`` so that
+    norm is at most ``max_norm`` (0: leave them): the one clipping rule of every path."""
+    if max_norm <= 0:
+        return
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for dtype, same in by_dtype.items():
+        torch._foreach_mul_(same, coef.to(dtype))
 
 
 def allreduce_shared(grads: Iterable[torch.Tensor], ps: ParallelState) -> None:

@@ -25,7 +25,7 @@ import torch
 from megalite.parallel import comm
 from megalite.parallel.grad_buffer import (DEFAULT_BUCKET_BYTES, GradBuffer, dense_reduction,
                                            expert_reduction)
-from megalite.parallel.grads import norm_squares
+from megalite.parallel.grads import norm_squares, scale_to_max_norm_
 from megalite.parallel.param_meta import param_meta
 from megalite.parallel.state import ParallelState
 
@@ -129,9 +129,7 @@ class MainGrads:
         """Scale the gradients so the global norm is at most ``max_norm`` (0: no clipping);
         returns the norm before."""
         norm = self.norm()
-        if max_norm > 0:
-            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            torch._foreach_mul_(self._regions(), coef)
+        scale_to_max_norm_(self._regions(), norm, max_norm)
         return norm
 
     @torch.no_grad()
