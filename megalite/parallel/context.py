@@ -26,7 +26,7 @@ runs on whole sequences, and one all-to-all brings the output back. It needs the
 query and kv heads divisible by cp. It moves 4 activations per layer (vs the ring's
 (cp-1) K/V shards) and is independent of the attention algorithm.
 
-The blocks are :mod:`megalite.kernels.attention`'s ``attention_block`` (and its backward):
+The blocks are :mod:`megalite.kernels.attention_block`'s ``attention_block`` (and its backward):
 the Triton kernel on CUDA, which takes the causal offset; on the CPU torch's fused flash
 attention where it can express the block, else the torch reference.
 
@@ -39,8 +39,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megalite.kernels.attention import (attention, attention_block,
-                                        attention_block_backward)
+from megalite.kernels.attention import attention
+from megalite.kernels.attention_block import attention_block, attention_block_backward
 from megalite.parallel import comm
 
 CP_COMMS = ("ring", "all-to-all")

@@ -6,8 +6,8 @@ backend "torch" runs torch's fused CPU flash attention for the blocks it can exp
 import pytest
 import torch
 
-from megalite.kernels.attention import (attention_block, attention_block_backward,
-                                        attention_block_reference)
+from megalite.kernels.attention_block import (attention_block, attention_block_backward,
+                                              attention_block_reference)
 
 
 def dense(q, k, v, offset, causal, window):
