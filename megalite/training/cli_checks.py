@@ -181,7 +181,7 @@ def check_fsdp(args, world_size: int) -> None:
     if world_size == 1:
         raise UsageError("--fsdp shards over processes and this is one: launch several "
                          "with torchrun --nproc-per-node N, or drop --fsdp")
-    for name in ("cp", "ep"):  # the flags arrive with their own branches
+    for name in ("cp", "ep"):  # FSDP shards over dp only so far
         if getattr(args, name, 1) > 1:
             raise UsageError(f"--fsdp with --{name} {getattr(args, name)} is not supported "
                              f"yet: run --fsdp with --{name} 1, or drop --fsdp")
